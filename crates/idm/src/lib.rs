@@ -1,0 +1,1 @@
+//! # idm — the iSCSI Data Mover, shared by target and initiator

@@ -1,0 +1,1 @@
+//! # iscsi-target — portals, TPGs, targets, discovery, login policy (iscsit's role)

@@ -1,0 +1,2 @@
+//! iscsitd — the Ironstar daemon.
+fn main() {}
