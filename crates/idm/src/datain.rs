@@ -1,0 +1,252 @@
+//! Data-In service (RFC 7143 §11.7): cuts a command's read data into Data-In
+//! PDUs no larger than the initiator's MaxRecvDataSegmentLength, marks the end
+//! of each MaxBurstLength sequence with F, numbers them with DataSN, and puts
+//! the status in the final Data-In when no sense data has to travel (S bit).
+//!
+//! Sans-IO: returns PDUs whose StatSN/ExpCmdSN/MaxCmdSN the connection's
+//! writer fills at send time. Data segments are zero-copy slices of the buffer.
+
+use bytes::Bytes;
+use iscsi_proto::pdu::{DataIn, Header, Pdu, ScsiResponse, RESERVED_TAG};
+
+/// What the SCSI layer produced for one command.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub status: u8,
+    pub sense: Option<Bytes>,
+    pub data_in: Bytes,
+    /// Bytes the initiator sent for a write that the command did not consume,
+    /// or did not send that it needed; used for write residuals.
+    pub write_residual: Option<Residual>,
+}
+
+/// A residual count with its direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Residual {
+    Underflow(u32),
+    Overflow(u32),
+}
+
+/// Limits that shape the Data-In stream.
+#[derive(Debug, Clone, Copy)]
+pub struct DataInLimits {
+    /// The initiator's MaxRecvDataSegmentLength.
+    pub max_segment: u32,
+    /// MaxBurstLength: a Data-In sequence ends (F bit) at this many bytes.
+    pub max_burst: u32,
+}
+
+/// One PDU of a response and whether it consumes a StatSN.
+#[derive(Debug, Clone)]
+pub struct OutPdu {
+    pub pdu: Pdu,
+    /// True for PDUs that carry status (they take the next StatSN).
+    pub carries_status: bool,
+}
+
+fn residual_of(len: usize, edtl: u32) -> Option<Residual> {
+    let len = u32::try_from(len).unwrap_or(u32::MAX);
+    match len.cmp(&edtl) {
+        std::cmp::Ordering::Less => Some(Residual::Underflow(edtl - len)),
+        std::cmp::Ordering::Greater => Some(Residual::Overflow(len - edtl)),
+        std::cmp::Ordering::Equal => None,
+    }
+}
+
+/// Builds the Data-In PDUs and, when needed, the SCSI Response of a command.
+///
+/// `edtl` is the initiator's Expected Data Transfer Length for the read
+/// direction; data beyond it is not sent and reported as overflow.
+pub fn build_response(
+    itt: u32,
+    lun: u64,
+    edtl: u32,
+    completion: &Completion,
+    limits: DataInLimits,
+    is_read: bool,
+) -> Vec<OutPdu> {
+    let mut out = Vec::new();
+    let send_len = completion.data_in.len().min(edtl as usize);
+    let data = completion.data_in.slice(..send_len);
+    let residual = if is_read {
+        residual_of(completion.data_in.len(), edtl)
+    } else {
+        completion.write_residual
+    };
+    let (underflow, overflow, residual_count) = match residual {
+        Some(Residual::Underflow(n)) => (true, false, n),
+        Some(Residual::Overflow(n)) => (false, true, n),
+        None => (false, false, 0),
+    };
+    let status_in_data = completion.sense.is_none() && send_len > 0;
+    let max_segment = limits.max_segment.max(512) as usize;
+    let max_burst = limits.max_burst.max(512) as usize;
+    let mut offset = 0usize;
+    let mut data_sn = 0u32;
+    let mut burst_used = 0usize;
+    while offset < send_len {
+        let room_in_burst = max_burst - burst_used;
+        let len = (send_len - offset).min(max_segment).min(room_in_burst);
+        let last = offset + len == send_len;
+        burst_used += len;
+        let end_of_sequence = last || burst_used == max_burst;
+        if burst_used == max_burst {
+            burst_used = 0;
+        }
+        let with_status = last && status_in_data;
+        out.push(OutPdu {
+            pdu: Pdu::new(
+                Header::DataIn(DataIn {
+                    final_: end_of_sequence,
+                    ack: false,
+                    overflow: with_status && overflow,
+                    underflow: with_status && underflow,
+                    status_present: with_status,
+                    status: if with_status { completion.status } else { 0 },
+                    lun: if with_status { 0 } else { lun },
+                    itt,
+                    ttt: RESERVED_TAG,
+                    data_sn,
+                    buffer_offset: offset as u32,
+                    residual_count: if with_status { residual_count } else { 0 },
+                    ..Default::default()
+                }),
+                data.slice(offset..offset + len),
+            ),
+            carries_status: with_status,
+        });
+        offset += len;
+        data_sn += 1;
+    }
+    if !status_in_data {
+        let sense = completion
+            .sense
+            .as_ref()
+            .map(|s| {
+                // RFC 7143 §11.4.7: SenseLength (2 bytes) then the sense data.
+                let mut v = Vec::with_capacity(2 + s.len());
+                v.extend_from_slice(&(s.len() as u16).to_be_bytes());
+                v.extend_from_slice(s);
+                Bytes::from(v)
+            })
+            .unwrap_or_default();
+        out.push(OutPdu {
+            pdu: Pdu::new(
+                Header::ScsiResponse(ScsiResponse {
+                    overflow,
+                    underflow,
+                    response: iscsi_proto::pdu::scsi_response::COMMAND_COMPLETED,
+                    status: completion.status,
+                    itt,
+                    exp_data_sn: data_sn,
+                    residual_count,
+                    ..Default::default()
+                }),
+                sense,
+            ),
+            carries_status: true,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn done(len: usize, sense: Option<&'static [u8]>) -> Completion {
+        Completion {
+            status: if sense.is_some() { 2 } else { 0 },
+            sense: sense.map(Bytes::from_static),
+            data_in: Bytes::from(vec![0xab; len]),
+            write_residual: None,
+        }
+    }
+
+    fn data_ins(pdus: &[OutPdu]) -> Vec<&DataIn> {
+        pdus.iter()
+            .filter_map(|p| match &p.pdu.header {
+                Header::DataIn(d) => Some(d),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn read_is_split_by_segment_and_burst_with_status_in_last() {
+        let limits = DataInLimits {
+            max_segment: 8192,
+            max_burst: 16384,
+        };
+        let pdus = build_response(5, 0, 40960, &done(40960, None), limits, true);
+        let d = data_ins(&pdus);
+        assert_eq!(pdus.len(), 5, "status rides on the last Data-In");
+        assert_eq!(
+            d.iter().map(|d| d.data_sn).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3, 4]
+        );
+        assert_eq!(
+            d.iter().map(|d| d.final_).collect::<Vec<_>>(),
+            vec![false, true, false, true, true]
+        );
+        assert_eq!(
+            d.iter().map(|d| d.buffer_offset).collect::<Vec<_>>(),
+            vec![0, 8192, 16384, 24576, 32768]
+        );
+        assert!(d[4].status_present && !d[3].status_present);
+        assert!(pdus[4].carries_status && !pdus[0].carries_status);
+    }
+
+    #[test]
+    fn short_read_reports_underflow_in_final_data_in() {
+        let limits = DataInLimits {
+            max_segment: 65536,
+            max_burst: 262144,
+        };
+        let pdus = build_response(1, 0, 4096, &done(36, None), limits, true);
+        let d = data_ins(&pdus);
+        assert_eq!(d.len(), 1);
+        assert!(d[0].underflow && d[0].status_present);
+        assert_eq!(d[0].residual_count, 4060);
+        assert_eq!(pdus[0].pdu.data.len(), 36);
+    }
+
+    #[test]
+    fn long_read_is_truncated_and_reports_overflow() {
+        let limits = DataInLimits {
+            max_segment: 65536,
+            max_burst: 262144,
+        };
+        let pdus = build_response(1, 0, 512, &done(1024, None), limits, true);
+        let d = data_ins(&pdus);
+        assert_eq!(pdus[0].pdu.data.len(), 512);
+        assert!(d[0].overflow);
+        assert_eq!(d[0].residual_count, 512);
+    }
+
+    #[test]
+    fn sense_goes_in_a_scsi_response_with_length_prefix() {
+        let limits = DataInLimits {
+            max_segment: 8192,
+            max_burst: 262144,
+        };
+        let pdus = build_response(9, 0, 0, &done(0, Some(&[0x70, 0, 5])), limits, false);
+        assert_eq!(pdus.len(), 1);
+        let Header::ScsiResponse(r) = &pdus[0].pdu.header else {
+            panic!("expected a SCSI Response")
+        };
+        assert_eq!(r.status, 2);
+        assert_eq!(&pdus[0].pdu.data[..], &[0, 3, 0x70, 0, 5]);
+    }
+
+    #[test]
+    fn no_data_gives_a_plain_response() {
+        let limits = DataInLimits {
+            max_segment: 8192,
+            max_burst: 262144,
+        };
+        let pdus = build_response(9, 0, 0, &done(0, None), limits, false);
+        assert!(matches!(pdus[0].pdu.header, Header::ScsiResponse(_)));
+        assert!(pdus[0].pdu.data.is_empty());
+    }
+}
