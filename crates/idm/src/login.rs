@@ -496,3 +496,231 @@ pub fn apply_binding(pdu: &mut Pdu, binding: &Binding) {
         h.max_cmd_sn = binding.max_cmd_sn;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iscsi_proto::chap::ChapResponder;
+    use std::cell::Cell;
+
+    struct Fake {
+        chap: bool,
+        bound: Cell<bool>,
+    }
+
+    impl LoginAuthority for Fake {
+        fn admit(&self, who: &LoginIdentity) -> Result<Admission, (u8, u8)> {
+            if who.target_name.as_deref() == Some("iqn.2026-11.dev.ironstar:missing") {
+                return Err(login_status::NOT_FOUND);
+            }
+            Ok(Admission {
+                chap: self.chap.then(|| ChapRequirement {
+                    algorithms: vec![ChapAlgorithm::Sha256, ChapAlgorithm::Md5],
+                    initiator_user: "client".into(),
+                    initiator_secret: b"clientsecret12".to_vec(),
+                    target_credentials: None,
+                }),
+                policy: Policy::default(),
+            })
+        }
+        fn bind(&self, _outcome: &LoginOutcome) -> Result<Binding, (u8, u8)> {
+            self.bound.set(true);
+            Ok(Binding {
+                tsih: 7,
+                exp_cmd_sn: 1,
+                max_cmd_sn: 64,
+            })
+        }
+    }
+
+    fn req(csg: u8, nsg: u8, transit: bool) -> LoginRequest {
+        LoginRequest {
+            transit,
+            csg,
+            nsg,
+            isid: [0x80, 0, 0, 0, 0, 1],
+            itt: 1,
+            cid: 0,
+            cmd_sn: 1,
+            ..Default::default()
+        }
+    }
+
+    fn text(pairs: &[(&str, &str)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        text::encode(pairs, &mut out);
+        out
+    }
+
+    fn response_of(step: &LoginStep) -> &LoginResponse {
+        let pdu = match step {
+            LoginStep::Continue(p) | LoginStep::Complete(p, _) | LoginStep::Fail(p, _) => p,
+        };
+        match &pdu.header {
+            Header::LoginResponse(h) => h,
+            other => panic!("not a login response: {other:?}"),
+        }
+    }
+
+    const NAMES: &[(&str, &str)] = &[
+        ("InitiatorName", "iqn.2026-11.dev.ironstar:client"),
+        ("TargetName", "iqn.2026-11.dev.ironstar:target0"),
+        ("SessionType", "Normal"),
+    ];
+
+    #[test]
+    fn login_without_auth_reaches_full_feature_phase() {
+        let auth = Fake {
+            chap: false,
+            bound: Cell::new(false),
+        };
+        let mut m = TargetLogin::new(1);
+        let mut first = NAMES.to_vec();
+        first.push(("AuthMethod", "None"));
+        let step = m.handle(&req(0, 1, true), &text(&first), &auth);
+        let r = response_of(&step);
+        assert!(matches!(step, LoginStep::Continue(_)));
+        assert!(r.transit && r.nsg == 1 && r.status_class == 0);
+        let LoginStep::Continue(pdu) = &step else {
+            unreachable!()
+        };
+        let answer = text::parse(&pdu.data).unwrap();
+        assert!(answer
+            .iter()
+            .any(|(k, v)| k == "TargetPortalGroupTag" && v == "1"));
+        let step = m.handle(
+            &req(1, 3, true),
+            &text(&[
+                ("HeaderDigest", "None"),
+                ("MaxRecvDataSegmentLength", "65536"),
+            ]),
+            &auth,
+        );
+        let r = response_of(&step);
+        assert_eq!((r.transit, r.nsg, r.tsih), (true, 3, 7));
+        let LoginStep::Complete(_, outcome) = step else {
+            panic!("login did not complete")
+        };
+        assert!(auth.bound.get());
+        assert_eq!(outcome.params.max_xmit_data_segment_length, 65536);
+    }
+
+    #[test]
+    fn missing_initiator_name_is_a_missing_parameter() {
+        let auth = Fake {
+            chap: false,
+            bound: Cell::new(false),
+        };
+        let mut m = TargetLogin::new(1);
+        let step = m.handle(&req(0, 1, true), &text(&[("SessionType", "Normal")]), &auth);
+        assert!(matches!(step, LoginStep::Fail(_, s) if s == login_status::MISSING_PARAMETER));
+    }
+
+    #[test]
+    fn unknown_target_is_not_found() {
+        let auth = Fake {
+            chap: false,
+            bound: Cell::new(false),
+        };
+        let mut m = TargetLogin::new(1);
+        let step = m.handle(
+            &req(0, 1, true),
+            &text(&[
+                ("InitiatorName", "iqn.2026-11.dev.ironstar:client"),
+                ("TargetName", "iqn.2026-11.dev.ironstar:missing"),
+            ]),
+            &auth,
+        );
+        assert!(matches!(step, LoginStep::Fail(_, s) if s == login_status::NOT_FOUND));
+    }
+
+    #[test]
+    fn unsupported_version_is_refused() {
+        let auth = Fake {
+            chap: false,
+            bound: Cell::new(false),
+        };
+        let mut m = TargetLogin::new(1);
+        let mut r = req(0, 1, true);
+        r.version_min = 2;
+        r.version_max = 2;
+        let step = m.handle(&r, &text(NAMES), &auth);
+        assert!(matches!(step, LoginStep::Fail(_, s) if s == login_status::UNSUPPORTED_VERSION));
+    }
+
+    #[test]
+    fn skipping_security_when_chap_is_required_fails_authentication() {
+        let auth = Fake {
+            chap: true,
+            bound: Cell::new(false),
+        };
+        let mut m = TargetLogin::new(1);
+        let step = m.handle(&req(1, 3, true), &text(NAMES), &auth);
+        assert!(matches!(step, LoginStep::Fail(_, s) if s == login_status::AUTHENTICATION_FAILURE));
+        assert!(!auth.bound.get());
+    }
+
+    fn chap_login(secret: &[u8]) -> LoginStep {
+        let auth = Fake {
+            chap: true,
+            bound: Cell::new(false),
+        };
+        let mut m = TargetLogin::new(1);
+        let mut first = NAMES.to_vec();
+        first.push(("AuthMethod", "CHAP,None"));
+        let step = m.handle(&req(0, 1, false), &text(&first), &auth);
+        let LoginStep::Continue(pdu) = step else {
+            panic!("AuthMethod not accepted")
+        };
+        assert!(text::parse(&pdu.data)
+            .unwrap()
+            .contains(&("AuthMethod".into(), "CHAP".into())));
+        let mut ini = ChapResponder::new(
+            "client",
+            secret,
+            None,
+            vec![ChapAlgorithm::Sha256, ChapAlgorithm::Md5],
+        );
+        let offer = ini.offer_algorithms();
+        let LoginStep::Continue(pdu) = m.handle(&req(0, 1, false), &text_of(&offer), &auth) else {
+            panic!("CHAP_A not answered")
+        };
+        let challenge = text::parse(&pdu.data).unwrap();
+        let answer = ini.handle_challenge(&challenge).unwrap();
+        m.handle(&req(0, 1, true), &text_of(&answer), &auth)
+    }
+
+    fn text_of(pairs: &[(String, String)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        text::encode(pairs, &mut out);
+        out
+    }
+
+    #[test]
+    fn chap_with_the_right_secret_moves_to_operational() {
+        let step = chap_login(b"clientsecret12");
+        let r = response_of(&step);
+        assert!(matches!(step, LoginStep::Continue(_)));
+        assert!(r.transit && r.nsg == 1 && r.status_class == 0);
+    }
+
+    #[test]
+    fn chap_with_a_wrong_secret_fails_authentication() {
+        let step = chap_login(b"wrongsecret123");
+        assert!(matches!(step, LoginStep::Fail(_, s) if s == login_status::AUTHENTICATION_FAILURE));
+    }
+
+    #[test]
+    fn isid_change_during_login_is_an_initiator_error() {
+        let auth = Fake {
+            chap: false,
+            bound: Cell::new(false),
+        };
+        let mut m = TargetLogin::new(1);
+        let _ = m.handle(&req(0, 1, false), &text(NAMES), &auth);
+        let mut r = req(0, 1, true);
+        r.isid = [0x80, 0, 0, 0, 0, 2];
+        let step = m.handle(&r, &[], &auth);
+        assert!(matches!(step, LoginStep::Fail(_, s) if s == login_status::INITIATOR_ERROR));
+    }
+}
