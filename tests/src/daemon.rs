@@ -111,10 +111,12 @@ impl Daemon {
         let dir = TempDir::new("ironstar-iscsitd").expect("create temp dir");
         // Another process may take the port between our probe and the daemon's bind: retry.
         let mut last_err = String::new();
+        let mut last_conf = String::new();
         for attempt in 1..=3 {
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
             let conf = dir.path().join("iscsitd.toml");
-            fs::write(&conf, cfg.to_toml(addr)).expect("write config");
+            last_conf = cfg.to_toml(addr);
+            fs::write(&conf, &last_conf).expect("write config");
             let log = dir.path().join(format!("iscsitd-{attempt}.log"));
             let log_file = fs::File::create(&log).expect("create log");
             let log_file2 = log_file.try_clone().expect("dup log");
@@ -156,10 +158,7 @@ impl Daemon {
                 }
             }
         }
-        panic!(
-            "iscsitd did not come up: {last_err}\nconfig was:\n{}",
-            cfg.to_toml(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-        );
+        panic!("iscsitd did not come up: {last_err}\nconfig was:\n{last_conf}");
     }
 
     pub fn addr(&self) -> SocketAddr {
