@@ -1,0 +1,605 @@
+//! LU backends: where a logical unit's blocks live (sbd's backing store).
+//!
+//! The SCSI core talks to a backend in bytes, never in blocks, and never
+//! asks it for more than `size_bytes()`; the core checks ranges first, and the
+//! backends check them again so a bug above cannot reach past the end.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
+
+/// What a backend can do, as the SCSI core needs to know it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendCaps {
+    /// Unmap really releases space (the LU may then report thin provisioning).
+    pub thin_provisioning: bool,
+    /// I/O may sleep (file, block device): the port must call us on a blocking thread.
+    pub may_block: bool,
+    /// Writes need `flush` to be durable.
+    pub volatile_cache: bool,
+}
+
+/// The store behind one logical unit.
+pub trait Backend: Send + Sync {
+    fn size_bytes(&self) -> u64;
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Make every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Afterwards the range reads as zeros.
+    fn unmap(&self, offset: u64, len: u64) -> io::Result<()>;
+    fn caps(&self) -> BackendCaps;
+    /// Change the capacity (grow with zeros, or shrink). Backends whose size is
+    /// set from outside (a block device) re-read it when `new_size` is `None`.
+    fn set_size(&self, new_size: Option<u64>) -> io::Result<u64> {
+        let _ = new_size;
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+    /// Whether the bytes at `offset` are mapped (true) or deallocated (false),
+    /// and for how many bytes from there (at most `max_len`) that holds.
+    /// `None` when the backend cannot tell.
+    fn map_status(&self, offset: u64, max_len: u64) -> Option<(bool, u64)> {
+        let _ = (offset, max_len);
+        None
+    }
+}
+
+fn check_range(offset: u64, len: u64, size: u64) -> io::Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "access beyond the end of the backend",
+        )),
+    }
+}
+
+/// Reads zeros and discards writes: for benchmarks of everything above the store.
+#[derive(Debug)]
+pub struct NullBackend {
+    size: AtomicU64,
+}
+
+impl NullBackend {
+    pub fn new(size_bytes: u64) -> Self {
+        NullBackend {
+            size: AtomicU64::new(size_bytes),
+        }
+    }
+}
+
+impl Backend for NullBackend {
+    fn size_bytes(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        check_range(offset, buf.len() as u64, self.size_bytes())?;
+        buf.fill(0);
+        Ok(())
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        check_range(offset, data.len() as u64, self.size_bytes())
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn unmap(&self, offset: u64, len: u64) -> io::Result<()> {
+        check_range(offset, len, self.size_bytes())
+    }
+    fn caps(&self) -> BackendCaps {
+        BackendCaps {
+            thin_provisioning: true,
+            may_block: false,
+            volatile_cache: false,
+        }
+    }
+    fn set_size(&self, new_size: Option<u64>) -> io::Result<u64> {
+        let s = new_size.unwrap_or_else(|| self.size_bytes());
+        self.size.store(s, Ordering::Relaxed);
+        Ok(s)
+    }
+}
+
+type Chunk = RwLock<Option<Box<[u8]>>>;
+
+/// A sparse RAM store: fixed-size chunks allocated on first write, each with
+/// its own lock so readers and writers of different chunks never meet.
+pub struct MemoryBackend {
+    chunk_shift: u32,
+    size: AtomicU64,
+    /// The outer lock is taken for writing only by `set_size`.
+    chunks: RwLock<Vec<Chunk>>,
+}
+
+impl std::fmt::Debug for MemoryBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBackend")
+            .field("size", &self.size_bytes())
+            .field("chunk_size", &(1u64 << self.chunk_shift))
+            .finish()
+    }
+}
+
+/// Default chunk: 1 MiB keeps the chunk table small for large sparse LUs.
+pub const DEFAULT_CHUNK_SHIFT: u32 = 20;
+
+impl MemoryBackend {
+    pub fn new(size_bytes: u64) -> Self {
+        Self::with_chunk_shift(size_bytes, DEFAULT_CHUNK_SHIFT)
+    }
+
+    /// `chunk_shift` is log2 of the chunk size, clamped to 12..=30.
+    pub fn with_chunk_shift(size_bytes: u64, chunk_shift: u32) -> Self {
+        let chunk_shift = chunk_shift.clamp(12, 30);
+        let n = Self::chunks_for(size_bytes, chunk_shift);
+        MemoryBackend {
+            chunk_shift,
+            size: AtomicU64::new(size_bytes),
+            chunks: RwLock::new((0..n).map(|_| RwLock::new(None)).collect()),
+        }
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        1u64 << self.chunk_shift
+    }
+
+    fn chunks_for(size: u64, shift: u32) -> usize {
+        let n = size.div_ceil(1u64 << shift);
+        usize::try_from(n).unwrap_or(usize::MAX)
+    }
+
+    /// Bytes of memory held by allocated chunks.
+    pub fn allocated_bytes(&self) -> u64 {
+        let chunks = self.chunks.read().unwrap_or_else(|e| e.into_inner());
+        let n = chunks
+            .iter()
+            .filter(|c| c.read().unwrap_or_else(|e| e.into_inner()).is_some())
+            .count() as u64;
+        n << self.chunk_shift
+    }
+
+    /// Calls `f(chunk_index, offset_in_chunk, range_in_caller_buffer)` for
+    /// each chunk piece of `[offset, offset+len)`.
+    fn for_each_piece(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(usize, usize, std::ops::Range<usize>) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let csize = self.chunk_size();
+        let mut done = 0u64;
+        while done < len {
+            let pos = offset + done;
+            let idx = usize::try_from(pos >> self.chunk_shift)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            let within = pos & (csize - 1);
+            let n = (csize - within).min(len - done);
+            let start = done as usize;
+            f(idx, within as usize, start..start + n as usize)?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+fn poisoned<T>(e: std::sync::PoisonError<T>) -> T {
+    e.into_inner()
+}
+
+impl Backend for MemoryBackend {
+    fn size_bytes(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let chunks = self.chunks.read().unwrap_or_else(poisoned);
+        check_range(offset, buf.len() as u64, self.size_bytes())?;
+        self.for_each_piece(offset, buf.len() as u64, |idx, within, range| {
+            let dst = buf
+                .get_mut(range)
+                .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+            let chunk = chunks
+                .get(idx)
+                .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?
+                .read()
+                .unwrap_or_else(poisoned);
+            match chunk.as_deref() {
+                Some(data) => {
+                    let src = data
+                        .get(within..within + dst.len())
+                        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+                    dst.copy_from_slice(src);
+                }
+                None => dst.fill(0),
+            }
+            Ok(())
+        })
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let chunks = self.chunks.read().unwrap_or_else(poisoned);
+        check_range(offset, data.len() as u64, self.size_bytes())?;
+        let csize = self.chunk_size() as usize;
+        self.for_each_piece(offset, data.len() as u64, |idx, within, range| {
+            let src = data
+                .get(range)
+                .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+            let mut chunk = chunks
+                .get(idx)
+                .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?
+                .write()
+                .unwrap_or_else(poisoned);
+            if chunk.is_none() {
+                // Writing zeros into a hole keeps it a hole.
+                if src.iter().all(|&b| b == 0) {
+                    return Ok(());
+                }
+                *chunk = Some(vec![0u8; csize].into_boxed_slice());
+            }
+            if let Some(buf) = chunk.as_deref_mut() {
+                let dst = buf
+                    .get_mut(within..within + src.len())
+                    .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+                dst.copy_from_slice(src);
+            }
+            Ok(())
+        })
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn unmap(&self, offset: u64, len: u64) -> io::Result<()> {
+        let chunks = self.chunks.read().unwrap_or_else(poisoned);
+        check_range(offset, len, self.size_bytes())?;
+        let csize = self.chunk_size() as usize;
+        self.for_each_piece(offset, len, |idx, within, range| {
+            let mut chunk = chunks
+                .get(idx)
+                .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?
+                .write()
+                .unwrap_or_else(poisoned);
+            if range.len() == csize {
+                *chunk = None;
+            } else if let Some(buf) = chunk.as_deref_mut() {
+                if let Some(part) = buf.get_mut(within..within + range.len()) {
+                    part.fill(0);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn caps(&self) -> BackendCaps {
+        BackendCaps {
+            thin_provisioning: true,
+            may_block: false,
+            volatile_cache: false,
+        }
+    }
+
+    fn set_size(&self, new_size: Option<u64>) -> io::Result<u64> {
+        let Some(new_size) = new_size else {
+            return Ok(self.size_bytes());
+        };
+        let mut chunks = self.chunks.write().unwrap_or_else(poisoned);
+        let old = self.size_bytes();
+        if new_size < old {
+            // Zero the tail of the last kept chunk so a later grow reads zeros.
+            let csize = self.chunk_size();
+            let within = (new_size & (csize - 1)) as usize;
+            if within != 0 {
+                let idx = usize::try_from(new_size >> self.chunk_shift).unwrap_or(usize::MAX);
+                if let Some(c) = chunks.get(idx) {
+                    if let Some(buf) = c.write().unwrap_or_else(poisoned).as_deref_mut() {
+                        if let Some(tail) = buf.get_mut(within..) {
+                            tail.fill(0);
+                        }
+                    }
+                }
+            }
+        }
+        let n = Self::chunks_for(new_size, self.chunk_shift);
+        chunks.resize_with(n, || RwLock::new(None));
+        self.size.store(new_size, Ordering::Release);
+        Ok(new_size)
+    }
+
+    fn map_status(&self, offset: u64, max_len: u64) -> Option<(bool, u64)> {
+        let chunks = self.chunks.read().unwrap_or_else(poisoned);
+        let size = self.size_bytes();
+        if offset >= size {
+            return None;
+        }
+        let end = offset.saturating_add(max_len).min(size);
+        let csize = self.chunk_size();
+        let is_mapped = |pos: u64| -> bool {
+            usize::try_from(pos >> self.chunk_shift)
+                .ok()
+                .and_then(|i| chunks.get(i))
+                .map(|c| c.read().unwrap_or_else(poisoned).is_some())
+                .unwrap_or(false)
+        };
+        let first = is_mapped(offset);
+        let mut pos = (offset | (csize - 1)).saturating_add(1);
+        while pos < end && is_mapped(pos) == first {
+            pos = pos.saturating_add(csize);
+        }
+        Some((first, pos.min(end) - offset))
+    }
+}
+
+/// A regular file or a block device, accessed with pread/pwrite.
+#[derive(Debug)]
+pub struct FileBackend {
+    file: File,
+    size: AtomicU64,
+    is_block_device: bool,
+}
+
+impl FileBackend {
+    /// Opens an existing file or block device.
+    pub fn open(path: impl AsRef<Path>, read_only: bool) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)?;
+        Self::from_file(file)
+    }
+
+    /// Creates (or extends/truncates) a regular file of `size_bytes`.
+    pub fn create(path: impl AsRef<Path>, size_bytes: u64) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        file.set_len(size_bytes)?;
+        Self::from_file(file)
+    }
+
+    pub fn from_file(file: File) -> io::Result<Self> {
+        use std::os::unix::fs::FileTypeExt;
+        let meta = file.metadata()?;
+        let is_block_device = meta.file_type().is_block_device();
+        let size = if is_block_device {
+            Self::device_size(&file)?
+        } else {
+            meta.len()
+        };
+        Ok(FileBackend {
+            file,
+            size: AtomicU64::new(size),
+            is_block_device,
+        })
+    }
+
+    /// A block device's size: seeking to its end reports it (same answer as
+    /// BLKGETSIZE64, without an ioctl); pread/pwrite ignore the file offset.
+    fn device_size(file: &File) -> io::Result<u64> {
+        use std::io::{Seek, SeekFrom};
+        let mut f = file;
+        f.seek(SeekFrom::End(0))
+    }
+
+    fn write_zeros(&self, offset: u64, len: u64) -> io::Result<()> {
+        static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(ZEROS.len() as u64) as usize;
+            self.file.write_all_at(&ZEROS[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        // SAFETY: fallocate only reads its integer arguments; the fd is owned
+        // by `self.file` and open for the duration of the call.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                l,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    fn seek_data_hole(&self, offset: u64, whence: libc::c_int) -> Option<u64> {
+        use std::os::fd::AsRawFd;
+        let off = libc::off_t::try_from(offset).ok()?;
+        // SAFETY: lseek only moves the file offset, which this type never
+        // relies on (all I/O is positional).
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+        u64::try_from(r).ok()
+    }
+}
+
+impl Backend for FileBackend {
+    fn size_bytes(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        check_range(offset, buf.len() as u64, self.size_bytes())?;
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        check_range(offset, data.len() as u64, self.size_bytes())?;
+        self.file.write_all_at(data, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn unmap(&self, offset: u64, len: u64) -> io::Result<()> {
+        check_range(offset, len, self.size_bytes())?;
+        if len == 0 {
+            return Ok(());
+        }
+        match self.punch_hole(offset, len) {
+            Ok(()) => Ok(()),
+            Err(_) => self.write_zeros(offset, len),
+        }
+    }
+
+    fn caps(&self) -> BackendCaps {
+        BackendCaps {
+            thin_provisioning: !self.is_block_device,
+            may_block: true,
+            volatile_cache: true,
+        }
+    }
+
+    fn set_size(&self, new_size: Option<u64>) -> io::Result<u64> {
+        let size = match (new_size, self.is_block_device) {
+            (_, true) => Self::device_size(&self.file)?,
+            (Some(s), false) => {
+                self.file.set_len(s)?;
+                s
+            }
+            (None, false) => self.file.metadata()?.len(),
+        };
+        self.size.store(size, Ordering::Release);
+        Ok(size)
+    }
+
+    fn map_status(&self, offset: u64, max_len: u64) -> Option<(bool, u64)> {
+        if self.is_block_device {
+            return None;
+        }
+        let size = self.size_bytes();
+        if offset >= size {
+            return None;
+        }
+        let end = offset.saturating_add(max_len).min(size);
+        let data = self.seek_data_hole(offset, libc::SEEK_DATA);
+        match data {
+            // No data at or after offset: all hole to the end.
+            None => Some((false, end - offset)),
+            Some(d) if d > offset => Some((false, d.min(end) - offset)),
+            Some(_) => {
+                let hole = self.seek_data_hole(offset, libc::SEEK_HOLE).unwrap_or(size);
+                Some((true, hole.clamp(offset + 1, end) - offset))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_reads_zero_before_any_write() {
+        let m = MemoryBackend::with_chunk_shift(1 << 16, 12);
+        let mut b = [1u8; 100];
+        m.read_at(5000, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+        assert_eq!(m.allocated_bytes(), 0);
+    }
+
+    #[test]
+    fn memory_write_spanning_chunks_reads_back() {
+        let m = MemoryBackend::with_chunk_shift(1 << 16, 12);
+        let data: Vec<u8> = (0..10000u32).map(|i| (i % 251) as u8 + 1).collect();
+        m.write_at(3000, &data).unwrap();
+        let mut b = vec![0u8; 10000];
+        m.read_at(3000, &mut b).unwrap();
+        assert_eq!(b, data);
+        assert_eq!(m.allocated_bytes(), 4 * 4096);
+    }
+
+    #[test]
+    fn memory_unmap_frees_whole_chunks_and_zeroes_partial() {
+        let m = MemoryBackend::with_chunk_shift(1 << 16, 12);
+        m.write_at(0, &[7u8; 3 * 4096]).unwrap();
+        m.unmap(100, 4096 * 2).unwrap();
+        assert_eq!(m.allocated_bytes(), 2 * 4096);
+        let mut b = vec![0u8; 3 * 4096];
+        m.read_at(0, &mut b).unwrap();
+        assert!(b[..100].iter().all(|&x| x == 7));
+        assert!(b[100..100 + 8192].iter().all(|&x| x == 0));
+        assert!(b[100 + 8192..].iter().all(|&x| x == 7));
+    }
+
+    #[test]
+    fn memory_rejects_access_past_end() {
+        let m = MemoryBackend::with_chunk_shift(8192, 12);
+        assert!(m.write_at(8000, &[1u8; 200]).is_err());
+        assert!(m.read_at(u64::MAX, &mut [0u8; 2]).is_err());
+    }
+
+    #[test]
+    fn memory_shrink_then_grow_reads_zeros() {
+        let m = MemoryBackend::with_chunk_shift(8192, 12);
+        m.write_at(0, &[9u8; 8192]).unwrap();
+        m.set_size(Some(5000)).unwrap();
+        m.set_size(Some(8192)).unwrap();
+        let mut b = vec![0u8; 8192];
+        m.read_at(0, &mut b).unwrap();
+        assert!(b[..5000].iter().all(|&x| x == 9));
+        assert!(b[5000..].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn memory_map_status_reports_runs() {
+        let m = MemoryBackend::with_chunk_shift(1 << 16, 12);
+        m.write_at(4096, &[1u8; 4096 * 2]).unwrap();
+        assert_eq!(m.map_status(0, 1 << 16), Some((false, 4096)));
+        assert_eq!(m.map_status(4096, 1 << 16), Some((true, 8192)));
+        assert_eq!(
+            m.map_status(5000, 1 << 16),
+            Some((true, 8192 + 4096 - 5000))
+        );
+        assert_eq!(
+            m.map_status(12288, 1 << 16),
+            Some((false, (1 << 16) - 12288))
+        );
+    }
+
+    #[test]
+    fn file_backend_round_trip_and_unmap() {
+        let dir = std::env::temp_dir().join(format!("scsi-target-fb-{}", std::process::id()));
+        let f = FileBackend::create(&dir, 1 << 20).unwrap();
+        assert_eq!(f.size_bytes(), 1 << 20);
+        f.write_at(4096, &[5u8; 8192]).unwrap();
+        f.flush().unwrap();
+        let mut b = vec![0u8; 8192];
+        f.read_at(4096, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 5));
+        f.unmap(4096, 4096).unwrap();
+        f.read_at(4096, &mut b).unwrap();
+        assert!(b[..4096].iter().all(|&x| x == 0));
+        assert!(b[4096..].iter().all(|&x| x == 5));
+        assert!(f.write_at((1 << 20) - 10, &[0u8; 20]).is_err());
+        assert_eq!(f.set_size(Some(2 << 20)).unwrap(), 2 << 20);
+        let _ = std::fs::remove_file(&dir);
+    }
+
+    #[test]
+    fn null_backend_reads_zeros() {
+        let n = NullBackend::new(4096);
+        n.write_at(0, &[1u8; 512]).unwrap();
+        let mut b = [1u8; 512];
+        n.read_at(0, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+    }
+}
