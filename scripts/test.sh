@@ -3,8 +3,8 @@
 #
 #   1. install the interop peers (scripts/install-test-deps.sh; root, or a no-op when present)
 #   2. cargo fmt --check, 3. clippy -D warnings, 4. release build of the binaries
-#   5. cargo test --workspace: unit, integration and interop tests; the interop tests
-#      (package ironstar-interop, tests/) drive target/release/iscsitd from step 4 with
+#   5. cargo test --workspace --no-fail-fast: unit, integration and interop tests; the
+#      interop tests (package ironstar-interop, tests/) drive target/release/iscsitd from step 4 with
 #      libiscsi's tools, qemu-img and iscsi-test-cu. Under CI=true (or
 #      IRONSTAR_REQUIRE_PEERS=1) a missing peer fails its test instead of skipping it.
 #
@@ -56,7 +56,7 @@ install_deps() {
 }
 
 cargo_test() {
-    cargo test --workspace 2>&1 | tee "$TEST_LOG"
+    cargo test --workspace --no-fail-fast 2>&1 | tee "$TEST_LOG"
 }
 
 step "install test deps" install_deps
