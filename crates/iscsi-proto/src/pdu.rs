@@ -613,6 +613,36 @@ impl Header {
         })
     }
 
+    /// Sets StatSN, ExpCmdSN and MaxCmdSN on the target's PDUs that carry
+    /// them; the connection's writer calls this at send time so the numbers
+    /// are current and StatSN follows the order on the wire.
+    pub fn set_sequence_numbers(&mut self, stat_sn: u32, exp_cmd_sn: u32, max_cmd_sn: u32) {
+        let fields = match self {
+            Header::NopIn(h) => Some((&mut h.stat_sn, &mut h.exp_cmd_sn, &mut h.max_cmd_sn)),
+            Header::ScsiResponse(h) => Some((&mut h.stat_sn, &mut h.exp_cmd_sn, &mut h.max_cmd_sn)),
+            Header::TaskMgmtResponse(h) => {
+                Some((&mut h.stat_sn, &mut h.exp_cmd_sn, &mut h.max_cmd_sn))
+            }
+            Header::LoginResponse(h) => {
+                Some((&mut h.stat_sn, &mut h.exp_cmd_sn, &mut h.max_cmd_sn))
+            }
+            Header::TextResponse(h) => Some((&mut h.stat_sn, &mut h.exp_cmd_sn, &mut h.max_cmd_sn)),
+            Header::DataIn(h) => Some((&mut h.stat_sn, &mut h.exp_cmd_sn, &mut h.max_cmd_sn)),
+            Header::LogoutResponse(h) => {
+                Some((&mut h.stat_sn, &mut h.exp_cmd_sn, &mut h.max_cmd_sn))
+            }
+            Header::R2t(h) => Some((&mut h.stat_sn, &mut h.exp_cmd_sn, &mut h.max_cmd_sn)),
+            Header::AsyncMessage(h) => Some((&mut h.stat_sn, &mut h.exp_cmd_sn, &mut h.max_cmd_sn)),
+            Header::Reject(h) => Some((&mut h.stat_sn, &mut h.exp_cmd_sn, &mut h.max_cmd_sn)),
+            _ => None,
+        };
+        if let Some((s, e, m)) = fields {
+            *s = stat_sn;
+            *e = exp_cmd_sn;
+            *m = max_cmd_sn;
+        }
+    }
+
     /// Interprets a BHS and its AHS bytes (only SCSI Command may have AHS).
     pub fn parse(b: &[u8; BHS_LEN], ahs: &[u8]) -> Result<Header, ParseError> {
         let opcode = Opcode::from_u8(b[0]).ok_or(ParseError::UnknownOpcode(b[0] & 0x3f))?;

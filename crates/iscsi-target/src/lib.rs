@@ -1,1 +1,17 @@
-//! # iscsi-target — portals, TPGs, targets, discovery, login policy (iscsit's role)
+//! # iscsi-target — the iSCSI port of the target (iscsit's role)
+//!
+//! On the map (`ARCHITECTURE.md`) it sits between the daemon and the SCSI
+//! core: portals and portal groups ([`portal`]), targets and their LUN maps
+//! ([`registry`]), login policy and CHAP secrets (the `LoginAuthority` in
+//! [`conn`]), SendTargets ([`discovery`]), and sessions bound to the SCSI
+//! core ([`session`]). The protocol machinery it drives lives in `idm`.
+
+pub mod config;
+pub mod conn;
+pub mod discovery;
+pub mod portal;
+pub mod registry;
+pub mod session;
+
+pub use config::Config;
+pub use registry::Registry;

@@ -1,0 +1,978 @@
+//! One connection on the target, from the first Login Request to close:
+//! login through IDM's [`TargetLogin`], then the full feature phase — SCSI
+//! commands to the SCSI core in CmdSN order, R2T / Data-Out through IDM's
+//! [`WriteCollector`], Data-In through [`build_response`], NOP-Out/NOP-In
+//! both ways, task management, text (SendTargets), logout.
+//!
+//! Each connection is two tasks: this reader, which owns the task table, and
+//! a writer that batches every ready PDU into one vectored send and stamps
+//! StatSN / ExpCmdSN / MaxCmdSN at send time.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use idm::datain::{build_response, Completion, DataInLimits, OutPdu, Residual};
+use idm::login::{
+    Admission, Binding, ChapRequirement, LoginAuthority, LoginIdentity, LoginOutcome, LoginStep,
+    TargetLogin,
+};
+use idm::r2t::{WriteCollector, WriteLimits};
+use idm::state::{ConnEvent, ConnState};
+use idm::transport::{PduRx, PduTx, Transport, TransportError};
+use iscsi_proto::chap::ChapAlgorithm;
+use iscsi_proto::codec::DecodeError;
+use iscsi_proto::negotiation::{Digest, NegotiatedParams, Policy, SessionType};
+use iscsi_proto::pdu::{
+    self, async_event, login_status, logout, reject_reason, tmf, AsyncMessage, Header,
+    LogoutRequest, LogoutResponse, NopIn, NopOut, Pdu, RawPdu, Reject, ScsiCommand,
+    TaskMgmtRequest, TaskMgmtResponse, TextRequest, TextResponse, BHS_LEN, RESERVED_TAG,
+};
+use scsi_target::{ScsiTask, TaskAttr};
+use tokio::sync::mpsc;
+
+use crate::config::AuthConfig;
+use crate::discovery;
+use crate::registry::Registry;
+use crate::session::{ConnHandle, ConnMsg, NewSession, Session, WriterMsg};
+
+/// Longest a login may take before the connection is dropped.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest write we collect for one command.
+const MAX_WRITE: u32 = 64 << 20;
+
+/// Serves one accepted transport connection to its end.
+pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_group_tag: u16) {
+    let info = transport.info();
+    let span = tracing::info_span!("conn", peer = %info.peer_addr);
+    let _enter = span.enter();
+    drop(_enter);
+    let (mut rx, mut tx) = transport.into_split();
+    let mut state = ConnState::Free
+        .next(ConnEvent::TransportUp)
+        .unwrap_or(ConnState::XptUp);
+    let authority = Authority {
+        registry: registry.clone(),
+        portal_group_tag,
+        bound: Mutex::new(None),
+    };
+    let outcome = match tokio::time::timeout(
+        LOGIN_TIMEOUT,
+        login(&mut rx, &mut tx, &authority, &mut state),
+    )
+    .await
+    {
+        Ok(Some(o)) => o,
+        Ok(None) | Err(_) => {
+            tracing::debug!(peer = %info.peer_addr, "login did not complete");
+            tx.shutdown().await;
+            return;
+        }
+    };
+    let Some(session) = authority.bound.lock().ok().and_then(|mut b| b.take()) else {
+        return;
+    };
+    let params = outcome.params.clone();
+    rx.set_digests(params.header_digest, params.data_digest);
+    tx.set_digests(params.header_digest, params.data_digest);
+    rx.set_max_recv_data_segment_length(params.max_recv_data_segment_length);
+    state = state
+        .next(ConnEvent::LoginSucceeded)
+        .unwrap_or(ConnState::LoggedIn);
+    tracing::info!(
+        peer = %info.peer_addr,
+        initiator = %outcome.identity.initiator_name,
+        target = outcome.identity.target_name.as_deref().unwrap_or("(discovery)"),
+        tsih = session.tsih,
+        cid = outcome.identity.cid,
+        state = state.rfc_name(),
+        "logged in"
+    );
+    let (inbox_tx, inbox) = mpsc::unbounded_channel();
+    let serial = registry.sessions.conn_serial();
+    let cid = outcome.identity.cid;
+    session.attach(ConnHandle {
+        cid,
+        serial,
+        inbox: inbox_tx,
+        peer_addr: info.peer_addr.clone(),
+        local_addr: info.local_addr.clone(),
+    });
+    let (wtx, wrx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(writer_loop(tx, wrx, session.clone(), outcome.next_stat_sn));
+    let local: Option<SocketAddr> = info.local_addr.parse().ok();
+    let mut conn = Conn {
+        registry: registry.clone(),
+        session: session.clone(),
+        cid,
+        params,
+        writer: wtx,
+        tasks: HashMap::new(),
+        next_ttt: 1,
+        local,
+        text_pending: None,
+        ping: None,
+        closing: false,
+        logout_session: false,
+    };
+    conn.run(rx, inbox).await;
+    let _ = conn.writer.send(WriterMsg::Close);
+    let _ = writer.await;
+    let remaining = session.detach(cid, serial);
+    if remaining == 0 || conn.logout_session {
+        registry.sessions.remove(&session);
+        if conn.logout_session {
+            session.close_all();
+        }
+    }
+    tracing::info!(peer = %info.peer_addr, tsih = session.tsih, cid, "connection closed");
+}
+
+async fn send_now<Tx: PduTx>(tx: &mut Tx, pdu: Pdu) -> bool {
+    tx.send(std::slice::from_ref(&pdu)).await.is_ok()
+}
+
+async fn login<Rx: PduRx, Tx: PduTx>(
+    rx: &mut Rx,
+    tx: &mut Tx,
+    authority: &Authority,
+    state: &mut ConnState,
+) -> Option<LoginOutcome> {
+    let mut machine = TargetLogin::new(authority.portal_group_tag);
+    loop {
+        let raw = rx.recv().await.ok()??;
+        let pdu = raw.parse().ok()?;
+        let Header::LoginRequest(req) = &pdu.header else {
+            // Anything but a Login Request before full feature phase ends
+            // the connection (RFC 7143 §6.1).
+            return None;
+        };
+        if *state == ConnState::XptUp {
+            *state = state.next(ConnEvent::LoginReceived).ok()?;
+        }
+        match machine.handle(req, &pdu.data, authority) {
+            LoginStep::Continue(resp) => {
+                if !send_now(tx, resp).await {
+                    return None;
+                }
+            }
+            LoginStep::Complete(resp, outcome) => {
+                return send_now(tx, resp).await.then_some(*outcome);
+            }
+            LoginStep::Fail(resp, _) => {
+                let _ = send_now(tx, resp).await;
+                *state = state.next(ConnEvent::LoginFailed).ok()?;
+                return None;
+            }
+        }
+    }
+}
+
+/// The target's login policy for one connection on one portal group.
+struct Authority {
+    registry: Arc<Registry>,
+    portal_group_tag: u16,
+    bound: Mutex<Option<Arc<Session>>>,
+}
+
+impl Authority {
+    fn policy(&self) -> Policy {
+        let d = &self.registry.defaults;
+        Policy {
+            max_recv_data_segment_length: d.max_recv_data_segment_length,
+            max_burst_length: d.max_burst_length,
+            first_burst_length: d.first_burst_length,
+            max_outstanding_r2t: d.max_outstanding_r2t,
+            max_connections: d.max_connections,
+            initial_r2t: d.initial_r2t,
+            immediate_data: d.immediate_data,
+            header_digest: vec![Digest::None, Digest::Crc32c],
+            data_digest: vec![Digest::None, Digest::Crc32c],
+            ..Policy::default()
+        }
+    }
+
+    fn chap_for(
+        &self,
+        initiator: &str,
+        mutual: Option<(String, Vec<u8>)>,
+    ) -> Result<ChapRequirement, (u8, u8)> {
+        let ini = self
+            .registry
+            .initiator(initiator)
+            .ok_or(login_status::AUTHENTICATION_FAILURE)?;
+        Ok(ChapRequirement {
+            algorithms: vec![
+                ChapAlgorithm::Sha3_256,
+                ChapAlgorithm::Sha256,
+                ChapAlgorithm::Sha1,
+                ChapAlgorithm::Md5,
+            ],
+            initiator_user: ini.chap_user.clone(),
+            initiator_secret: ini.chap_secret.as_bytes().to_vec(),
+            target_credentials: mutual,
+        })
+    }
+}
+
+impl LoginAuthority for Authority {
+    fn admit(&self, who: &LoginIdentity) -> Result<Admission, (u8, u8)> {
+        let policy = self.policy();
+        if who.session_type == SessionType::Discovery {
+            let chap = match self.registry.discovery_auth {
+                AuthConfig::None => None,
+                AuthConfig::Chap => Some(self.chap_for(&who.initiator_name, None)?),
+            };
+            return Ok(Admission { chap, policy });
+        }
+        let name = who.target_name.as_deref().unwrap_or("");
+        let target = self.registry.target(name).ok_or(login_status::NOT_FOUND)?;
+        if !target.portal_groups.contains(&self.portal_group_tag) {
+            return Err(login_status::NOT_FOUND);
+        }
+        if !target.admits(&who.initiator_name) {
+            return Err(login_status::AUTHORIZATION_FAILURE);
+        }
+        let chap = match target.auth {
+            AuthConfig::None => None,
+            AuthConfig::Chap => {
+                Some(self.chap_for(&who.initiator_name, target.mutual_chap.clone())?)
+            }
+        };
+        Ok(Admission { chap, policy })
+    }
+
+    fn bind(&self, outcome: &LoginOutcome) -> Result<Binding, (u8, u8)> {
+        let who = &outcome.identity;
+        let sessions = &self.registry.sessions;
+        let session = if who.tsih == 0 {
+            let target = match who.session_type {
+                SessionType::Discovery => None,
+                SessionType::Normal => Some(
+                    self.registry
+                        .target(who.target_name.as_deref().unwrap_or(""))
+                        .ok_or(login_status::NOT_FOUND)?
+                        .clone(),
+                ),
+            };
+            sessions.create(NewSession {
+                isid: who.isid,
+                initiator_name: who.initiator_name.clone(),
+                target_name: target.as_ref().map(|t| t.iqn.clone()),
+                session_type: who.session_type,
+                target,
+                portal_group_tag: self.portal_group_tag,
+                params: outcome.params.clone(),
+                first_cmd_sn: outcome.cmd_sn,
+                queue_depth: self.registry.defaults.queue_depth,
+            })
+        } else {
+            // A connection joining (MC/S) or reinstating one in a session.
+            let s = sessions
+                .by_tsih(who.tsih)
+                .ok_or(login_status::SESSION_DOES_NOT_EXIST)?;
+            if s.isid != who.isid
+                || !s.initiator_name.eq_ignore_ascii_case(&who.initiator_name)
+                || s.target_name.as_deref().map(str::to_ascii_lowercase)
+                    != who.target_name.as_deref().map(str::to_ascii_lowercase)
+                || s.is_closed()
+            {
+                return Err(login_status::SESSION_DOES_NOT_EXIST);
+            }
+            let existing = s.connections();
+            let replacing = existing.iter().any(|c| c.cid == who.cid);
+            if !replacing && existing.len() as u32 >= s.params.max_connections.max(1) {
+                return Err(login_status::TOO_MANY_CONNECTIONS);
+            }
+            s
+        };
+        let binding = Binding {
+            tsih: session.tsih,
+            exp_cmd_sn: session.exp_cmd_sn(),
+            max_cmd_sn: session.max_cmd_sn(),
+        };
+        if let Ok(mut b) = self.bound.lock() {
+            *b = Some(session);
+        }
+        Ok(binding)
+    }
+}
+
+async fn writer_loop<Tx: PduTx>(
+    mut tx: Tx,
+    mut rx: mpsc::UnboundedReceiver<WriterMsg>,
+    session: Arc<Session>,
+    mut stat_sn: u32,
+) {
+    let mut batch: Vec<Pdu> = Vec::with_capacity(64);
+    let mut closing = false;
+    while let Some(first) = rx.recv().await {
+        let mut msgs = vec![first];
+        while msgs.len() < 256 {
+            match rx.try_recv() {
+                Ok(m) => msgs.push(m),
+                Err(_) => break,
+            }
+        }
+        let exp = session.exp_cmd_sn();
+        let max = session.max_cmd_sn();
+        for m in msgs {
+            match m {
+                WriterMsg::Pdus(pdus) => {
+                    for OutPdu {
+                        mut pdu,
+                        carries_status,
+                    } in pdus
+                    {
+                        pdu.header.set_sequence_numbers(stat_sn, exp, max);
+                        if carries_status {
+                            stat_sn = stat_sn.wrapping_add(1);
+                        }
+                        batch.push(pdu);
+                    }
+                }
+                WriterMsg::Close => closing = true,
+            }
+        }
+        if !batch.is_empty() && tx.send(&batch).await.is_err() {
+            break;
+        }
+        batch.clear();
+        if closing {
+            break;
+        }
+    }
+    tx.shutdown().await;
+}
+
+/// A write command waiting for its data.
+struct PendingWrite {
+    cmd: ScsiCommand,
+    collector: WriteCollector,
+    /// Its CmdSN turn has come.
+    delivered: bool,
+}
+
+struct Conn {
+    registry: Arc<Registry>,
+    session: Arc<Session>,
+    cid: u16,
+    params: NegotiatedParams,
+    writer: mpsc::UnboundedSender<WriterMsg>,
+    tasks: HashMap<u32, PendingWrite>,
+    next_ttt: u32,
+    local: Option<SocketAddr>,
+    /// A long text response being pulled by the initiator: (TTT, rest).
+    text_pending: Option<(u32, Vec<u8>)>,
+    /// Our outstanding NOP-In ping: (TTT, sent at).
+    ping: Option<(u32, Instant)>,
+    closing: bool,
+    logout_session: bool,
+}
+
+fn status_pdu(pdu: Pdu) -> OutPdu {
+    OutPdu {
+        pdu,
+        carries_status: true,
+    }
+}
+
+impl Conn {
+    fn send(&self, pdus: Vec<OutPdu>) {
+        let _ = self.writer.send(WriterMsg::Pdus(pdus));
+    }
+
+    fn alloc_ttt(&mut self) -> u32 {
+        let t = self.next_ttt;
+        self.next_ttt = self.next_ttt.wrapping_add(1);
+        if self.next_ttt == RESERVED_TAG {
+            self.next_ttt = 1;
+        }
+        t
+    }
+
+    fn reject(&self, reason: u8, bhs: &[u8; BHS_LEN]) {
+        tracing::debug!(reason, opcode = bhs[0] & 0x3f, "reject");
+        self.send(vec![status_pdu(Pdu::new(
+            Header::Reject(Reject {
+                reason,
+                data_sn: 0,
+                ..Default::default()
+            }),
+            Bytes::copy_from_slice(bhs),
+        ))]);
+    }
+
+    async fn run<Rx: PduRx>(&mut self, mut rx: Rx, mut inbox: mpsc::UnboundedReceiver<ConnMsg>) {
+        let defaults = self.registry.defaults.clone();
+        let idle_limit = Duration::from_secs(defaults.nop_in_interval);
+        let ping_limit = Duration::from_secs(defaults.nop_in_timeout.max(1));
+        let mut last_rx = Instant::now();
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        while !self.closing {
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Ok(Some(raw)) => {
+                        last_rx = Instant::now();
+                        self.on_raw(raw).await;
+                    }
+                    Ok(None) => break,
+                    Err(TransportError::Decode(DecodeError::DataDigest { bhs })) => {
+                        self.reject(reject_reason::DATA_DIGEST_ERROR, &bhs);
+                    }
+                    Err(TransportError::Decode(DecodeError::DataSegmentTooLong { bhs, len, max })) => {
+                        tracing::info!(len, max, "data segment too long: closing");
+                        self.reject(reject_reason::PROTOCOL_ERROR, &bhs);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::info!(error = %e, "connection dropped");
+                        break;
+                    }
+                },
+                m = inbox.recv() => match m {
+                    Some(ConnMsg::Deliver(pdu)) => self.dispatch(pdu).await,
+                    Some(ConnMsg::RequestLogout) => self.send(vec![status_pdu(Pdu::new(
+                        Header::AsyncMessage(AsyncMessage {
+                            event: async_event::LOGOUT_REQUESTED,
+                            parameter3: 10,
+                            ..Default::default()
+                        }),
+                        Bytes::new(),
+                    ))]),
+                    Some(ConnMsg::Close) | None => break,
+                },
+                _ = ticker.tick() => {
+                    if let Some((_, sent)) = self.ping {
+                        if sent.elapsed() > ping_limit {
+                            tracing::info!("no answer to NOP-In: dropping the connection");
+                            break;
+                        }
+                    } else if !idle_limit.is_zero() && last_rx.elapsed() > idle_limit {
+                        let ttt = self.alloc_ttt();
+                        self.ping = Some((ttt, Instant::now()));
+                        self.send(vec![OutPdu {
+                            pdu: Pdu::new(
+                                Header::NopIn(NopIn {
+                                    itt: RESERVED_TAG,
+                                    ttt,
+                                    ..Default::default()
+                                }),
+                                Bytes::new(),
+                            ),
+                            carries_status: false,
+                        }]);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_raw(&mut self, raw: RawPdu) {
+        let bhs = raw.bhs;
+        let pdu = match raw.parse() {
+            Ok(p) => p,
+            Err(e) => {
+                self.reject(e.reject_reason(), &bhs);
+                return;
+            }
+        };
+        if !pdu.opcode().is_initiator_opcode() {
+            self.reject(reject_reason::PROTOCOL_ERROR, &bhs);
+            return;
+        }
+        let discovery = self.session.session_type == SessionType::Discovery;
+        let (immediate, cmd_sn) = match &pdu.header {
+            Header::ScsiCommand(h) => {
+                if discovery {
+                    self.reject(reject_reason::PROTOCOL_ERROR, &bhs);
+                    return;
+                }
+                self.receive_command(h, &pdu.data);
+                (h.immediate, h.cmd_sn)
+            }
+            Header::NopOut(h) => {
+                if h.itt == RESERVED_TAG {
+                    // Answer to our ping, or a ping needing no answer: no CmdSN use.
+                    if self.ping.is_some_and(|(t, _)| t == h.ttt) {
+                        self.ping = None;
+                    }
+                    return;
+                }
+                (h.immediate, h.cmd_sn)
+            }
+            Header::TaskMgmtRequest(h) => (h.immediate, h.cmd_sn),
+            Header::TextRequest(h) => (h.immediate, h.cmd_sn),
+            Header::LogoutRequest(h) => (h.immediate, h.cmd_sn),
+            Header::DataOut(_) => {
+                self.data_out(pdu, &bhs).await;
+                return;
+            }
+            Header::SnackRequest(_) => {
+                // ErrorRecoveryLevel 0: no SNACK support.
+                self.reject(reject_reason::COMMAND_NOT_SUPPORTED, &bhs);
+                return;
+            }
+            Header::LoginRequest(_) => {
+                // A login in full feature phase is a protocol error.
+                self.reject(reject_reason::PROTOCOL_ERROR, &bhs);
+                return;
+            }
+            _ => {
+                self.reject(reject_reason::PROTOCOL_ERROR, &bhs);
+                return;
+            }
+        };
+        if immediate {
+            self.dispatch(pdu).await;
+            return;
+        }
+        for (cid, ready) in self.session.admit(self.cid, cmd_sn, pdu) {
+            if cid == self.cid {
+                self.dispatch(ready).await;
+            } else if let Some(other) = self.session.connection(cid) {
+                let _ = other.inbox.send(ConnMsg::Deliver(ready));
+            }
+        }
+    }
+
+    /// A SCSI command arrived: writes needing more data start collecting now,
+    /// because unsolicited Data-Out may follow before the command's turn.
+    fn receive_command(&mut self, h: &ScsiCommand, imm: &Bytes) {
+        if !h.write || h.expected_data_transfer_length as usize <= imm.len() {
+            return;
+        }
+        if h.expected_data_transfer_length > MAX_WRITE || self.tasks.contains_key(&h.itt) {
+            return;
+        }
+        let limits = self.write_limits();
+        match WriteCollector::new(
+            h.itt,
+            h.lun,
+            h.expected_data_transfer_length,
+            imm.clone(),
+            h.final_,
+            limits,
+        ) {
+            Ok(collector) => {
+                self.tasks.insert(
+                    h.itt,
+                    PendingWrite {
+                        cmd: h.clone(),
+                        collector,
+                        delivered: false,
+                    },
+                );
+            }
+            Err(e) => tracing::debug!(error = %e, "write refused at arrival"),
+        }
+    }
+
+    fn write_limits(&self) -> WriteLimits {
+        WriteLimits {
+            first_burst_length: self.params.first_burst_length,
+            max_burst_length: self.params.max_burst_length,
+            max_outstanding_r2t: self.params.max_outstanding_r2t,
+            initial_r2t: self.params.initial_r2t,
+            immediate_data: self.params.immediate_data,
+            data_pdu_in_order: self.params.data_pdu_in_order,
+        }
+    }
+
+    async fn dispatch(&mut self, pdu: Pdu) {
+        match pdu.header {
+            Header::ScsiCommand(h) => self.scsi_command(h, pdu.data).await,
+            Header::NopOut(h) => self.nop_out(h, pdu.data),
+            Header::TaskMgmtRequest(h) => self.task_management(h),
+            Header::TextRequest(h) => self.text(h, pdu.data),
+            Header::LogoutRequest(h) => self.logout(h),
+            _ => {}
+        }
+    }
+
+    fn nop_out(&mut self, h: NopOut, data: Bytes) {
+        let max = self.params.max_xmit_data_segment_length as usize;
+        let echo = data.slice(..data.len().min(max));
+        self.send(vec![status_pdu(Pdu::new(
+            Header::NopIn(NopIn {
+                lun: h.lun,
+                itt: h.itt,
+                ttt: RESERVED_TAG,
+                ..Default::default()
+            }),
+            echo,
+        ))]);
+    }
+
+    async fn scsi_command(&mut self, h: ScsiCommand, imm: Bytes) {
+        let needs_data = h.write && h.expected_data_transfer_length as usize > imm.len();
+        if needs_data {
+            let too_big = h.expected_data_transfer_length > MAX_WRITE;
+            let Some(task) = self.tasks.get_mut(&h.itt) else {
+                if too_big {
+                    self.complete_with_sense(
+                        &h,
+                        scsi_target::sense::Sense::invalid_cdb(6, None).to_bytes(),
+                    );
+                } else {
+                    // The collector refused the command's own data layout.
+                    self.reject_command(&h);
+                }
+                return;
+            };
+            task.delivered = true;
+            self.pump_write(h.itt).await;
+            return;
+        }
+        let data = if h.write { imm } else { Bytes::new() };
+        self.execute(h, data).await;
+    }
+
+    fn reject_command(&self, h: &ScsiCommand) {
+        let mut bhs = [0u8; BHS_LEN];
+        Header::ScsiCommand(h.clone()).write_bhs(&mut bhs);
+        self.reject(reject_reason::PROTOCOL_ERROR, &bhs);
+    }
+
+    fn complete_with_sense(&self, h: &ScsiCommand, sense: Bytes) {
+        let completion = Completion {
+            status: scsi_target::status::CHECK_CONDITION,
+            sense: Some(sense),
+            data_in: Bytes::new(),
+            write_residual: None,
+        };
+        self.send(build_response(
+            h.itt,
+            h.lun,
+            h.expected_data_transfer_length,
+            &completion,
+            self.data_in_limits(),
+            h.read,
+        ));
+    }
+
+    fn data_in_limits(&self) -> DataInLimits {
+        DataInLimits {
+            max_segment: self.params.max_xmit_data_segment_length,
+            max_burst: self.params.max_burst_length,
+        }
+    }
+
+    /// Sends the R2Ts a write needs, or executes it once all data is here.
+    async fn pump_write(&mut self, itt: u32) {
+        let mut ttts = Vec::new();
+        let complete = match self.tasks.get(&itt) {
+            Some(t) if t.delivered => t.collector.is_complete(),
+            _ => return,
+        };
+        if complete {
+            if let Some(t) = self.tasks.remove(&itt) {
+                let data = t.collector.into_data();
+                self.execute(t.cmd, data).await;
+            }
+            return;
+        }
+        for _ in 0..self.params.max_outstanding_r2t.max(1) {
+            ttts.push(self.alloc_ttt());
+        }
+        let Some(t) = self.tasks.get_mut(&itt) else {
+            return;
+        };
+        let mut it = ttts.into_iter();
+        let r2ts = t
+            .collector
+            .next_r2ts(|| it.next().unwrap_or(RESERVED_TAG - 1));
+        if !r2ts.is_empty() {
+            self.send(
+                r2ts.into_iter()
+                    .map(|r| OutPdu {
+                        pdu: Pdu::new(Header::R2t(r), Bytes::new()),
+                        carries_status: false,
+                    })
+                    .collect(),
+            );
+        }
+    }
+
+    async fn data_out(&mut self, pdu: Pdu, bhs: &[u8; BHS_LEN]) {
+        let Header::DataOut(h) = &pdu.header else {
+            return;
+        };
+        let Some(task) = self.tasks.get_mut(&h.itt) else {
+            self.reject(reject_reason::INVALID_PDU_FIELD, bhs);
+            return;
+        };
+        if let Err(e) = task.collector.handle_data_out(h, &pdu.data) {
+            tracing::info!(error = %e, itt = h.itt, "bad Data-Out");
+            self.reject(reject_reason::PROTOCOL_ERROR, bhs);
+            return;
+        }
+        let itt = h.itt;
+        self.pump_write(itt).await;
+    }
+
+    async fn execute(&mut self, h: ScsiCommand, data_out: Bytes) {
+        let Some(target) = self.session.target.clone() else {
+            return;
+        };
+        let lun = pdu::lun_from_wire(h.lun);
+        let nexus = self.session.nexus.clone();
+        let limits = self.data_in_limits();
+        let attr = match h.attr {
+            pdu::task_attr::SIMPLE => TaskAttr::Simple,
+            pdu::task_attr::ORDERED => TaskAttr::Ordered,
+            pdu::task_attr::HEAD_OF_QUEUE => TaskAttr::HeadOfQueue,
+            pdu::task_attr::ACA => TaskAttr::Aca,
+            _ => TaskAttr::Untagged,
+        };
+        let blocking = target.luns.get(lun).is_some_and(|lu| lu.may_block());
+        let run = move || {
+            let cdb = h.full_cdb();
+            let task = ScsiTask {
+                nexus: &nexus,
+                lun,
+                cdb: &cdb,
+                data_out: &data_out,
+                expected_in_len: if h.read {
+                    h.bidi_read_length
+                        .unwrap_or(h.expected_data_transfer_length)
+                } else {
+                    0
+                },
+                attr,
+                tag: u64::from(h.itt),
+            };
+            let r = target.luns.execute(&task);
+            let write_residual = if h.write {
+                let sent = data_out.len() as u32;
+                let edtl = h.expected_data_transfer_length;
+                match sent.cmp(&edtl) {
+                    std::cmp::Ordering::Less => Some(Residual::Underflow(edtl - sent)),
+                    _ => None,
+                }
+            } else {
+                None
+            };
+            let completion = Completion {
+                status: r.status,
+                sense: r.sense,
+                data_in: if h.read { r.data_in } else { Bytes::new() },
+                write_residual,
+            };
+            let edtl_in = if h.read {
+                h.bidi_read_length
+                    .unwrap_or(h.expected_data_transfer_length)
+            } else {
+                0
+            };
+            build_response(h.itt, h.lun, edtl_in, &completion, limits, h.read)
+        };
+        if blocking {
+            let writer = self.writer.clone();
+            tokio::task::spawn_blocking(move || {
+                let _ = writer.send(WriterMsg::Pdus(run()));
+            });
+        } else {
+            self.send(run());
+        }
+    }
+
+    fn task_management(&mut self, h: TaskMgmtRequest) {
+        let response = self.tmf_response(&h);
+        self.send(vec![status_pdu(Pdu::new(
+            Header::TaskMgmtResponse(TaskMgmtResponse {
+                response,
+                itt: h.itt,
+                ..Default::default()
+            }),
+            Bytes::new(),
+        ))]);
+        if h.function == tmf::TARGET_COLD_RESET && response == tmf::FUNCTION_COMPLETE {
+            self.session.close_all();
+        }
+    }
+
+    fn tmf_response(&mut self, h: &TaskMgmtRequest) -> u8 {
+        let Some(target) = self.session.target.clone() else {
+            return tmf::FUNCTION_REJECTED;
+        };
+        let lun = pdu::lun_from_wire(h.lun);
+        let lun_exists = target.luns.get(lun).is_some();
+        let nexus_id = self.session.nexus.id;
+        match h.function {
+            tmf::ABORT_TASK => {
+                let reference = h.referenced_task_tag;
+                let found_here = self.tasks.remove(&reference).is_some();
+                let found_pending = self
+                    .session
+                    .abort_pending(|p| p.header.itt() == Some(reference))
+                    > 0;
+                if found_here || found_pending {
+                    tmf::FUNCTION_COMPLETE
+                } else if idm::sn::sn_lt(h.ref_cmd_sn, h.cmd_sn)
+                    || idm::sn::sn_lt(h.ref_cmd_sn, self.session.exp_cmd_sn())
+                {
+                    // Already completed (or never here but in the window):
+                    // RFC 7143 §11.5.1 says report it as done.
+                    tmf::FUNCTION_COMPLETE
+                } else {
+                    tmf::TASK_DOES_NOT_EXIST
+                }
+            }
+            tmf::ABORT_TASK_SET | tmf::CLEAR_TASK_SET => {
+                if !lun_exists {
+                    return tmf::LUN_DOES_NOT_EXIST;
+                }
+                self.tasks.retain(|_, t| t.cmd.lun != h.lun);
+                self.session.abort_pending(
+                    |p| matches!(&p.header, Header::ScsiCommand(c) if c.lun == h.lun),
+                );
+                tmf::FUNCTION_COMPLETE
+            }
+            tmf::LOGICAL_UNIT_RESET => {
+                let Some(lu) = target.luns.get(lun) else {
+                    return tmf::LUN_DOES_NOT_EXIST;
+                };
+                self.tasks.retain(|_, t| t.cmd.lun != h.lun);
+                lu.reset(Some(nexus_id));
+                tmf::FUNCTION_COMPLETE
+            }
+            tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
+                self.tasks.clear();
+                for l in target.luns.luns() {
+                    if let Some(lu) = target.luns.get(l) {
+                        lu.reset(Some(nexus_id));
+                    }
+                }
+                tmf::FUNCTION_COMPLETE
+            }
+            tmf::QUERY_TASK => {
+                let reference = h.referenced_task_tag;
+                if self.tasks.contains_key(&reference)
+                    || self
+                        .session
+                        .has_pending(|p| p.header.itt() == Some(reference))
+                {
+                    tmf::FUNCTION_SUCCEEDED
+                } else {
+                    tmf::FUNCTION_COMPLETE
+                }
+            }
+            tmf::QUERY_TASK_SET => {
+                if !lun_exists {
+                    return tmf::LUN_DOES_NOT_EXIST;
+                }
+                if self.tasks.values().any(|t| t.cmd.lun == h.lun) {
+                    tmf::FUNCTION_SUCCEEDED
+                } else {
+                    tmf::FUNCTION_COMPLETE
+                }
+            }
+            tmf::I_T_NEXUS_RESET => {
+                self.tasks.clear();
+                tmf::FUNCTION_COMPLETE
+            }
+            tmf::CLEAR_ACA | tmf::QUERY_ASYNC_EVENT => {
+                if lun_exists {
+                    tmf::FUNCTION_COMPLETE
+                } else {
+                    tmf::LUN_DOES_NOT_EXIST
+                }
+            }
+            tmf::TASK_REASSIGN => tmf::REASSIGNMENT_NOT_SUPPORTED,
+            _ => tmf::FUNCTION_NOT_SUPPORTED,
+        }
+    }
+
+    fn text(&mut self, h: TextRequest, data: Bytes) {
+        let max = (self.params.max_xmit_data_segment_length as usize).max(512);
+        // Continuing a long answer of ours.
+        if h.ttt != RESERVED_TAG {
+            let rest = match self.text_pending.take() {
+                Some((ttt, rest)) if ttt == h.ttt => rest,
+                _ => {
+                    let mut bhs = [0u8; BHS_LEN];
+                    Header::TextRequest(h.clone()).write_bhs(&mut bhs);
+                    self.reject(reject_reason::INVALID_PDU_FIELD, &bhs);
+                    return;
+                }
+            };
+            self.send_text(&h, rest, max);
+            return;
+        }
+        let pairs = iscsi_proto::text::parse(&data).unwrap_or_default();
+        let mut reply = Vec::new();
+        for (k, v) in &pairs {
+            if k == "SendTargets" {
+                discovery::send_targets(&self.registry, &self.session, v, self.local, &mut reply);
+            } else {
+                iscsi_proto::text::encode(&[(k.as_str(), "NotUnderstood")], &mut reply);
+            }
+        }
+        self.send_text(&h, reply, max);
+    }
+
+    fn send_text(&mut self, h: &TextRequest, text: Vec<u8>, max: usize) {
+        let (now, rest) = if text.len() > max {
+            let rest = text.get(max..).unwrap_or(&[]).to_vec();
+            let mut now = text;
+            now.truncate(max);
+            (now, Some(rest))
+        } else {
+            (text, None)
+        };
+        let ttt = match rest {
+            Some(rest) => {
+                let ttt = self.alloc_ttt();
+                self.text_pending = Some((ttt, rest));
+                ttt
+            }
+            None => RESERVED_TAG,
+        };
+        self.send(vec![status_pdu(Pdu::new(
+            Header::TextResponse(TextResponse {
+                final_: ttt == RESERVED_TAG,
+                cont: ttt != RESERVED_TAG,
+                lun: h.lun,
+                itt: h.itt,
+                ttt,
+                ..Default::default()
+            }),
+            Bytes::from(now),
+        ))]);
+    }
+
+    fn logout(&mut self, h: LogoutRequest) {
+        let response = match h.reason {
+            logout::CLOSE_SESSION => {
+                self.logout_session = true;
+                self.closing = true;
+                logout::SUCCESS
+            }
+            logout::CLOSE_CONNECTION => {
+                if h.cid == self.cid {
+                    self.closing = true;
+                    logout::SUCCESS
+                } else if let Some(other) = self.session.connection(h.cid) {
+                    let _ = other.inbox.send(ConnMsg::Close);
+                    logout::SUCCESS
+                } else {
+                    logout::CID_NOT_FOUND
+                }
+            }
+            _ => logout::RECOVERY_NOT_SUPPORTED,
+        };
+        self.send(vec![status_pdu(Pdu::new(
+            Header::LogoutResponse(LogoutResponse {
+                response,
+                itt: h.itt,
+                time2wait: 0,
+                time2retain: 0,
+                ..Default::default()
+            }),
+            Bytes::new(),
+        ))]);
+    }
+}

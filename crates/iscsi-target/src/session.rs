@@ -1,0 +1,356 @@
+//! Sessions on the target: the session table (ISID + initiator + target →
+//! session, TSIH → session), session reinstatement and connection
+//! reinstatement at ErrorRecoveryLevel 0, and CmdSN ordering across all
+//! connections of a session (MC/S).
+//!
+//! A session is held by `Arc`: the table holds one reference while it is
+//! logged in, each connection task one while it runs. Dropping the last
+//! connection at ERL 0 removes it from the table; the `Arc`s are the
+//! refcount, nothing is counted by hand.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use idm::datain::OutPdu;
+use idm::sn::{CmdSnCheck, CmdWindow};
+use iscsi_proto::negotiation::{NegotiatedParams, SessionType};
+use iscsi_proto::pdu::Pdu;
+use scsi_target::Nexus;
+use tokio::sync::mpsc;
+
+use crate::registry::Target;
+
+/// Messages to a connection's task.
+#[derive(Debug)]
+pub enum ConnMsg {
+    /// A command whose turn came (CmdSN order) although it arrived here.
+    Deliver(Pdu),
+    /// Send an Async Message asking the initiator to log out, then close.
+    RequestLogout,
+    /// Close now (session closed, reinstated, or connection reinstated).
+    Close,
+}
+
+/// Messages to a connection's writer.
+#[derive(Debug)]
+pub enum WriterMsg {
+    Pdus(Vec<OutPdu>),
+    /// Flush what came before and close the transport.
+    Close,
+}
+
+/// What the session keeps of one of its connections.
+#[derive(Debug, Clone)]
+pub struct ConnHandle {
+    pub cid: u16,
+    pub serial: u64,
+    pub inbox: mpsc::UnboundedSender<ConnMsg>,
+    pub peer_addr: String,
+    pub local_addr: String,
+}
+
+struct Ordering_ {
+    window: CmdWindow,
+    /// Commands that arrived ahead of ExpCmdSN, with the connection they came on.
+    pending: BTreeMap<u32, (u16, Pdu)>,
+}
+
+pub struct Session {
+    pub tsih: u16,
+    pub isid: [u8; 6],
+    pub initiator_name: String,
+    pub target_name: Option<String>,
+    pub session_type: SessionType,
+    pub target: Option<Arc<Target>>,
+    pub nexus: Nexus,
+    pub params: NegotiatedParams,
+    ordering: Mutex<Ordering_>,
+    exp_cmd_sn: AtomicU32,
+    max_cmd_sn: AtomicU32,
+    conns: Mutex<HashMap<u16, ConnHandle>>,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("tsih", &self.tsih)
+            .field("initiator", &self.initiator_name)
+            .field("target", &self.target_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    pub fn exp_cmd_sn(&self) -> u32 {
+        self.exp_cmd_sn.load(Ordering::Acquire)
+    }
+
+    pub fn max_cmd_sn(&self) -> u32 {
+        self.max_cmd_sn.load(Ordering::Acquire)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn publish(&self, w: &CmdWindow) {
+        self.max_cmd_sn.store(w.max_cmd_sn(), Ordering::Release);
+        self.exp_cmd_sn.store(w.exp_cmd_sn(), Ordering::Release);
+    }
+
+    /// Admits a non-immediate command that arrived on connection `cid`.
+    /// Returns the commands now deliverable, in CmdSN order, each with the
+    /// connection that must execute it (its allegiance). A command outside
+    /// the window is dropped, as RFC 7143 §3.2.2.1 says.
+    pub fn admit(&self, cid: u16, cmd_sn: u32, pdu: Pdu) -> Vec<(u16, Pdu)> {
+        let mut out = Vec::new();
+        let Ok(mut o) = self.ordering.lock() else {
+            return out;
+        };
+        match o.window.check(cmd_sn) {
+            CmdSnCheck::OutOfWindow => {
+                tracing::debug!(cmd_sn, exp = o.window.exp_cmd_sn(), "CmdSN outside window");
+                return out;
+            }
+            CmdSnCheck::Ahead => {
+                o.pending.entry(cmd_sn).or_insert((cid, pdu));
+                return out;
+            }
+            CmdSnCheck::InOrder => {
+                o.window.advance();
+                out.push((cid, pdu));
+            }
+        }
+        loop {
+            let next = o.window.exp_cmd_sn();
+            match o.pending.remove(&next) {
+                Some(item) => {
+                    o.window.advance();
+                    out.push(item);
+                }
+                None => break,
+            }
+        }
+        self.publish(&o.window);
+        out
+    }
+
+    /// Removes a command still waiting for its turn (ABORT TASK).
+    pub fn abort_pending(&self, mut matches: impl FnMut(&Pdu) -> bool) -> usize {
+        let Ok(mut o) = self.ordering.lock() else {
+            return 0;
+        };
+        let before = o.pending.len();
+        o.pending.retain(|_, (_, p)| !matches(p));
+        before - o.pending.len()
+    }
+
+    pub fn has_pending(&self, mut matches: impl FnMut(&Pdu) -> bool) -> bool {
+        self.ordering
+            .lock()
+            .map(|o| o.pending.values().any(|(_, p)| matches(p)))
+            .unwrap_or(false)
+    }
+
+    pub fn connection(&self, cid: u16) -> Option<ConnHandle> {
+        self.conns.lock().ok()?.get(&cid).cloned()
+    }
+
+    pub fn connections(&self) -> Vec<ConnHandle> {
+        self.conns
+            .lock()
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Attaches a connection; an existing one with the same CID is closed
+    /// (connection reinstatement).
+    pub fn attach(&self, handle: ConnHandle) {
+        if let Ok(mut c) = self.conns.lock() {
+            if let Some(old) = c.insert(handle.cid, handle) {
+                let _ = old.inbox.send(ConnMsg::Close);
+            }
+        }
+    }
+
+    /// Detaches a connection if it is still the one registered under its
+    /// CID; returns how many remain.
+    pub fn detach(&self, cid: u16, serial: u64) -> usize {
+        let Ok(mut c) = self.conns.lock() else {
+            return 0;
+        };
+        if c.get(&cid).is_some_and(|h| h.serial == serial) {
+            c.remove(&cid);
+        }
+        c.len()
+    }
+
+    /// Closes every connection of the session.
+    pub fn close_all(&self) {
+        self.closed.store(true, Ordering::Release);
+        for h in self.connections() {
+            let _ = h.inbox.send(ConnMsg::Close);
+        }
+    }
+}
+
+/// Key of a session: an initiator port (name + ISID) at a target.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct SessionKey {
+    initiator: String,
+    isid: [u8; 6],
+    target: String,
+}
+
+#[derive(Default)]
+pub struct SessionTable {
+    sessions: Mutex<HashMap<u16, Arc<Session>>>,
+    next_tsih: AtomicU16,
+    next_nexus: AtomicU64,
+    next_conn: AtomicU64,
+}
+
+/// Parameters of a new session.
+pub struct NewSession {
+    pub isid: [u8; 6],
+    pub initiator_name: String,
+    pub target_name: Option<String>,
+    pub session_type: SessionType,
+    pub target: Option<Arc<Target>>,
+    pub portal_group_tag: u16,
+    pub params: NegotiatedParams,
+    pub first_cmd_sn: u32,
+    pub queue_depth: u32,
+}
+
+impl SessionTable {
+    pub fn conn_serial(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub fn by_tsih(&self, tsih: u16) -> Option<Arc<Session>> {
+        self.sessions.lock().ok()?.get(&tsih).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        self.sessions
+            .lock()
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Creates a session; an existing one of the same initiator port at the
+    /// same target is closed first (session reinstatement, RFC 7143 §6.3.5).
+    pub fn create(&self, new: NewSession) -> Arc<Session> {
+        let key = SessionKey {
+            initiator: new.initiator_name.to_ascii_lowercase(),
+            isid: new.isid,
+            target: new
+                .target_name
+                .clone()
+                .unwrap_or_default()
+                .to_ascii_lowercase(),
+        };
+        let old: Vec<Arc<Session>> = self
+            .all()
+            .into_iter()
+            .filter(|s| {
+                s.session_type == new.session_type
+                    && SessionKey {
+                        initiator: s.initiator_name.to_ascii_lowercase(),
+                        isid: s.isid,
+                        target: s
+                            .target_name
+                            .clone()
+                            .unwrap_or_default()
+                            .to_ascii_lowercase(),
+                    } == key
+            })
+            .collect();
+        for s in old {
+            tracing::info!(tsih = s.tsih, initiator = %s.initiator_name, "session reinstated");
+            self.remove(&s);
+            s.close_all();
+        }
+        let isid_hex: String = new.isid.iter().map(|b| format!("{b:02x}")).collect();
+        let nexus = Nexus {
+            id: self.next_nexus.fetch_add(1, Ordering::Relaxed) + 1,
+            initiator_port_name: Arc::from(format!("{},i,0x{isid_hex}", new.initiator_name)),
+            target_port_name: Arc::from(format!(
+                "{},t,0x{:04x}",
+                new.target_name.as_deref().unwrap_or(""),
+                new.portal_group_tag
+            )),
+            relative_target_port_id: new.portal_group_tag,
+            target_port_group_id: 1,
+        };
+        let window = CmdWindow::new(new.first_cmd_sn, new.queue_depth);
+        let mut sessions = match self.sessions.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let mut tsih = 0;
+        for _ in 0..=u16::MAX {
+            let t = self
+                .next_tsih
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(1);
+            if t != 0 && !sessions.contains_key(&t) {
+                tsih = t;
+                break;
+            }
+        }
+        let session = Arc::new(Session {
+            tsih,
+            isid: new.isid,
+            initiator_name: new.initiator_name,
+            target_name: new.target_name,
+            session_type: new.session_type,
+            target: new.target,
+            nexus,
+            params: new.params,
+            exp_cmd_sn: AtomicU32::new(window.exp_cmd_sn()),
+            max_cmd_sn: AtomicU32::new(window.max_cmd_sn()),
+            ordering: Mutex::new(Ordering_ {
+                window,
+                pending: BTreeMap::new(),
+            }),
+            conns: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+        });
+        sessions.insert(tsih, session.clone());
+        drop(sessions);
+        if let Some(t) = &session.target {
+            for lun in t.luns.luns() {
+                if let Some(lu) = t.luns.get(lun) {
+                    lu.nexus_established(&session.nexus);
+                }
+            }
+        }
+        session
+    }
+
+    /// Takes a session out of the table (logout, reinstatement, last
+    /// connection gone) and tells its LUs the nexus is gone.
+    pub fn remove(&self, session: &Arc<Session>) {
+        let removed = self
+            .sessions
+            .lock()
+            .ok()
+            .and_then(|mut s| match s.get(&session.tsih) {
+                Some(cur) if Arc::ptr_eq(cur, session) => s.remove(&session.tsih),
+                _ => None,
+            });
+        if removed.is_some() {
+            if let Some(t) = &session.target {
+                for lun in t.luns.luns() {
+                    if let Some(lu) = t.luns.get(lun) {
+                        lu.nexus_lost(session.nexus.id);
+                    }
+                }
+            }
+        }
+    }
+}
