@@ -103,13 +103,24 @@ pub enum DataDirection {
 /// Unit attentions are queued per nexus; at most this many distinct ones.
 const UA_QUEUE_MAX: usize = 8;
 
-#[derive(Default)]
 struct NexusEntry {
     pending: AtomicBool,
     ua: Mutex<VecDeque<SenseCode>>,
+    /// The I_T nexus identity, for persistent reservations' unit attentions.
+    initiator: Arc<str>,
+    target: Arc<str>,
 }
 
 impl NexusEntry {
+    fn new(nexus: &Nexus) -> Self {
+        NexusEntry {
+            pending: AtomicBool::new(false),
+            ua: Mutex::new(VecDeque::new()),
+            initiator: nexus.initiator_port_name.clone(),
+            target: nexus.target_port_name.clone(),
+        }
+    }
+
     fn push(&self, code: SenseCode) {
         let mut q = self.ua.lock().unwrap_or_else(|e| e.into_inner());
         if code.asc == 0x29 {
@@ -256,7 +267,9 @@ impl LogicalUnit {
     pub fn nexus_established(&self, nexus: &Nexus) {
         let entry = {
             let mut map = self.nexuses.write().unwrap_or_else(|e| e.into_inner());
-            map.entry(nexus.id).or_default().clone()
+            map.entry(nexus.id)
+                .or_insert_with(|| Arc::new(NexusEntry::new(nexus)))
+                .clone()
         };
         entry.push(sense::POWER_ON_RESET_OCCURRED);
     }
@@ -315,20 +328,20 @@ impl LogicalUnit {
         }
     }
 
-    /// Queues a unit attention for one nexus, if it is known.
-    #[allow(dead_code)] // used by persistent reservations
-    pub(crate) fn queue_ua_for(&self, nexus: NexusId, code: SenseCode) {
+    /// Queues a unit attention for every nexus whose (initiator port,
+    /// target port) names satisfy `pred`, except `except`.
+    pub(crate) fn queue_ua_where(
+        &self,
+        except: Option<NexusId>,
+        code: SenseCode,
+        pred: impl Fn(&str, &str) -> bool,
+    ) {
         let map = self.nexuses.read().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = map.get(&nexus) {
-            e.push(code);
+        for (id, e) in map.iter() {
+            if Some(*id) != except && pred(&e.initiator, &e.target) {
+                e.push(code);
+            }
         }
-    }
-
-    /// Ids of all nexuses the LU knows.
-    #[allow(dead_code)] // used by persistent reservations
-    pub(crate) fn nexus_ids(&self) -> Vec<NexusId> {
-        let map = self.nexuses.read().unwrap_or_else(|e| e.into_inner());
-        map.keys().copied().collect()
     }
 
     fn entry_for(&self, nexus: &Nexus) -> Arc<NexusEntry> {
@@ -343,7 +356,7 @@ impl LogicalUnit {
         let mut map = self.nexuses.write().unwrap_or_else(|e| e.into_inner());
         map.entry(nexus.id)
             .or_insert_with(|| {
-                let e = NexusEntry::default();
+                let e = NexusEntry::new(nexus);
                 e.push(sense::POWER_ON_RESET_OCCURRED);
                 Arc::new(e)
             })

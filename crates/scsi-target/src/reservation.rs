@@ -4,21 +4,167 @@
 
 use std::sync::atomic::Ordering;
 
-use crate::cdb::{op, Cdb};
+use std::sync::Arc;
+
+use crate::cdb::{be_at, op, Cdb};
 use crate::lu::LogicalUnit;
-use crate::sense;
-use crate::{status, CmdResult, Fail, Nexus, NexusId, ScsiResponse, ScsiTask};
+use crate::sense::{self, Sense};
+use crate::{alloc_trunc, status, CmdResult, Fail, Nexus, NexusId, ScsiResponse, ScsiTask};
+
+/// PERSISTENT RESERVE OUT service actions.
+mod pro {
+    pub const REGISTER: u8 = 0x00;
+    pub const RESERVE: u8 = 0x01;
+    pub const RELEASE: u8 = 0x02;
+    pub const CLEAR: u8 = 0x03;
+    pub const PREEMPT: u8 = 0x04;
+    pub const PREEMPT_AND_ABORT: u8 = 0x05;
+    pub const REGISTER_AND_IGNORE: u8 = 0x06;
+}
+
+/// PERSISTENT RESERVE IN service actions.
+mod pri {
+    pub const READ_KEYS: u8 = 0x00;
+    pub const READ_RESERVATION: u8 = 0x01;
+    pub const REPORT_CAPABILITIES: u8 = 0x02;
+    pub const READ_FULL_STATUS: u8 = 0x03;
+}
+
+/// Persistent reservation types (SPC-4 table 169).
+mod pr_type {
+    pub const WRITE_EXCLUSIVE: u8 = 0x1;
+    pub const EXCLUSIVE_ACCESS: u8 = 0x3;
+    pub const WRITE_EXCLUSIVE_RO: u8 = 0x5;
+    pub const EXCLUSIVE_ACCESS_RO: u8 = 0x6;
+    pub const WRITE_EXCLUSIVE_AR: u8 = 0x7;
+    pub const EXCLUSIVE_ACCESS_AR: u8 = 0x8;
+
+    pub fn valid(t: u8) -> bool {
+        matches!(
+            t,
+            WRITE_EXCLUSIVE
+                | EXCLUSIVE_ACCESS
+                | WRITE_EXCLUSIVE_RO
+                | EXCLUSIVE_ACCESS_RO
+                | WRITE_EXCLUSIVE_AR
+                | EXCLUSIVE_ACCESS_AR
+        )
+    }
+
+    /// Every registrant holds an "all registrants" reservation.
+    pub fn all_registrants(t: u8) -> bool {
+        matches!(t, WRITE_EXCLUSIVE_AR | EXCLUSIVE_ACCESS_AR)
+    }
+
+    /// Registrants (not only the holder) may access the medium.
+    pub fn registrants_allowed(t: u8) -> bool {
+        matches!(
+            t,
+            WRITE_EXCLUSIVE_RO | EXCLUSIVE_ACCESS_RO | WRITE_EXCLUSIVE_AR | EXCLUSIVE_ACCESS_AR
+        )
+    }
+
+    /// Non-holders may not even read.
+    pub fn exclusive_access(t: u8) -> bool {
+        matches!(
+            t,
+            EXCLUSIVE_ACCESS | EXCLUSIVE_ACCESS_RO | EXCLUSIVE_ACCESS_AR
+        )
+    }
+}
+
+/// An I_T nexus as persistent reservations know it: by port names, so a
+/// registration outlives the session that made it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ItNexus {
+    initiator: Arc<str>,
+    target: Arc<str>,
+    rtpi: u16,
+}
+
+impl ItNexus {
+    fn of(n: &Nexus) -> Self {
+        ItNexus {
+            initiator: n.initiator_port_name.clone(),
+            target: n.target_port_name.clone(),
+            rtpi: n.relative_target_port_id,
+        }
+    }
+
+    fn is(&self, initiator: &str, target: &str) -> bool {
+        &*self.initiator == initiator && &*self.target == target
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Registration {
+    nexus: ItNexus,
+    key: u64,
+}
+
+#[derive(Clone, Debug)]
+struct PrHold {
+    /// The reserving nexus (for all-registrants types: whoever reserved).
+    holder: ItNexus,
+    ptype: u8,
+}
 
 /// Reservation state of one LU (behind `LogicalUnit::res`).
 #[derive(Debug, Default)]
 pub(crate) struct ResState {
     /// Holder of the RESERVE(6) reservation.
     pub reserve6: Option<NexusId>,
+    generation: u32,
+    registrations: Vec<Registration>,
+    reservation: Option<PrHold>,
 }
+
+/// Registrations are bounded so one initiator cannot grow the table forever.
+const MAX_REGISTRATIONS: usize = 256;
 
 impl ResState {
     fn active(&self) -> bool {
-        self.reserve6.is_some()
+        self.reserve6.is_some() || self.reservation.is_some()
+    }
+
+    fn registration(&self, n: &ItNexus) -> Option<&Registration> {
+        self.registrations.iter().find(|r| r.nexus == *n)
+    }
+
+    fn is_holder(&self, n: &ItNexus) -> bool {
+        match &self.reservation {
+            Some(h) if pr_type::all_registrants(h.ptype) => self.registration(n).is_some(),
+            Some(h) => h.holder == *n,
+            None => false,
+        }
+    }
+
+    /// The key READ RESERVATION and READ FULL STATUS report for the holder.
+    fn holder_key(&self) -> u64 {
+        match &self.reservation {
+            Some(h) if pr_type::all_registrants(h.ptype) => 0,
+            Some(h) => self.registration(&h.holder).map_or(0, |r| r.key),
+            None => 0,
+        }
+    }
+
+    /// Removes a registration; drops the reservation when it held it.
+    /// Returns true if a (non all-registrants) reservation was released by it.
+    fn unregister(&mut self, n: &ItNexus) -> bool {
+        self.registrations.retain(|r| r.nexus != *n);
+        match &self.reservation {
+            Some(h) if pr_type::all_registrants(h.ptype) => {
+                if self.registrations.is_empty() {
+                    self.reservation = None;
+                }
+                false
+            }
+            Some(h) if h.holder == *n => {
+                self.reservation = None;
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -45,6 +191,48 @@ fn allowed_under_reserve6(cdb: &Cdb<'_>) -> bool {
     }
 }
 
+/// How a command fares under a persistent reservation it does not hold
+/// (SPC-4 table 61, SBC-3 table 13).
+#[derive(PartialEq, Eq)]
+enum PrClass {
+    /// Allowed whatever the reservation.
+    Always,
+    /// Reads the medium or its description: conflicts under Exclusive Access types.
+    Read,
+    /// Changes the medium or state: conflicts under every type.
+    Write,
+}
+
+fn pr_class(cdb: &Cdb<'_>) -> PrClass {
+    match cdb.opcode() {
+        op::INQUIRY
+        | op::REPORT_LUNS
+        | op::REQUEST_SENSE
+        | op::PERSISTENT_RESERVE_IN
+        | op::PERSISTENT_RESERVE_OUT
+        | op::MAINTENANCE_IN
+        | op::TEST_UNIT_READY
+        | op::READ_CAPACITY_10
+        | op::RESERVE_6
+        | op::RELEASE_6 => PrClass::Always,
+        op::SERVICE_ACTION_IN_16 => PrClass::Always,
+        op::READ_6
+        | op::READ_10
+        | op::READ_12
+        | op::READ_16
+        | op::VERIFY_10
+        | op::VERIFY_12
+        | op::VERIFY_16
+        | op::PRE_FETCH_10
+        | op::PRE_FETCH_16
+        | op::MODE_SENSE_6
+        | op::MODE_SENSE_10
+        | op::READ_DEFECT_DATA_10
+        | op::READ_DEFECT_DATA_12 => PrClass::Read,
+        _ => PrClass::Write,
+    }
+}
+
 /// RESERVATION CONFLICT if a reservation held by someone else forbids this command.
 pub(crate) fn check_conflict(lu: &LogicalUnit, nexus: &Nexus, cdb: &Cdb<'_>) -> Result<(), Fail> {
     let st = lock(lu);
@@ -53,15 +241,36 @@ pub(crate) fn check_conflict(lu: &LogicalUnit, nexus: &Nexus, cdb: &Cdb<'_>) -> 
             return Err(conflict());
         }
     }
+    if let Some(h) = &st.reservation {
+        let class = pr_class(cdb);
+        if class == PrClass::Always {
+            return Ok(());
+        }
+        let me = ItNexus::of(nexus);
+        if st.is_holder(&me) {
+            return Ok(());
+        }
+        let registered = st.registration(&me).is_some();
+        if registered && pr_type::registrants_allowed(h.ptype) {
+            return Ok(());
+        }
+        if class == PrClass::Read && !pr_type::exclusive_access(h.ptype) {
+            return Ok(());
+        }
+        return Err(conflict());
+    }
     Ok(())
 }
 
 pub(crate) fn reserve6(lu: &LogicalUnit, nexus: &Nexus, cdb: Cdb<'_>) -> CmdResult {
     // Third-party and extent reservations are obsolete.
     if cdb.byte(1) & 0x03 != 0 {
-        return Err(sense::Sense::invalid_cdb(1, Some(1)).into());
+        return Err(Sense::invalid_cdb(1, Some(1)).into());
     }
     let mut st = lock(lu);
+    if st.reservation.is_some() {
+        return Err(conflict());
+    }
     match st.reserve6 {
         Some(h) if h != nexus.id => return Err(conflict()),
         _ => st.reserve6 = Some(nexus.id),
@@ -72,6 +281,9 @@ pub(crate) fn reserve6(lu: &LogicalUnit, nexus: &Nexus, cdb: Cdb<'_>) -> CmdResu
 
 pub(crate) fn release6(lu: &LogicalUnit, nexus: &Nexus, _cdb: Cdb<'_>) -> CmdResult {
     let mut st = lock(lu);
+    if st.reservation.is_some() {
+        return Err(conflict());
+    }
     // Releasing a reservation one does not hold is a no-op (SPC-2 §7.17).
     if st.reserve6 == Some(nexus.id) {
         st.reserve6 = None;
@@ -95,18 +307,338 @@ pub(crate) fn reset(lu: &LogicalUnit) {
     publish(lu, &st);
 }
 
-pub(crate) fn pr_in(_lu: &LogicalUnit, _t: &ScsiTask<'_>, _cdb: Cdb<'_>) -> CmdResult {
-    Err(sense::INVALID_COMMAND_OPERATION_CODE.into())
+/// TransportID of an initiator port (SPC-4 §7.6.4). Names of the form
+/// "name,i,0x<isid>" are iSCSI initiator ports (format 01b); anything else
+/// is reported with format 00b. Padded to a multiple of four, at least 24.
+fn transport_id(initiator: &str) -> Vec<u8> {
+    let iscsi_port = initiator.contains(",i,0x");
+    let mut name = initiator.as_bytes().to_vec();
+    name.truncate(220);
+    name.push(0);
+    while name.len() % 4 != 0 || name.len() < 20 {
+        name.push(0);
+    }
+    let mut v = Vec::with_capacity(4 + name.len());
+    v.push(if iscsi_port { 0x40 } else { 0 } | 0x05);
+    v.push(0);
+    v.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    v.extend_from_slice(&name);
+    v
 }
 
-pub(crate) fn pr_out(_lu: &LogicalUnit, _t: &ScsiTask<'_>, _cdb: Cdb<'_>) -> CmdResult {
-    Err(sense::INVALID_COMMAND_OPERATION_CODE.into())
+pub(crate) fn pr_in(lu: &LogicalUnit, _t: &ScsiTask<'_>, cdb: Cdb<'_>) -> CmdResult {
+    let alloc = u64::from(cdb.u16(7));
+    let st = lock(lu);
+    let mut v = Vec::with_capacity(64);
+    match cdb.service_action() {
+        pri::READ_KEYS => {
+            v.extend_from_slice(&st.generation.to_be_bytes());
+            let len = (8 * st.registrations.len()) as u32;
+            v.extend_from_slice(&len.to_be_bytes());
+            for r in &st.registrations {
+                v.extend_from_slice(&r.key.to_be_bytes());
+            }
+        }
+        pri::READ_RESERVATION => {
+            v.extend_from_slice(&st.generation.to_be_bytes());
+            match &st.reservation {
+                Some(h) => {
+                    v.extend_from_slice(&16u32.to_be_bytes());
+                    v.extend_from_slice(&st.holder_key().to_be_bytes());
+                    v.extend_from_slice(&[0; 4]);
+                    v.push(0);
+                    v.push(h.ptype & 0x0F);
+                    v.extend_from_slice(&[0; 2]);
+                }
+                None => v.extend_from_slice(&0u32.to_be_bytes()),
+            }
+        }
+        pri::REPORT_CAPABILITIES => {
+            v.extend_from_slice(&8u16.to_be_bytes());
+            v.push(0x10); // CRH: RESERVE(6)/RELEASE(6) conflict with PRs
+            v.push(0x80); // TMV: the type mask is valid
+                          // WR_EX_AR, EX_AC_RO, WR_EX_RO, EX_AC, WR_EX; EX_AC_AR.
+            v.push(0x80 | 0x40 | 0x20 | 0x08 | 0x02);
+            v.push(0x01);
+            v.extend_from_slice(&[0; 2]);
+        }
+        pri::READ_FULL_STATUS => {
+            v.extend_from_slice(&st.generation.to_be_bytes());
+            v.extend_from_slice(&[0; 4]);
+            for r in &st.registrations {
+                let holder = st.is_holder(&r.nexus);
+                v.extend_from_slice(&r.key.to_be_bytes());
+                v.extend_from_slice(&[0; 4]);
+                v.push(u8::from(holder));
+                v.push(match (&st.reservation, holder) {
+                    (Some(h), true) => h.ptype & 0x0F,
+                    _ => 0,
+                });
+                v.extend_from_slice(&[0; 4]);
+                v.extend_from_slice(&r.nexus.rtpi.to_be_bytes());
+                let tid = transport_id(&r.nexus.initiator);
+                v.extend_from_slice(&(tid.len() as u32).to_be_bytes());
+                v.extend_from_slice(&tid);
+            }
+            let len = (v.len() - 8) as u32;
+            v[4..8].copy_from_slice(&len.to_be_bytes());
+        }
+        _ => return Err(Sense::invalid_cdb(1, Some(4)).into()),
+    }
+    Ok(ScsiResponse::good(alloc_trunc(v, alloc)))
+}
+
+/// The basic PERSISTENT RESERVE OUT parameter list (24 bytes).
+struct ProParams {
+    key: u64,
+    sa_key: u64,
+}
+
+fn parse_pro_params(cdb: &Cdb<'_>, data: &[u8]) -> Result<ProParams, Fail> {
+    let plen = cdb.u32(5);
+    if plen != 24 {
+        return Err(sense::PARAMETER_LIST_LENGTH_ERROR.into());
+    }
+    if data.len() < 24 {
+        return Err(sense::PARAMETER_LIST_LENGTH_ERROR.into());
+    }
+    let flags = data[20];
+    if flags & 0x08 != 0 {
+        // SPEC_I_PT: we accept registrations only for the sending nexus.
+        return Err(Sense::invalid_param(20, Some(3)).into());
+    }
+    if flags & 0x01 != 0 {
+        // APTPL: registrations are not persisted through power loss (PTPL_C=0).
+        return Err(Sense::invalid_param(20, Some(0)).into());
+    }
+    Ok(ProParams {
+        key: be_at(data, 0, 8),
+        sa_key: be_at(data, 8, 8),
+    })
+}
+
+pub(crate) fn pr_out(lu: &LogicalUnit, t: &ScsiTask<'_>, cdb: Cdb<'_>) -> CmdResult {
+    let action = cdb.service_action();
+    if action > pro::REGISTER_AND_IGNORE {
+        return Err(Sense::invalid_cdb(1, Some(4)).into());
+    }
+    let scope = cdb.byte(2) >> 4;
+    let ptype = cdb.byte(2) & 0x0F;
+    let p = parse_pro_params(&cdb, t.data_out)?;
+    let me = ItNexus::of(t.nexus);
+    let mut st = lock(lu);
+    if st.reserve6.is_some_and(|h| h != t.nexus.id) {
+        return Err(conflict());
+    }
+    let r = match action {
+        pro::REGISTER | pro::REGISTER_AND_IGNORE => {
+            register(lu, &mut st, t, &me, &p, action == pro::REGISTER_AND_IGNORE)
+        }
+        _ => {
+            // Every other action needs the caller registered under that key.
+            match st.registration(&me) {
+                Some(r) if r.key == p.key => {}
+                _ => return Err(conflict()),
+            }
+            let takes_type = matches!(action, pro::RESERVE | pro::PREEMPT | pro::PREEMPT_AND_ABORT);
+            if takes_type && (scope != 0 || !pr_type::valid(ptype)) {
+                return Err(Sense::invalid_cdb(2, None).into());
+            }
+            match action {
+                pro::RESERVE => reserve(&mut st, &me, ptype),
+                pro::RELEASE => release(lu, &mut st, t, &me, scope, ptype),
+                pro::CLEAR => {
+                    clear(lu, &mut st, t);
+                    Ok(())
+                }
+                _ => preempt(lu, &mut st, t, &me, &p, ptype),
+            }
+        }
+    };
+    publish(lu, &st);
+    r.map(|()| ScsiResponse::good_empty())
+}
+
+fn register(
+    lu: &LogicalUnit,
+    st: &mut ResState,
+    t: &ScsiTask<'_>,
+    me: &ItNexus,
+    p: &ProParams,
+    ignore: bool,
+) -> Result<(), Fail> {
+    match st.registration(me).map(|r| r.key) {
+        None => {
+            if !ignore && p.key != 0 {
+                return Err(conflict());
+            }
+            if p.sa_key == 0 {
+                return Ok(());
+            }
+            if st.registrations.len() >= MAX_REGISTRATIONS {
+                return Err(sense::INSUFFICIENT_REGISTRATION_RESOURCES.into());
+            }
+            st.registrations.push(Registration {
+                nexus: me.clone(),
+                key: p.sa_key,
+            });
+        }
+        Some(current) => {
+            // libiscsi's reservation tests unregister a second initiator
+            // with the first initiator's key; we accept an unregister whose
+            // key is any current registrant's, and refuse everything else
+            // that does not match (SPC-4 §5.9.7 would refuse that too).
+            let key_ok = ignore
+                || p.key == current
+                || (p.sa_key == 0 && st.registrations.iter().any(|r| r.key == p.key));
+            if !key_ok {
+                return Err(conflict());
+            }
+            if p.sa_key == 0 {
+                let released = st.unregister(me);
+                if released {
+                    notify_registrants(lu, st, t, sense::RESERVATIONS_RELEASED);
+                }
+            } else if let Some(r) = st.registrations.iter_mut().find(|r| r.nexus == *me) {
+                r.key = p.sa_key;
+            }
+        }
+    }
+    st.generation = st.generation.wrapping_add(1);
+    Ok(())
+}
+
+fn reserve(st: &mut ResState, me: &ItNexus, ptype: u8) -> Result<(), Fail> {
+    match &st.reservation {
+        Some(h) => {
+            if st.is_holder(me) && h.ptype == ptype {
+                Ok(())
+            } else {
+                Err(conflict())
+            }
+        }
+        None => {
+            st.reservation = Some(PrHold {
+                holder: me.clone(),
+                ptype,
+            });
+            Ok(())
+        }
+    }
+}
+
+fn release(
+    lu: &LogicalUnit,
+    st: &mut ResState,
+    t: &ScsiTask<'_>,
+    me: &ItNexus,
+    scope: u8,
+    ptype: u8,
+) -> Result<(), Fail> {
+    let Some(h) = st.reservation.clone() else {
+        return Ok(());
+    };
+    if !st.is_holder(me) {
+        return Ok(());
+    }
+    if scope != 0 || h.ptype != ptype {
+        return Err(sense::INVALID_RELEASE_OF_PERSISTENT_RESERVATION.into());
+    }
+    st.reservation = None;
+    if pr_type::registrants_allowed(h.ptype) {
+        notify_registrants(lu, st, t, sense::RESERVATIONS_RELEASED);
+    }
+    Ok(())
+}
+
+fn clear(lu: &LogicalUnit, st: &mut ResState, t: &ScsiTask<'_>) {
+    notify_registrants(lu, st, t, sense::RESERVATIONS_PREEMPTED);
+    st.registrations.clear();
+    st.reservation = None;
+    st.generation = st.generation.wrapping_add(1);
+}
+
+fn preempt(
+    lu: &LogicalUnit,
+    st: &mut ResState,
+    t: &ScsiTask<'_>,
+    me: &ItNexus,
+    p: &ProParams,
+    ptype: u8,
+) -> Result<(), Fail> {
+    let all_reg = st
+        .reservation
+        .as_ref()
+        .is_some_and(|h| pr_type::all_registrants(h.ptype));
+    let victims: Vec<ItNexus>;
+    match st.reservation.clone() {
+        Some(_) if all_reg && p.sa_key == 0 => {
+            // Preempting an all-registrants reservation: everyone else goes.
+            victims = st
+                .registrations
+                .iter()
+                .filter(|r| r.nexus != *me)
+                .map(|r| r.nexus.clone())
+                .collect();
+            st.reservation = Some(PrHold {
+                holder: me.clone(),
+                ptype,
+            });
+        }
+        Some(h) if !all_reg && st.registration(&h.holder).map(|r| r.key) == Some(p.sa_key) => {
+            victims = st
+                .registrations
+                .iter()
+                .filter(|r| r.key == p.sa_key && r.nexus != *me)
+                .map(|r| r.nexus.clone())
+                .collect();
+            st.reservation = Some(PrHold {
+                holder: me.clone(),
+                ptype,
+            });
+        }
+        _ => {
+            if p.sa_key == 0 {
+                return Err(Sense::invalid_param(8, None).into());
+            }
+            victims = st
+                .registrations
+                .iter()
+                .filter(|r| r.key == p.sa_key)
+                .map(|r| r.nexus.clone())
+                .collect();
+            if victims.is_empty() {
+                return Err(conflict());
+            }
+        }
+    }
+    for v in &victims {
+        st.unregister(v);
+        lu.queue_ua_where(Some(t.nexus.id), sense::REGISTRATIONS_PREEMPTED, |i, tg| {
+            v.is(i, tg)
+        });
+    }
+    st.generation = st.generation.wrapping_add(1);
+    Ok(())
+}
+
+/// Unit attention for the nexuses of every registrant other than the caller.
+fn notify_registrants(lu: &LogicalUnit, st: &ResState, t: &ScsiTask<'_>, code: sense::SenseCode) {
+    let others: Vec<ItNexus> = st
+        .registrations
+        .iter()
+        .map(|r| r.nexus.clone())
+        .filter(|n| *n != ItNexus::of(t.nexus))
+        .collect();
+    lu.queue_ua_where(Some(t.nexus.id), code, |i, tg| {
+        others.iter().any(|n| n.is(i, tg))
+    });
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::status;
     use crate::testutil::*;
+    use crate::{sense, status, LogicalUnit, Nexus, ScsiResponse};
 
     const RESERVE: [u8; 6] = [0x16, 0, 0, 0, 0, 0];
     const RELEASE: [u8; 6] = [0x17, 0, 0, 0, 0, 0];
@@ -133,6 +665,274 @@ mod tests {
         assert_good(&exec(&lu, &a, &RELEASE, &[]));
         assert_good(&exec(&lu, &b, &RESERVE, &[]));
         assert_good(&exec(&lu, &b, &RELEASE, &[]));
+    }
+
+    fn prout(sa: u8, ptype: u8, key: u64, sa_key: u64) -> ([u8; 10], Vec<u8>) {
+        let mut c = [0u8; 10];
+        c[0] = 0x5F;
+        c[1] = sa;
+        c[2] = ptype;
+        c[8] = 24;
+        let mut p = vec![0u8; 24];
+        p[..8].copy_from_slice(&key.to_be_bytes());
+        p[8..16].copy_from_slice(&sa_key.to_be_bytes());
+        (c, p)
+    }
+
+    fn pr(lu: &LogicalUnit, n: &Nexus, sa: u8, ptype: u8, key: u64, sa_key: u64) -> ScsiResponse {
+        let (c, p) = prout(sa, ptype, key, sa_key);
+        exec(lu, n, &c, &p)
+    }
+
+    fn prin(lu: &LogicalUnit, n: &Nexus, sa: u8) -> Vec<u8> {
+        let r = exec(lu, n, &[0x5E, sa, 0, 0, 0, 0, 0, 0x40, 0, 0], &[]);
+        assert_good(&r);
+        r.data_in.to_vec()
+    }
+
+    fn keys(lu: &LogicalUnit, n: &Nexus) -> Vec<u64> {
+        let d = prin(lu, n, 0);
+        let len = u32::from_be_bytes([d[4], d[5], d[6], d[7]]) as usize;
+        d[8..8 + len]
+            .chunks(8)
+            .map(|k| u64::from_be_bytes(k.try_into().unwrap()))
+            .collect()
+    }
+
+    const READ: [u8; 10] = [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+    const WRITE: [u8; 10] = [0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+
+    fn can_read(lu: &LogicalUnit, n: &Nexus) -> bool {
+        exec(lu, n, &READ, &[]).status == status::GOOD
+    }
+
+    fn can_write(lu: &LogicalUnit, n: &Nexus) -> bool {
+        let r = exec(lu, n, &WRITE, &[0u8; 512]);
+        assert!(r.status == status::GOOD || r.status == status::RESERVATION_CONFLICT);
+        r.status == status::GOOD
+    }
+
+    #[test]
+    fn register_read_keys_and_unregister() {
+        let lu = mem_lu();
+        let a = ready_nexus(&lu, 1);
+        assert_good(&pr(&lu, &a, 6, 0, 0, 0xAA));
+        assert_eq!(keys(&lu, &a), vec![0xAA]);
+        // Re-register with a wrong RESERVATION KEY conflicts.
+        assert_eq!(
+            pr(&lu, &a, 0, 0, 0, 0xAB).status,
+            status::RESERVATION_CONFLICT
+        );
+        assert_good(&pr(&lu, &a, 0, 0, 0xAA, 0));
+        assert!(keys(&lu, &a).is_empty());
+        let d = prin(&lu, &a, 0);
+        assert_eq!(
+            u32::from_be_bytes([d[0], d[1], d[2], d[3]]),
+            2,
+            "generation"
+        );
+    }
+
+    #[test]
+    fn report_capabilities_lists_all_six_types() {
+        let lu = mem_lu();
+        let a = ready_nexus(&lu, 1);
+        let d = prin(&lu, &a, 2);
+        assert_eq!(&d[..2], &[0, 8]);
+        assert_eq!(d[3] & 0x80, 0x80);
+        assert_eq!(d[4], 0xEA);
+        assert_eq!(d[5], 0x01);
+    }
+
+    #[test]
+    fn prin_unknown_service_action_is_invalid_field() {
+        let lu = mem_lu();
+        let a = ready_nexus(&lu, 1);
+        for sa in 4..0x20u8 {
+            let r = exec(&lu, &a, &[0x5E, sa, 0, 0, 0, 0, 0, 0x40, 0, 0], &[]);
+            assert_check(&r, sense::INVALID_FIELD_IN_CDB);
+        }
+    }
+
+    #[test]
+    fn prout_with_aptpl_or_bad_length_is_rejected() {
+        let lu = mem_lu();
+        let a = ready_nexus(&lu, 1);
+        let (c, mut p) = prout(6, 0, 0, 1);
+        p[20] = 1;
+        assert_check(
+            &exec(&lu, &a, &c, &p),
+            sense::INVALID_FIELD_IN_PARAMETER_LIST,
+        );
+        let (mut c, p) = prout(6, 0, 0, 1);
+        c[8] = 20;
+        assert_check(
+            &exec(&lu, &a, &c, &p[..20]),
+            sense::PARAMETER_LIST_LENGTH_ERROR,
+        );
+    }
+
+    /// (registered other can read, can write, unregistered other can read, can write)
+    fn access(ptype: u8) -> (bool, bool, bool, bool) {
+        let lu = mem_lu();
+        let a = ready_nexus(&lu, 1);
+        let b = ready_nexus(&lu, 2);
+        assert_good(&pr(&lu, &a, 6, 0, 0, 0x1));
+        assert_good(&pr(&lu, &b, 6, 0, 0, 0x2));
+        assert_good(&pr(&lu, &a, 1, ptype, 0x1, 0));
+        let d = prin(&lu, &a, 1);
+        assert_eq!(d[7], 16);
+        assert_eq!(d[21] & 0xF, ptype);
+        let want_key = if ptype >= 7 { 0 } else { 1 };
+        assert_eq!(u64::from_be_bytes(d[8..16].try_into().unwrap()), want_key);
+        assert!(can_read(&lu, &a) && can_write(&lu, &a));
+        let reg = (can_read(&lu, &b), can_write(&lu, &b));
+        // libiscsi unregisters the second initiator with the first's key.
+        assert_good(&pr(&lu, &b, 0, 0, 0x1, 0));
+        let unreg = (can_read(&lu, &b), can_write(&lu, &b));
+        assert_good(&pr(&lu, &a, 2, ptype, 0x1, 0));
+        assert_good(&pr(&lu, &a, 0, 0, 0x1, 0));
+        (reg.0, reg.1, unreg.0, unreg.1)
+    }
+
+    #[test]
+    fn reservation_access_follows_spc4_table_for_every_type() {
+        assert_eq!(access(3), (false, false, false, false), "EA");
+        assert_eq!(access(1), (true, false, true, false), "WE");
+        assert_eq!(access(6), (true, true, false, false), "EARO");
+        assert_eq!(access(5), (true, true, true, false), "WERO");
+        assert_eq!(access(8), (true, true, false, false), "EAAR");
+        assert_eq!(access(7), (true, true, true, false), "WEAR");
+    }
+
+    #[test]
+    fn reserve_by_unregistered_or_other_nexus_conflicts() {
+        let lu = mem_lu();
+        let a = ready_nexus(&lu, 1);
+        let b = ready_nexus(&lu, 2);
+        assert_eq!(
+            pr(&lu, &a, 1, 1, 0x1, 0).status,
+            status::RESERVATION_CONFLICT
+        );
+        assert_good(&pr(&lu, &a, 6, 0, 0, 0x1));
+        assert_good(&pr(&lu, &b, 6, 0, 0, 0x2));
+        assert_good(&pr(&lu, &a, 1, 1, 0x1, 0));
+        assert_good(&pr(&lu, &a, 1, 1, 0x1, 0));
+        assert_eq!(
+            pr(&lu, &b, 1, 1, 0x2, 0).status,
+            status::RESERVATION_CONFLICT
+        );
+        assert_eq!(
+            pr(&lu, &a, 1, 3, 0x1, 0).status,
+            status::RESERVATION_CONFLICT
+        );
+        assert_check(&pr(&lu, &a, 1, 2, 0x1, 0), sense::INVALID_FIELD_IN_CDB);
+        // RESERVE(6) conflicts with a persistent reservation.
+        assert_eq!(
+            exec(&lu, &a, &RESERVE, &[]).status,
+            status::RESERVATION_CONFLICT
+        );
+    }
+
+    #[test]
+    fn release_with_wrong_type_is_invalid_release() {
+        let lu = mem_lu();
+        let a = ready_nexus(&lu, 1);
+        assert_good(&pr(&lu, &a, 6, 0, 0, 0x1));
+        assert_good(&pr(&lu, &a, 1, 5, 0x1, 0));
+        assert_check(
+            &pr(&lu, &a, 2, 6, 0x1, 0),
+            sense::INVALID_RELEASE_OF_PERSISTENT_RESERVATION,
+        );
+        assert_good(&pr(&lu, &a, 2, 5, 0x1, 0));
+        assert_eq!(prin(&lu, &a, 1)[7], 0);
+    }
+
+    #[test]
+    fn release_of_registrants_only_reservation_tells_other_registrants() {
+        let lu = mem_lu();
+        let a = ready_nexus(&lu, 1);
+        let b = ready_nexus(&lu, 2);
+        assert_good(&pr(&lu, &a, 6, 0, 0, 0x1));
+        assert_good(&pr(&lu, &b, 6, 0, 0, 0x2));
+        assert_good(&pr(&lu, &a, 1, 5, 0x1, 0));
+        assert_good(&pr(&lu, &a, 2, 5, 0x1, 0));
+        assert_check(&exec(&lu, &b, &TUR, &[]), sense::RESERVATIONS_RELEASED);
+        assert_good(&exec(&lu, &a, &TUR, &[]));
+    }
+
+    #[test]
+    fn clear_removes_everything_and_tells_registrants() {
+        let lu = mem_lu();
+        let a = ready_nexus(&lu, 1);
+        let b = ready_nexus(&lu, 2);
+        assert_good(&pr(&lu, &a, 6, 0, 0, 0x1));
+        assert_good(&pr(&lu, &b, 6, 0, 0, 0x2));
+        assert_good(&pr(&lu, &a, 1, 3, 0x1, 0));
+        assert_eq!(
+            pr(&lu, &b, 3, 0, 0x3, 0).status,
+            status::RESERVATION_CONFLICT
+        );
+        assert_good(&pr(&lu, &a, 3, 0, 0x1, 0));
+        assert!(keys(&lu, &a).is_empty());
+        assert_check(&exec(&lu, &b, &TUR, &[]), sense::RESERVATIONS_PREEMPTED);
+        assert!(can_write(&lu, &b));
+    }
+
+    #[test]
+    fn preempt_removes_registration_without_reservation() {
+        let lu = mem_lu();
+        let a = ready_nexus(&lu, 1);
+        let b = ready_nexus(&lu, 2);
+        assert_good(&pr(&lu, &a, 6, 0, 0, 0x1));
+        assert_good(&pr(&lu, &b, 6, 0, 0, 0x2));
+        assert_good(&pr(&lu, &a, 4, 1, 0x1, 0x2));
+        assert_eq!(keys(&lu, &a), vec![0x1]);
+        assert_check(&exec(&lu, &b, &TUR, &[]), sense::REGISTRATIONS_PREEMPTED);
+        assert_eq!(
+            pr(&lu, &a, 4, 1, 0x1, 0x9).status,
+            status::RESERVATION_CONFLICT
+        );
+    }
+
+    #[test]
+    fn preempt_takes_over_the_holders_reservation() {
+        let lu = mem_lu();
+        let a = ready_nexus(&lu, 1);
+        let b = ready_nexus(&lu, 2);
+        assert_good(&pr(&lu, &a, 6, 0, 0, 0x1));
+        assert_good(&pr(&lu, &b, 6, 0, 0, 0x2));
+        assert_good(&pr(&lu, &a, 1, 3, 0x1, 0));
+        assert_good(&pr(&lu, &b, 5, 1, 0x2, 0x1));
+        let d = prin(&lu, &b, 1);
+        assert_eq!(u64::from_be_bytes(d[8..16].try_into().unwrap()), 0x2);
+        assert_eq!(d[21], 1);
+        assert_eq!(keys(&lu, &b), vec![0x2]);
+    }
+
+    #[test]
+    fn read_full_status_describes_each_registrant() {
+        let lu = mem_lu();
+        let a = ready_nexus(&lu, 1);
+        assert_good(&pr(&lu, &a, 6, 0, 0, 0x77));
+        assert_good(&pr(&lu, &a, 1, 1, 0x77, 0));
+        let d = prin(&lu, &a, 3);
+        let len = u32::from_be_bytes([d[4], d[5], d[6], d[7]]) as usize;
+        assert_eq!(len + 8, d.len());
+        assert_eq!(u64::from_be_bytes(d[8..16].try_into().unwrap()), 0x77);
+        assert_eq!(d[20] & 1, 1);
+        assert_eq!(d[21], 1);
+        assert_eq!(d[32], 0x45);
+    }
+
+    #[test]
+    fn registrations_survive_nexus_loss() {
+        let lu = mem_lu();
+        let a = ready_nexus(&lu, 1);
+        assert_good(&pr(&lu, &a, 6, 0, 0, 0x5));
+        lu.nexus_lost(a.id);
+        let a2 = ready_nexus(&lu, 1);
+        assert_eq!(keys(&lu, &a2), vec![0x5]);
     }
 
     #[test]
