@@ -745,16 +745,26 @@ impl Conn {
                 tag: u64::from(h.itt),
             };
             let r = target.luns.execute(&task);
-            let write_residual = if h.write {
-                let sent = data_out.len() as u32;
-                let edtl = h.expected_data_transfer_length;
-                match sent.cmp(&edtl) {
-                    std::cmp::Ordering::Less => Some(Residual::Underflow(edtl - sent)),
-                    _ => None,
-                }
-            } else {
-                None
-            };
+            // Write residuals compare the CDB's transfer length with EDTL
+            // (RFC 7143 §11.4.5); only the core knows the former.
+            let write_residual = target
+                .luns
+                .get(lun)
+                .and_then(|lu| lu.expected_data_out_len(&cdb))
+                .filter(|tl| *tl > 0 || h.write)
+                .and_then(|tl| {
+                    let tl = u32::try_from(tl).unwrap_or(u32::MAX);
+                    let edtl = if h.write {
+                        h.expected_data_transfer_length
+                    } else {
+                        0
+                    };
+                    match tl.cmp(&edtl) {
+                        std::cmp::Ordering::Greater => Some(Residual::Overflow(tl - edtl)),
+                        std::cmp::Ordering::Less => Some(Residual::Underflow(edtl - tl)),
+                        std::cmp::Ordering::Equal => None,
+                    }
+                });
             let completion = Completion {
                 status: r.status,
                 sense: r.sense,
@@ -811,13 +821,14 @@ impl Conn {
                     > 0;
                 if found_here || found_pending {
                     tmf::FUNCTION_COMPLETE
-                } else if idm::sn::sn_lt(h.ref_cmd_sn, h.cmd_sn)
-                    || idm::sn::sn_lt(h.ref_cmd_sn, self.session.exp_cmd_sn())
+                } else if idm::sn::sn_le(self.session.exp_cmd_sn(), h.ref_cmd_sn)
+                    && idm::sn::sn_lt(h.ref_cmd_sn, h.cmd_sn)
                 {
-                    // Already completed (or never here but in the window):
-                    // RFC 7143 §11.5.1 says report it as done.
+                    // Never received but inside the window: RFC 7143
+                    // §11.5.1 says treat it as received and report done.
                     tmf::FUNCTION_COMPLETE
                 } else {
+                    // Already completed (or never ours).
                     tmf::TASK_DOES_NOT_EXIST
                 }
             }
