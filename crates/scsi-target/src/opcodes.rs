@@ -327,7 +327,12 @@ fn has_service_actions(opcode: u8) -> bool {
         .any(|c| c.opcode == opcode && c.sa.is_some())
 }
 
-pub(crate) fn report_supported_opcodes(_lu: &LogicalUnit, cdb: Cdb<'_>) -> CmdResult {
+/// Whether this LU implements the command (UNMAP needs thin provisioning).
+fn supported(lu: &LogicalUnit, c: &OpInfo) -> bool {
+    c.opcode != crate::cdb::op::UNMAP || lu.thin()
+}
+
+pub(crate) fn report_supported_opcodes(lu: &LogicalUnit, cdb: Cdb<'_>) -> CmdResult {
     let rctd = cdb.bit(2, 7);
     let options = cdb.byte(2) & 0x07;
     let req_op = cdb.byte(3);
@@ -337,7 +342,7 @@ pub(crate) fn report_supported_opcodes(_lu: &LogicalUnit, cdb: Cdb<'_>) -> CmdRe
     let mut v = Vec::with_capacity(1024);
     if options == 0 {
         v.extend_from_slice(&[0; 4]);
-        for c in COMMANDS {
+        for c in COMMANDS.iter().filter(|c| supported(lu, c)) {
             v.push(c.opcode);
             v.push(0);
             v.extend_from_slice(&c.sa.unwrap_or(0).to_be_bytes());
@@ -382,7 +387,7 @@ pub(crate) fn report_supported_opcodes(_lu: &LogicalUnit, cdb: Cdb<'_>) -> CmdRe
         _ => return Err(Sense::invalid_cdb(2, None).into()),
     };
     v.push(0);
-    match found {
+    match found.filter(|c| supported(lu, c)) {
         Some(c) => {
             v.push(if rctd { 0x80 } else { 0 } | 0x03);
             v.extend_from_slice(&(c.usage.len() as u16).to_be_bytes());

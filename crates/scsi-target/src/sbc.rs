@@ -362,6 +362,10 @@ pub(crate) fn write_same(lu: &LogicalUnit, t: &ScsiTask<'_>, cdb: Cdb<'_>) -> Cm
         return Err(Sense::invalid_cdb(1, Some(4)).into());
     }
     let unmap = cdb.bit(1, 3);
+    if unmap && !lu.thin() {
+        // LBPWS/LBPWS10 are clear when the LU is fully provisioned.
+        return Err(Sense::invalid_cdb(1, Some(3)).into());
+    }
     let ndob = sixteen && cdb.bit(1, 0);
     let (lba, count) = if sixteen {
         (cdb.u64(2), u64::from(cdb.u32(10)))
@@ -397,7 +401,7 @@ pub(crate) fn write_same(lu: &LogicalUnit, t: &ScsiTask<'_>, cdb: Cdb<'_>) -> Cm
     let _s = lu.write_order.read().unwrap_or_else(|e| e.into_inner());
     // Unmapped blocks read as zeros (LBPRZ), so unmapping is how an
     // all-zero pattern is written when the initiator allows it.
-    if unmap && lu.thin() && pattern.iter().all(|&b| b == 0) {
+    if unmap && pattern.iter().all(|&b| b == 0) {
         unmap_blocks(lu, lba, blocks)?;
     } else {
         write_pattern(lu, lba, blocks, pattern)?;
@@ -410,6 +414,10 @@ pub(crate) fn write_same(lu: &LogicalUnit, t: &ScsiTask<'_>, cdb: Cdb<'_>) -> Cm
 
 /// UNMAP: parameter list of block descriptors, all checked before any is applied.
 pub(crate) fn unmap(lu: &LogicalUnit, t: &ScsiTask<'_>, cdb: Cdb<'_>) -> CmdResult {
+    if !lu.thin() {
+        // LBPU is clear: a fully provisioned LU has no UNMAP.
+        return Err(sense::INVALID_COMMAND_OPERATION_CODE.into());
+    }
     if cdb.bit(1, 0) {
         return Err(Sense::invalid_cdb(1, Some(0)).into());
     }
@@ -1031,6 +1039,28 @@ mod tests {
             &exec(&lu, &n, &unmap_cdb(4), &p[..4]),
             sense::PARAMETER_LIST_LENGTH_ERROR,
         );
+    }
+
+    #[test]
+    fn fully_provisioned_lu_refuses_unmap_and_write_same_unmap() {
+        let cfg = LuConfig {
+            thin_provisioning: false,
+            ..LuConfig::default()
+        };
+        let lu = lu_with(cfg, MIB);
+        let n = ready_nexus(&lu, 1);
+        let p = unmap_list(&[(0, 1)]);
+        assert_check(
+            &exec(&lu, &n, &unmap_cdb(p.len()), &p),
+            sense::INVALID_COMMAND_OPERATION_CODE,
+        );
+        let mut c = cdb10(0x41, 0, 1);
+        c[1] = 0x08;
+        assert_check(&exec(&lu, &n, &c, &[0u8; BS]), sense::INVALID_FIELD_IN_CDB);
+        c[1] = 0;
+        assert_good(&exec(&lu, &n, &c, &[0u8; BS]));
+        let r = exec(&lu, &n, &cdb16(0x9E, 0, 32).map_with_sa(0x10), &[]);
+        assert_eq!(r.data_in[14] & 0xC0, 0);
     }
 
     #[test]
