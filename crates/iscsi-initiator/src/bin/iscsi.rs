@@ -1,0 +1,367 @@
+//! `iscsi`: the command-line initiator (discover, ls, inq, readcap, read,
+//! write), a thin client of the `iscsi_initiator` library.
+//!
+//! URLs are libiscsi's: `iscsi://[user[%password]@]host[:port]/iqn/lun`.
+//! Secrets are better given by file (`--chap-secret-file`) or the
+//! environment (`ISCSI_CHAP_SECRET`, `ISCSI_TARGET_SECRET`) than on the
+//! command line, where other users can read them.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use iscsi_initiator::discovery::discover;
+use iscsi_initiator::login::{Auth, ChapCredentials};
+use iscsi_initiator::portal::Portal;
+use iscsi_initiator::session::default_initiator_name;
+use iscsi_initiator::url::IscsiUrl;
+use iscsi_initiator::{Lun, Session, SessionOptions};
+
+#[derive(Parser)]
+#[command(name = "iscsi", version, about = "Ironstar iSCSI initiator")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Our InitiatorName (default: derived from the host name).
+    #[arg(long, global = true)]
+    initiator_name: Option<String>,
+    /// CHAP user name (the URL's user part also sets it).
+    #[arg(long, global = true)]
+    chap_user: Option<String>,
+    /// File holding the CHAP secret (else $ISCSI_CHAP_SECRET, else the URL).
+    #[arg(long, global = true)]
+    chap_secret_file: Option<PathBuf>,
+    /// Mutual CHAP: the name the target must answer with.
+    #[arg(long, global = true)]
+    target_user: Option<String>,
+    /// Mutual CHAP: file holding the target's secret (else $ISCSI_TARGET_SECRET).
+    #[arg(long, global = true)]
+    target_secret_file: Option<PathBuf>,
+    /// Ask for CRC32C header and data digests.
+    #[arg(long, global = true)]
+    digests: bool,
+    /// Seconds allowed for a login and for each command.
+    #[arg(long, global = true, default_value_t = 30)]
+    timeout: u64,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// SendTargets discovery: targets and their portals.
+    Discover { portal: String },
+    /// Targets behind a portal, with their LUNs, types and sizes.
+    Ls { portal: String },
+    /// Standard INQUIRY data (or a VPD page with --vpd).
+    #[command(alias = "inquiry")]
+    Inq {
+        url: String,
+        /// VPD page number (decimal or 0x..), printed as hex.
+        #[arg(long)]
+        vpd: Option<String>,
+    },
+    /// READ CAPACITY: block count and size.
+    Readcap { url: String },
+    /// Read blocks to a file (or stdout).
+    Read {
+        url: String,
+        #[arg(long)]
+        lba: u64,
+        #[arg(long)]
+        blocks: u32,
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+    },
+    /// Write a file (or stdin, `-`) at an LBA.
+    Write {
+        url: String,
+        #[arg(long)]
+        lba: u64,
+        #[arg(short = 'i', long)]
+        input: PathBuf,
+    },
+}
+
+fn read_secret(file: Option<&PathBuf>, env: &str) -> Result<Option<Vec<u8>>> {
+    if let Some(f) = file {
+        let s = std::fs::read_to_string(f)
+            .with_context(|| format!("reading the secret file {}", f.display()))?;
+        return Ok(Some(s.trim_end_matches(['\n', '\r']).as_bytes().to_vec()));
+    }
+    Ok(std::env::var(env).ok().map(String::into_bytes))
+}
+
+impl Common {
+    fn auth(&self, url: Option<&IscsiUrl>) -> Result<Auth> {
+        let user = self
+            .chap_user
+            .clone()
+            .or_else(|| url.and_then(|u| u.user.clone()));
+        let secret = match read_secret(self.chap_secret_file.as_ref(), "ISCSI_CHAP_SECRET")? {
+            Some(s) => Some(s),
+            None => url.and_then(|u| u.password.clone()).map(String::into_bytes),
+        };
+        let Some(user) = user else {
+            if secret.is_some() {
+                bail!("a CHAP secret was given without a CHAP user (--chap-user)");
+            }
+            return Ok(Auth::None);
+        };
+        let secret = secret.ok_or_else(|| {
+            anyhow!("CHAP user {user:?} needs a secret: --chap-secret-file or $ISCSI_CHAP_SECRET")
+        })?;
+        let mut creds = ChapCredentials::new(user, secret);
+        if let Some(tuser) = &self.target_user {
+            let tsecret = read_secret(self.target_secret_file.as_ref(), "ISCSI_TARGET_SECRET")?
+                .ok_or_else(|| {
+                    anyhow!("mutual CHAP needs --target-secret-file or $ISCSI_TARGET_SECRET")
+                })?;
+            creds = creds.with_mutual(tuser.clone(), tsecret);
+        }
+        Ok(Auth::Chap(creds))
+    }
+
+    fn initiator_name(&self) -> String {
+        self.initiator_name
+            .clone()
+            .unwrap_or_else(default_initiator_name)
+    }
+
+    fn options(&self, url: Option<&IscsiUrl>) -> Result<SessionOptions> {
+        let mut o = SessionOptions::new(self.initiator_name());
+        o.auth = self.auth(url)?;
+        o.header_digest = self.digests;
+        o.data_digest = self.digests;
+        o.login_timeout = Duration::from_secs(self.timeout);
+        o.command_timeout = Duration::from_secs(self.timeout);
+        Ok(o)
+    }
+}
+
+async fn open_lun(common: &Common, url: &str) -> Result<(Session, Lun)> {
+    let url = IscsiUrl::parse(url)?;
+    let lun = url
+        .lun
+        .ok_or_else(|| anyhow!("the URL names no LUN (iscsi://host/iqn/LUN)"))?;
+    let session = Session::login(&url.portal, &url.target, common.options(Some(&url))?)
+        .await
+        .with_context(|| format!("logging in to {} at {}", url.target, url.portal))?;
+    let l = session.lun(lun);
+    Ok((session, l))
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS.get(u).copied().unwrap_or("B"))
+    }
+}
+
+fn parse_number(s: &str) -> Result<u8> {
+    let v = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u8::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    v.with_context(|| format!("{s:?} is not a page number (0-255)"))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let c = &cli.common;
+    let timeout = Duration::from_secs(c.timeout);
+    match cli.cmd {
+        Command::Discover { portal } => {
+            let p = Portal::parse(&portal)?;
+            let targets = discover(&p, &c.initiator_name(), c.auth(None)?, timeout)
+                .await
+                .with_context(|| format!("discovery at {p}"))?;
+            for t in targets {
+                if t.portals.is_empty() {
+                    println!("{p},? {}", t.name);
+                }
+                for (addr, tpgt) in &t.portals {
+                    let tag = tpgt.map(|t| t.to_string()).unwrap_or_else(|| "?".into());
+                    println!("{addr},{tag} {}", t.name);
+                }
+            }
+        }
+        Command::Ls { portal } => {
+            let p = Portal::parse(&portal)?;
+            let targets = discover(&p, &c.initiator_name(), c.auth(None)?, timeout)
+                .await
+                .with_context(|| format!("discovery at {p}"))?;
+            for t in targets {
+                println!("Target: {}", t.name);
+                for (addr, tpgt) in &t.portals {
+                    let tag = tpgt.map(|t| t.to_string()).unwrap_or_else(|| "?".into());
+                    println!("  Portal: {addr},{tag}");
+                }
+                let s = match Session::login(&p, &t.name, c.options(None)?).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        println!("  (cannot log in: {e})");
+                        continue;
+                    }
+                };
+                let luns = s.report_luns().await.context("REPORT LUNS")?;
+                for n in luns {
+                    let lun = s.lun(n);
+                    let inq = lun.inquiry().await;
+                    let (kind, ident) = match &inq {
+                        Ok(i) => (
+                            i.device_type_name(),
+                            format!("{} {} {}", i.vendor, i.product, i.revision),
+                        ),
+                        Err(e) => ("?", format!("INQUIRY failed: {e}")),
+                    };
+                    let size = match (&inq, kind) {
+                        (Ok(_), "disk") => match lun.read_capacity().await {
+                            Ok(cap) => format!(
+                                "{} ({} blocks of {})",
+                                human(cap.bytes()),
+                                cap.blocks(),
+                                cap.block_size
+                            ),
+                            Err(e) => format!("READ CAPACITY failed: {e}"),
+                        },
+                        _ => "-".into(),
+                    };
+                    println!("  Lun {n}: {kind:<8} {ident:<40} {size}");
+                }
+                let _ = s.logout().await;
+            }
+        }
+        Command::Inq { url, vpd } => {
+            let (s, lun) = open_lun(c, &url).await?;
+            match vpd {
+                None => {
+                    let i = lun.inquiry().await.context("INQUIRY")?;
+                    println!(
+                        "Peripheral: {} (type {:#04x}, qualifier {})",
+                        i.device_type_name(),
+                        i.device_type,
+                        i.peripheral_qualifier
+                    );
+                    println!("Removable:  {}", if i.removable { "yes" } else { "no" });
+                    println!("Version:    {:#04x}", i.version);
+                    println!("Vendor:     {}", i.vendor);
+                    println!("Product:    {}", i.product);
+                    println!("Revision:   {}", i.revision);
+                }
+                Some(page) => {
+                    let page = parse_number(&page)?;
+                    let data = lun.inquiry_vpd(page).await.context("INQUIRY VPD")?;
+                    for (i, row) in data.chunks(16).enumerate() {
+                        let hex: Vec<String> = row.iter().map(|b| format!("{b:02x}")).collect();
+                        let txt: String = row
+                            .iter()
+                            .map(|&b| {
+                                if b.is_ascii_graphic() || b == b' ' {
+                                    b as char
+                                } else {
+                                    '.'
+                                }
+                            })
+                            .collect();
+                        println!("{:04x}  {:<48} {txt}", i * 16, hex.join(" "));
+                    }
+                }
+            }
+            let _ = s.logout().await;
+        }
+        Command::Readcap { url } => {
+            let (s, lun) = open_lun(c, &url).await?;
+            let cap = lun.read_capacity().await.context("READ CAPACITY")?;
+            println!("Block size: {}", cap.block_size);
+            println!("Blocks:     {}", cap.blocks());
+            println!("Last LBA:   {}", cap.last_lba);
+            println!("Size:       {} bytes ({})", cap.bytes(), human(cap.bytes()));
+            let _ = s.logout().await;
+        }
+        Command::Read {
+            url,
+            lba,
+            blocks,
+            output,
+        } => {
+            let (s, lun) = open_lun(c, &url).await?;
+            let data = lun
+                .read(lba, blocks)
+                .await
+                .with_context(|| format!("reading {blocks} blocks at LBA {lba}"))?;
+            match output {
+                Some(path) if path.as_os_str() != "-" => std::fs::write(&path, &data)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                _ => {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&data).context("writing to stdout")?;
+                    out.flush().context("writing to stdout")?;
+                }
+            }
+            let _ = s.logout().await;
+        }
+        Command::Write { url, lba, input } => {
+            let data = if input.as_os_str() == "-" {
+                let mut v = Vec::new();
+                std::io::stdin()
+                    .read_to_end(&mut v)
+                    .context("reading stdin")?;
+                v
+            } else {
+                std::fs::read(&input).with_context(|| format!("reading {}", input.display()))?
+            };
+            let (s, lun) = open_lun(c, &url).await?;
+            let len = data.len();
+            lun.write(lba, Bytes::from(data))
+                .await
+                .with_context(|| format!("writing {len} bytes at LBA {lba}"))?;
+            eprintln!("wrote {len} bytes at LBA {lba}");
+            s.logout().await.context("logout")?;
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ISCSI_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("iscsi: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("iscsi: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

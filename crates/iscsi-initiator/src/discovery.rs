@@ -1,0 +1,279 @@
+//! SendTargets discovery (RFC 7143 §4.3, Appendix C): a Discovery session,
+//! `SendTargets=All` in a Text Request, and the answer — possibly spread over
+//! several Text Responses with the C bit or F=0 — read into targets with all
+//! their portals and portal group tags (IPv4 and IPv6).
+//!
+//! [`SendTargets`] is the sans-IO exchange; [`discover`] drives it over TCP.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use idm::transport::{PduRx, PduTx};
+use iscsi_proto::pdu::{
+    logout, Header, LogoutRequest, Pdu, TextRequest, TextResponse, RESERVED_TAG,
+};
+use iscsi_proto::text;
+
+use crate::conn;
+use crate::error::Error;
+use crate::login::{Auth, LoginConfig};
+use crate::portal::Portal;
+
+/// Largest SendTargets answer we reassemble.
+const MAX_ANSWER: usize = 1 << 20;
+
+/// One target a portal told us about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscoveredTarget {
+    pub name: String,
+    /// Each portal with its target portal group tag (None if the target
+    /// omitted it, or listed no address: then the portal asked is implied).
+    pub portals: Vec<(Portal, Option<u16>)>,
+}
+
+/// Reads the `TargetName` / `TargetAddress` list of a SendTargets answer.
+pub fn parse_send_targets(pairs: &[(String, String)]) -> Result<Vec<DiscoveredTarget>, Error> {
+    let mut out: Vec<DiscoveredTarget> = Vec::new();
+    for (k, v) in pairs {
+        match k.as_str() {
+            "TargetName" => out.push(DiscoveredTarget {
+                name: v.clone(),
+                portals: Vec::new(),
+            }),
+            "TargetAddress" => {
+                let Some(t) = out.last_mut() else {
+                    return Err(Error::Protocol(
+                        "TargetAddress before any TargetName".into(),
+                    ));
+                };
+                t.portals.push(Portal::parse_target_address(v)?);
+            }
+            // TargetAlias and anything vendor-specific are of no use here.
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// What to do after a Text Response.
+#[derive(Debug)]
+pub enum SendTargetsStep {
+    /// Ask for the rest: send [`SendTargets::request`] again.
+    More,
+    Done(Vec<DiscoveredTarget>),
+}
+
+/// The SendTargets exchange of one Discovery session.
+#[derive(Debug)]
+pub struct SendTargets {
+    itt: u32,
+    ttt: u32,
+    answer: Vec<u8>,
+    started: bool,
+}
+
+impl SendTargets {
+    pub fn new(itt: u32) -> Self {
+        SendTargets {
+            itt,
+            ttt: RESERVED_TAG,
+            answer: Vec::new(),
+            started: false,
+        }
+    }
+
+    /// The next Text Request: `SendTargets=All` first, then empty ones
+    /// carrying the target's TTT to pull the continuation.
+    pub fn request(&mut self, cmd_sn: u32, exp_stat_sn: u32) -> Pdu {
+        let mut data = Vec::new();
+        if !self.started {
+            text::encode(&[("SendTargets", "All")], &mut data);
+            self.started = true;
+        }
+        Pdu::new(
+            Header::TextRequest(TextRequest {
+                immediate: false,
+                final_: true,
+                cont: false,
+                lun: 0,
+                itt: self.itt,
+                ttt: self.ttt,
+                cmd_sn,
+                exp_stat_sn,
+            }),
+            Bytes::from(data),
+        )
+    }
+
+    pub fn handle(&mut self, resp: &TextResponse, data: &[u8]) -> Result<SendTargetsStep, Error> {
+        if resp.itt != self.itt {
+            return Err(Error::Protocol(format!(
+                "Text Response for ITT {:#x}",
+                resp.itt
+            )));
+        }
+        if self.answer.len().saturating_add(data.len()) > MAX_ANSWER {
+            return Err(Error::Protocol(
+                "SendTargets answer larger than 1 MiB".into(),
+            ));
+        }
+        self.answer.extend_from_slice(data);
+        if resp.final_ && resp.cont {
+            return Err(Error::Protocol("Text Response with both F and C".into()));
+        }
+        if !resp.final_ {
+            if resp.ttt == RESERVED_TAG {
+                return Err(Error::Protocol(
+                    "Text Response continues without a Target Transfer Tag".into(),
+                ));
+            }
+            self.ttt = resp.ttt;
+            return Ok(SendTargetsStep::More);
+        }
+        let pairs = text::parse_list(&self.answer).map_err(|e| Error::Protocol(e.to_string()))?;
+        Ok(SendTargetsStep::Done(parse_send_targets(&pairs)?))
+    }
+}
+
+/// Discovers the targets behind `portal` with a SendTargets Discovery session.
+pub async fn discover(
+    portal: &Portal,
+    initiator_name: &str,
+    auth: Auth,
+    timeout: Duration,
+) -> Result<Vec<DiscoveredTarget>, Error> {
+    let mut cfg = LoginConfig::new(initiator_name, None);
+    cfg.auth = auth;
+    let mut conn = conn::login(portal, &cfg, timeout).await?;
+    let work = async {
+        let mut cmd_sn = conn.result.cmd_sn;
+        let mut exp_stat_sn = conn.result.exp_stat_sn;
+        let mut st = SendTargets::new(1);
+        let targets = loop {
+            let req = st.request(cmd_sn, exp_stat_sn);
+            cmd_sn = cmd_sn.wrapping_add(1);
+            conn.tx.send(&[req]).await?;
+            let pdu = next_pdu(&mut conn.rx).await?;
+            match &pdu.header {
+                Header::TextResponse(h) => {
+                    exp_stat_sn = h.stat_sn.wrapping_add(1);
+                    match st.handle(h, &pdu.data)? {
+                        SendTargetsStep::More => continue,
+                        SendTargetsStep::Done(t) => break t,
+                    }
+                }
+                Header::Reject(r) => return Err(Error::Rejected(r.reason)),
+                Header::NopIn(_) | Header::AsyncMessage(_) => continue,
+                other => {
+                    return Err(Error::Protocol(format!(
+                        "{:?} in answer to SendTargets",
+                        other.opcode()
+                    )))
+                }
+            }
+        };
+        let req = Pdu::new(
+            Header::LogoutRequest(LogoutRequest {
+                immediate: true,
+                reason: logout::CLOSE_SESSION,
+                itt: 2,
+                cid: conn.result.cid,
+                cmd_sn,
+                exp_stat_sn,
+            }),
+            Bytes::new(),
+        );
+        conn.tx.send(&[req]).await?;
+        // A target that drops the connection instead of answering is fine:
+        // we have what we came for.
+        if let Ok(pdu) = next_pdu(&mut conn.rx).await {
+            if let Header::LogoutResponse(h) = &pdu.header {
+                tracing::debug!(response = h.response, "discovery session logged out");
+            }
+        }
+        conn.tx.shutdown().await;
+        Ok(targets)
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| Error::timeout("the SendTargets answer", timeout))?
+}
+
+async fn next_pdu(rx: &mut idm::tcp::TcpRx) -> Result<Pdu, Error> {
+    let raw = rx
+        .recv()
+        .await?
+        .ok_or_else(|| Error::SessionClosed("target closed the discovery connection".into()))?;
+    raw.parse().map_err(|e| Error::Protocol(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp(final_: bool, cont: bool, ttt: u32) -> TextResponse {
+        TextResponse {
+            final_,
+            cont,
+            itt: 1,
+            ttt,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn targets_with_several_portals_ipv4_and_ipv6() {
+        let data = b"TargetName=iqn.a:one\0TargetAddress=10.0.0.1:3260,1\0TargetAddress=[fd00::1]:3261,2\0TargetName=iqn.a:two\0TargetAlias=x\0";
+        let pairs = text::parse_list(data).unwrap();
+        let t = parse_send_targets(&pairs).unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[0].name, "iqn.a:one");
+        assert_eq!(
+            t[0].portals,
+            vec![
+                (Portal::new("10.0.0.1", 3260), Some(1)),
+                (Portal::new("fd00::1", 3261), Some(2))
+            ]
+        );
+        assert!(t[1].portals.is_empty());
+    }
+
+    #[test]
+    fn answer_split_by_the_c_bit_mid_pair_is_reassembled() {
+        let mut st = SendTargets::new(1);
+        let first = st.request(5, 6);
+        assert_eq!(&first.data[..], b"SendTargets=All\0");
+        let step = st
+            .handle(&resp(false, true, 0x44), b"TargetName=iqn.a:lo")
+            .unwrap();
+        assert!(matches!(step, SendTargetsStep::More));
+        let again = st.request(6, 7);
+        let Header::TextRequest(h) = &again.header else {
+            panic!()
+        };
+        assert!(again.data.is_empty());
+        assert_eq!(h.ttt, 0x44);
+        let step = st
+            .handle(
+                &resp(true, false, RESERVED_TAG),
+                b"ng\0TargetAddress=[::1]:3260,1\0",
+            )
+            .unwrap();
+        let SendTargetsStep::Done(t) = step else {
+            panic!()
+        };
+        assert_eq!(t[0].name, "iqn.a:long");
+        assert_eq!(t[0].portals, vec![(Portal::new("::1", 3260), Some(1))]);
+    }
+
+    #[test]
+    fn address_before_name_and_bad_flags_are_protocol_errors() {
+        let pairs = text::parse_list(b"TargetAddress=1.2.3.4\0").unwrap();
+        assert!(parse_send_targets(&pairs).is_err());
+        let mut st = SendTargets::new(1);
+        st.request(0, 0);
+        assert!(st.handle(&resp(false, false, RESERVED_TAG), b"").is_err());
+        let mut st = SendTargets::new(1);
+        assert!(st.handle(&resp(true, true, 1), b"").is_err());
+    }
+}
