@@ -13,6 +13,19 @@
 //! (REPORT SUPPORTED OPERATION CODES), `reservation` (RESERVE/RELEASE and
 //! persistent reservations), [`sense`] (sense data).
 //!
+//! What the port does for the core:
+//! - calls [`LunMap::nexus_established`] when a session (I_T nexus) reaches
+//!   full feature phase, and [`LunMap::nexus_lost`] when it ends for good
+//!   (logout, connection loss without recovery, session reinstatement of the
+//!   old session), so RESERVE(6) is dropped and unit attentions are
+//!   forgotten; a nexus never announced is registered on its first command;
+//! - maps LOGICAL UNIT RESET to [`LogicalUnit::reset`] and TARGET WARM/COLD
+//!   RESET to [`LunMap::reset_all`], passing the issuing nexus;
+//! - truncates data-in to Expected Data Transfer Length and computes the
+//!   residuals; for writes [`LunMap::expected_data_out_len`] gives the
+//!   transfer length the CDB asks for;
+//! - runs `execute` on a blocking thread when [`LogicalUnit::may_block`].
+//!
 //! No input from the wire can make this crate panic: CDB bytes are read
 //! through [`cdb::Cdb`], which answers zero past the end, and parameter lists
 //! are length-checked before use.
@@ -45,9 +58,9 @@ pub type NexusId = u64;
 #[derive(Clone, Debug)]
 pub struct Nexus {
     pub id: NexusId,
-    /// iSCSI: "iqn.x,i,0x<isid hex>"
+    /// iSCSI: `"iqn.x,i,0x<isid hex>"`
     pub initiator_port_name: Arc<str>,
-    /// iSCSI: "iqn.y,t,0x<tpgt hex>"
+    /// iSCSI: `"iqn.y,t,0x<tpgt hex>"`
     pub target_port_name: Arc<str>,
     pub relative_target_port_id: u16,
     pub target_port_group_id: u16,

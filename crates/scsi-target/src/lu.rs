@@ -481,14 +481,14 @@ impl LogicalUnit {
             }
             op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => sbc::verify(self, t, cdb),
             op::WRITE_VERIFY_10 | op::WRITE_VERIFY_12 | op::WRITE_VERIFY_16 => {
-                sbc::write(self, t, cdb)
+                return sbc::write(self, t, cdb)
             }
             op::PRE_FETCH_10 | op::PRE_FETCH_16 => sbc::pre_fetch(self, cdb),
             op::WRITE_SAME_10 | op::WRITE_SAME_16 => sbc::write_same(self, t, cdb),
             op::UNMAP => sbc::unmap(self, t, cdb),
             op::COMPARE_AND_WRITE => sbc::compare_and_write(self, t, cdb),
             op::ORWRITE_16 => sbc::orwrite(self, t, cdb),
-            op::WRITE_ATOMIC_16 => sbc::write(self, t, cdb),
+            op::WRITE_ATOMIC_16 => return sbc::write(self, t, cdb),
             op::READ_DEFECT_DATA_10 | op::READ_DEFECT_DATA_12 => sbc::read_defect_data(cdb),
             op::SANITIZE => sbc::sanitize(self, t, cdb),
             op::RESERVE_6 => reservation::reserve6(self, t.nexus, cdb),
