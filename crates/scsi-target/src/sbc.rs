@@ -1128,6 +1128,39 @@ mod tests {
     }
 
     #[test]
+    fn compare_and_write_is_atomic_against_concurrent_writers() {
+        let (lu, _) = setup();
+        let threads = 4;
+        let rounds = 50;
+        std::thread::scope(|s| {
+            for id in 0..threads {
+                let lu = &lu;
+                s.spawn(move || {
+                    let n = ready_nexus(lu, 10 + id);
+                    let mut done = 0;
+                    while done < rounds {
+                        let old = exec(lu, &n, &cdb10(0x28, 0, 1), &[]).data_in;
+                        let v = u64::from_be_bytes(old[..8].try_into().unwrap());
+                        let mut d = old.to_vec();
+                        let mut new = vec![0u8; BS];
+                        new[..8].copy_from_slice(&(v + 1).to_be_bytes());
+                        d.extend_from_slice(&new);
+                        if exec(lu, &n, &caw(0, 1), &d).status == status::GOOD {
+                            done += 1;
+                        }
+                    }
+                });
+            }
+        });
+        let n = ready_nexus(&lu, 99);
+        let d = exec(&lu, &n, &cdb10(0x28, 0, 1), &[]).data_in;
+        assert_eq!(
+            u64::from_be_bytes(d[..8].try_into().unwrap()),
+            threads * rounds
+        );
+    }
+
+    #[test]
     fn orwrite_ors_into_the_medium() {
         let (lu, n) = setup();
         assert_good(&exec(&lu, &n, &cdb10(0x2A, 0, 1), &[0x0F; BS]));
