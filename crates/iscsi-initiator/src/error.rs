@@ -16,10 +16,12 @@ pub enum Error {
         portal: String,
         source: std::io::Error,
     },
+    // The inner errors are shown in the message and not chained as sources,
+    // so an anyhow report does not print them twice.
     #[error("transport: {0}")]
-    Transport(#[from] TransportError),
+    Transport(TransportError),
     #[error("login: {0}")]
-    Login(#[from] LoginError),
+    Login(LoginError),
     #[error(transparent)]
     Portal(#[from] PortalError),
     #[error("too many login redirections (last to {0})")]
@@ -30,7 +32,7 @@ pub enum Error {
     #[error("the target rejected our PDU (reason {0:#04x})")]
     Rejected(u8),
     #[error("SCSI: {0}")]
-    Scsi(#[from] ScsiError),
+    Scsi(ScsiError),
     #[error("timed out after {secs:.1} s waiting for {what}")]
     Timeout { what: &'static str, secs: f64 },
     /// The connection is gone; `reason` says why.
@@ -40,6 +42,24 @@ pub enum Error {
     InvalidArgument(String),
     #[error("task management function failed (response {0})")]
     TaskManagement(u8),
+}
+
+impl From<TransportError> for Error {
+    fn from(e: TransportError) -> Self {
+        Error::Transport(e)
+    }
+}
+
+impl From<LoginError> for Error {
+    fn from(e: LoginError) -> Self {
+        Error::Login(e)
+    }
+}
+
+impl From<ScsiError> for Error {
+    fn from(e: ScsiError) -> Self {
+        Error::Scsi(e)
+    }
 }
 
 impl Error {

@@ -38,20 +38,23 @@ pub struct ChapCredentials {
 }
 
 impl ChapCredentials {
-    /// One-way CHAP with every algorithm we know, strongest first (MD5 last,
-    /// as many targets only know MD5).
+    /// One-way CHAP with MD5, the one algorithm RFC 7143 requires and every
+    /// target knows. Stronger ones are opt-in ([`with_algorithms`](Self::with_algorithms)):
+    /// tgt 1.0.85 answers `CHAP_A=7` (SHA-256 in the IANA registry) and then
+    /// computes SHA-1, so offering them by default breaks logins to it.
     pub fn new(user: impl Into<String>, secret: impl Into<Vec<u8>>) -> Self {
         ChapCredentials {
             user: user.into(),
             secret: secret.into(),
             mutual: None,
-            algorithms: vec![
-                ChapAlgorithm::Sha3_256,
-                ChapAlgorithm::Sha256,
-                ChapAlgorithm::Sha1,
-                ChapAlgorithm::Md5,
-            ],
+            algorithms: vec![ChapAlgorithm::Md5],
         }
+    }
+
+    /// The algorithms to offer, in preference order.
+    pub fn with_algorithms(mut self, algorithms: Vec<ChapAlgorithm>) -> Self {
+        self.algorithms = algorithms;
+        self
     }
 
     /// Adds mutual CHAP: the target must answer as `user` with `secret`.
@@ -661,6 +664,34 @@ mod tests {
         cfg.target_name = None;
         let r = complete(run(cfg, &auth));
         assert_eq!(r.params.session_type, SessionType::Discovery);
+    }
+
+    #[test]
+    fn discovery_login_with_chap() {
+        let auth = Authority {
+            chap: Some(chap_requirement(false)),
+            policy: Policy::default(),
+        };
+        let mut cfg = config(Auth::Chap(ChapCredentials::new(
+            "client",
+            b"clientsecret12".to_vec(),
+        )));
+        cfg.target_name = None;
+        let r = complete(run(cfg, &auth));
+        assert_eq!(r.params.session_type, SessionType::Discovery);
+        assert_eq!(r.params.auth_method, AuthMethod::Chap);
+    }
+
+    #[test]
+    fn stronger_chap_algorithms_are_used_when_both_sides_allow_them() {
+        let auth = Authority {
+            chap: Some(chap_requirement(true)),
+            policy: target_policy(),
+        };
+        let creds = ChapCredentials::new("client", b"clientsecret12".to_vec())
+            .with_mutual("target", b"targetsecret34".to_vec())
+            .with_algorithms(vec![ChapAlgorithm::Sha3_256, ChapAlgorithm::Sha256]);
+        complete(run(config(Auth::Chap(creds)), &auth));
     }
 
     #[test]

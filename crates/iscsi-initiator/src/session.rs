@@ -220,11 +220,12 @@ impl Session {
         let mut cfg = LoginConfig::new(opts.initiator_name.clone(), Some(target.to_owned()));
         cfg.auth = opts.auth.clone();
         cfg.policy = opts.policy.clone();
+        // Preferred, not demanded: a target without digests answers None.
         if opts.header_digest {
-            cfg.policy.header_digest = vec![Digest::Crc32c];
+            cfg.policy.header_digest = vec![Digest::Crc32c, Digest::None];
         }
         if opts.data_digest {
-            cfg.policy.data_digest = vec![Digest::Crc32c];
+            cfg.policy.data_digest = vec![Digest::Crc32c, Digest::None];
         }
         let c = conn::login(portal, &cfg, opts.login_timeout).await?;
         let r = &c.result;

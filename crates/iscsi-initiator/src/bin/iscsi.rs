@@ -20,6 +20,7 @@ use iscsi_initiator::portal::Portal;
 use iscsi_initiator::session::default_initiator_name;
 use iscsi_initiator::url::IscsiUrl;
 use iscsi_initiator::{Lun, Session, SessionOptions};
+use iscsi_proto::chap::ChapAlgorithm;
 
 #[derive(Parser)]
 #[command(name = "iscsi", version, about = "Ironstar iSCSI initiator")]
@@ -47,6 +48,10 @@ struct Common {
     /// Mutual CHAP: file holding the target's secret (else $ISCSI_TARGET_SECRET).
     #[arg(long, global = true)]
     target_secret_file: Option<PathBuf>,
+    /// CHAP algorithms to offer, in order: md5, sha1, sha256, sha3-256
+    /// (default md5, which every target knows).
+    #[arg(long, global = true, value_delimiter = ',')]
+    chap_alg: Vec<String>,
     /// Ask for CRC32C header and data digests.
     #[arg(long, global = true)]
     digests: bool,
@@ -120,6 +125,20 @@ impl Common {
             anyhow!("CHAP user {user:?} needs a secret: --chap-secret-file or $ISCSI_CHAP_SECRET")
         })?;
         let mut creds = ChapCredentials::new(user, secret);
+        if !self.chap_alg.is_empty() {
+            let algs = self
+                .chap_alg
+                .iter()
+                .map(|a| match a.to_ascii_lowercase().as_str() {
+                    "md5" => Ok(ChapAlgorithm::Md5),
+                    "sha1" | "sha-1" => Ok(ChapAlgorithm::Sha1),
+                    "sha256" | "sha-256" => Ok(ChapAlgorithm::Sha256),
+                    "sha3-256" | "sha3_256" => Ok(ChapAlgorithm::Sha3_256),
+                    other => Err(anyhow!("unknown CHAP algorithm {other:?}")),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            creds = creds.with_algorithms(algs);
+        }
         if let Some(tuser) = &self.target_user {
             let tsecret = read_secret(self.target_secret_file.as_ref(), "ISCSI_TARGET_SECRET")?
                 .ok_or_else(|| {

@@ -1,0 +1,257 @@
+//! A private tgtd (Debian's `tgt`) per test: its own control port, its own
+//! iSCSI port on 127.0.0.1, and sparse backing files in /dev/shm; torn down
+//! (targets deleted, daemon stopped, files removed) when dropped.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+pub const IQN: &str = "iqn.2026-11.dev.ironstar.test:tgt";
+pub const INITIATOR: &str = "iqn.2026-11.dev.ironstar.test:initiator";
+pub const LU_BYTES: u64 = 64 << 20;
+
+static NEXT: AtomicU16 = AtomicU16::new(0);
+
+pub struct Tgt {
+    pub port: u16,
+    control: u16,
+    child: Child,
+    files: Vec<PathBuf>,
+    tids: Vec<u32>,
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+fn which(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        || PathBuf::from("/usr/sbin").join(tool).is_file()
+}
+
+impl Tgt {
+    /// Starts tgtd; panics with a clear message if it is not installed.
+    pub fn start() -> Tgt {
+        assert!(
+            which("tgtd") && which("tgtadm"),
+            "tgtd/tgtadm not found: install Debian's `tgt` package (apt-get install tgt) to run these tests"
+        );
+        let port = free_port();
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let control = 20000 + (std::process::id() % 20000) as u16 + n * 7 % 1000;
+        let child = Command::new("tgtd")
+            .args([
+                "-f",
+                "--control-port",
+                &control.to_string(),
+                "--iscsi",
+                &format!("portal=127.0.0.1:{port}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tgtd");
+        let mut t = Tgt {
+            port,
+            control,
+            child,
+            files: Vec::new(),
+            tids: Vec::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if t.try_adm(&["--mode", "system", "--op", "show"]).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            {
+                break;
+            }
+            if let Ok(Some(status)) = t.child.try_wait() {
+                panic!("tgtd exited at start ({status}); control port {control} busy?");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tgtd did not come up within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        t
+    }
+
+    fn try_adm(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("tgtadm")
+            .args(["-C", &self.control.to_string(), "--lld", "iscsi"])
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    pub fn adm(&self, args: &[&str]) -> String {
+        self.try_adm(args)
+            .unwrap_or_else(|e| panic!("tgtadm {args:?} failed: {e}"))
+    }
+
+    /// A target with one LUN (1) backed by a sparse 64 MiB file in /dev/shm,
+    /// open to every initiator address.
+    pub fn add_target(&mut self, tid: u32, name: &str) {
+        let tid_s = tid.to_string();
+        self.adm(&[
+            "--mode",
+            "target",
+            "--op",
+            "new",
+            "--tid",
+            &tid_s,
+            "--targetname",
+            name,
+        ]);
+        self.tids.push(tid);
+        let file = PathBuf::from(format!(
+            "/dev/shm/ironstar-ini-{}-{}-{tid}.img",
+            std::process::id(),
+            self.port
+        ));
+        let f = std::fs::File::create(&file).expect("create backing file");
+        f.set_len(LU_BYTES).expect("size backing file");
+        self.files.push(file.clone());
+        self.adm(&[
+            "--mode",
+            "logicalunit",
+            "--op",
+            "new",
+            "--tid",
+            &tid_s,
+            "--lun",
+            "1",
+            "--backing-store",
+            file.to_str().expect("utf-8 path"),
+        ]);
+        self.adm(&[
+            "--mode",
+            "target",
+            "--op",
+            "bind",
+            "--tid",
+            &tid_s,
+            "--initiator-address",
+            "ALL",
+        ]);
+    }
+
+    pub fn set(&self, tid: u32, key: &str, value: &str) {
+        self.adm(&[
+            "--mode",
+            "target",
+            "--op",
+            "update",
+            "--tid",
+            &tid.to_string(),
+            "--name",
+            key,
+            "--value",
+            value,
+        ]);
+    }
+
+    /// CHAP for `tid`: the initiator's account, and the target's for mutual.
+    pub fn chap(&self, tid: u32, user: &str, secret: &str, mutual: Option<(&str, &str)>) {
+        let tid_s = tid.to_string();
+        self.adm(&[
+            "--mode",
+            "account",
+            "--op",
+            "new",
+            "--user",
+            user,
+            "--password",
+            secret,
+        ]);
+        self.adm(&[
+            "--mode", "account", "--op", "bind", "--tid", &tid_s, "--user", user,
+        ]);
+        if let Some((tu, ts)) = mutual {
+            self.adm(&[
+                "--mode",
+                "account",
+                "--op",
+                "new",
+                "--user",
+                tu,
+                "--password",
+                ts,
+            ]);
+            self.adm(&[
+                "--mode",
+                "account",
+                "--op",
+                "bind",
+                "--tid",
+                &tid_s,
+                "--user",
+                tu,
+                "--outgoing",
+            ]);
+        }
+    }
+
+    pub fn portal(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Tgt {
+    fn drop(&mut self) {
+        for tid in &self.tids {
+            let _ = self.try_adm(&[
+                "--mode",
+                "target",
+                "--op",
+                "delete",
+                "--force",
+                "--tid",
+                &tid.to_string(),
+            ]);
+        }
+        let _ = self.try_adm(&["--mode", "system", "--op", "delete"]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => break,
+                _ if Instant::now() > deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), so a failure can be replayed.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
