@@ -360,11 +360,11 @@ impl TargetLogin {
                 Err(status) => return self.fail(req, status),
             }
         }
-        let mut transit = req.transit;
-        if transit && self.auth != AuthState::NotNeeded && self.auth != AuthState::Done {
-            // Leaving security before authenticating.
-            return self.fail(req, login_status::AUTHENTICATION_FAILURE);
-        }
+        // Until authentication is done we do not agree to leave the
+        // security stage: answer T=0 (RFC 7143 §6.2); skipping it anyway
+        // is refused in the operational stage.
+        let mut transit =
+            req.transit && (self.auth == AuthState::NotNeeded || self.auth == AuthState::Done);
         if transit && self.auth == AuthState::NotNeeded && chosen != Some(AuthMethod::None) {
             // AuthMethod was never agreed to: only None is acceptable.
             if pairs.iter().any(|(k, _)| k == "AuthMethod") {
@@ -668,7 +668,10 @@ mod tests {
         let mut m = TargetLogin::new(1);
         let mut first = NAMES.to_vec();
         first.push(("AuthMethod", "CHAP,None"));
-        let step = m.handle(&req(0, 1, false), &text(&first), &auth);
+        // libiscsi asks to transit (T=1) in its very first PDU: the target
+        // must answer T=0 until CHAP is done, not fail the login.
+        let step = m.handle(&req(0, 1, true), &text(&first), &auth);
+        assert!(!response_of(&step).transit);
         let LoginStep::Continue(pdu) = step else {
             panic!("AuthMethod not accepted")
         };
