@@ -1,0 +1,248 @@
+//! Session behaviours that a well-behaved target never provokes, pinned
+//! against a scripted target: idm's own `TargetLogin` for the login, then a
+//! script that answers (or withholds) PDUs over a real loopback socket.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use idm::login::{
+    Admission, Binding, LoginAuthority, LoginIdentity, LoginOutcome, LoginStep, TargetLogin,
+};
+use idm::tcp::{TcpRx, TcpTransport, TcpTx};
+use idm::transport::{PduRx, PduTx, Transport};
+use iscsi_initiator::portal::Portal;
+use iscsi_initiator::{Error, Session, SessionOptions};
+use iscsi_proto::negotiation::Policy;
+use iscsi_proto::pdu::{
+    tmf, DataIn, Header, NopIn, Pdu, ScsiResponse, TaskMgmtResponse, RESERVED_TAG,
+};
+use tokio::net::TcpListener;
+
+const IQN: &str = "iqn.2026-11.dev.ironstar.test:scripted";
+
+struct Window(u32);
+
+impl LoginAuthority for Window {
+    fn admit(&self, _who: &LoginIdentity) -> Result<Admission, (u8, u8)> {
+        Ok(Admission {
+            chap: None,
+            policy: Policy::default(),
+        })
+    }
+    fn bind(&self, outcome: &LoginOutcome) -> Result<Binding, (u8, u8)> {
+        Ok(Binding {
+            tsih: 3,
+            exp_cmd_sn: outcome.cmd_sn,
+            max_cmd_sn: outcome.cmd_sn.wrapping_add(self.0 - 1),
+        })
+    }
+}
+
+async fn recv(rx: &mut TcpRx) -> Pdu {
+    rx.recv().await.unwrap().unwrap().parse().unwrap()
+}
+
+/// Accepts one connection and logs it in with a command window of `depth`.
+async fn accept(listener: TcpListener, depth: u32) -> (TcpRx, TcpTx) {
+    let (sock, _) = listener.accept().await.unwrap();
+    let (mut rx, mut tx) = TcpTransport::new(sock).unwrap().into_split();
+    let mut login = TargetLogin::new(1);
+    loop {
+        let pdu = recv(&mut rx).await;
+        let Header::LoginRequest(req) = &pdu.header else {
+            panic!("expected a login request, got {:?}", pdu.header.opcode())
+        };
+        match login.handle(req, &pdu.data, &Window(depth)) {
+            LoginStep::Continue(p) => tx.send(&[p]).await.unwrap(),
+            LoginStep::Complete(p, _) => {
+                tx.send(&[p]).await.unwrap();
+                return (rx, tx);
+            }
+            LoginStep::Fail(p, s) => {
+                tx.send(&[p]).await.unwrap();
+                panic!("login failed: {s:?}");
+            }
+        }
+    }
+}
+
+async fn setup(
+    depth: u32,
+    timeout: Duration,
+) -> (tokio::task::JoinHandle<(TcpRx, TcpTx)>, Session) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let target = tokio::spawn(accept(listener, depth));
+    let mut o = SessionOptions::new("iqn.2026-11.dev.ironstar.test:ini");
+    o.command_timeout = timeout;
+    let s = Session::login(&Portal::new("127.0.0.1", port), IQN, o)
+        .await
+        .unwrap();
+    (target, s)
+}
+
+fn good(itt: u32, stat_sn: u32, exp: u32, max: u32) -> Pdu {
+    Pdu::new(
+        Header::ScsiResponse(ScsiResponse {
+            itt,
+            stat_sn,
+            exp_cmd_sn: exp,
+            max_cmd_sn: max,
+            ..Default::default()
+        }),
+        Bytes::new(),
+    )
+}
+
+#[tokio::test]
+async fn cmd_sn_window_is_respected_until_max_cmd_sn_opens() {
+    let (target, s) = setup(1, Duration::from_secs(5)).await;
+    let (mut rx, mut tx) = target.await.unwrap();
+    let lun = s.lun(0);
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..3 {
+        let lun = lun.clone();
+        set.spawn(async move { lun.test_unit_ready().await });
+    }
+    let mut stat_sn = 1;
+    for _ in 0..3 {
+        let pdu = recv(&mut rx).await;
+        let Header::ScsiCommand(c) = &pdu.header else {
+            panic!("expected a command")
+        };
+        // Window of one: nothing else may arrive before we open it.
+        let early = tokio::time::timeout(Duration::from_millis(150), rx.recv()).await;
+        assert!(early.is_err(), "a command arrived beyond MaxCmdSN");
+        let next = c.cmd_sn.wrapping_add(1);
+        tx.send(&[good(c.itt, stat_sn, next, next)]).await.unwrap();
+        stat_sn += 1;
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn target_nop_in_ping_is_echoed() {
+    let (target, s) = setup(8, Duration::from_secs(5)).await;
+    let (mut rx, mut tx) = target.await.unwrap();
+    let ping = Pdu::new(
+        Header::NopIn(NopIn {
+            itt: RESERVED_TAG,
+            ttt: 0x1234,
+            stat_sn: 1,
+            exp_cmd_sn: 1,
+            max_cmd_sn: 8,
+            ..Default::default()
+        }),
+        Bytes::from_static(b"are you there"),
+    );
+    tx.send(&[ping]).await.unwrap();
+    let pdu = recv(&mut rx).await;
+    let Header::NopOut(h) = &pdu.header else {
+        panic!("expected a NOP-Out, got {:?}", pdu.header.opcode())
+    };
+    assert_eq!((h.itt, h.ttt, h.immediate), (RESERVED_TAG, 0x1234, true));
+    assert_eq!(&pdu.data[..], b"are you there");
+    drop(s);
+}
+
+#[tokio::test]
+async fn command_timeout_fails_the_command_and_aborts_it() {
+    let (target, s) = setup(8, Duration::from_millis(300)).await;
+    let (mut rx, mut tx) = target.await.unwrap();
+    let lun = s.lun(0);
+    let call = tokio::spawn(async move { lun.execute(&[0, 0, 0, 0, 0, 0], None, 0).await });
+    let pdu = recv(&mut rx).await;
+    let Header::ScsiCommand(c) = &pdu.header else {
+        panic!("expected a command")
+    };
+    let err = call.await.unwrap().unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    let pdu = recv(&mut rx).await;
+    let Header::TaskMgmtRequest(t) = &pdu.header else {
+        panic!("expected ABORT TASK, got {:?}", pdu.header.opcode())
+    };
+    assert_eq!(t.function, tmf::ABORT_TASK);
+    assert_eq!((t.referenced_task_tag, t.ref_cmd_sn), (c.itt, c.cmd_sn));
+    let resp = Pdu::new(
+        Header::TaskMgmtResponse(TaskMgmtResponse {
+            response: tmf::FUNCTION_COMPLETE,
+            itt: t.itt,
+            stat_sn: 1,
+            exp_cmd_sn: 2,
+            max_cmd_sn: 9,
+        }),
+        Bytes::new(),
+    );
+    tx.send(&[resp]).await.unwrap();
+    // The session is still usable.
+    let lun = s.lun(0);
+    let call = tokio::spawn(async move { lun.execute(&[0, 0, 0, 0, 0, 0], None, 0).await });
+    let pdu = recv(&mut rx).await;
+    let Header::ScsiCommand(c) = &pdu.header else {
+        panic!("expected a command")
+    };
+    tx.send(&[good(c.itt, 2, 3, 10)]).await.unwrap();
+    call.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn data_in_with_a_data_sn_gap_fails_only_that_command() {
+    let (target, s) = setup(8, Duration::from_secs(5)).await;
+    let (mut rx, mut tx) = target.await.unwrap();
+    let lun = s.lun(0);
+    let call = tokio::spawn(async move {
+        lun.execute(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], None, 512)
+            .await
+    });
+    let pdu = recv(&mut rx).await;
+    let Header::ScsiCommand(c) = &pdu.header else {
+        panic!("expected a command")
+    };
+    let bad = Pdu::new(
+        Header::DataIn(DataIn {
+            final_: true,
+            status_present: true,
+            itt: c.itt,
+            ttt: RESERVED_TAG,
+            stat_sn: 1,
+            exp_cmd_sn: 2,
+            max_cmd_sn: 9,
+            data_sn: 1,
+            ..Default::default()
+        }),
+        Bytes::from(vec![0u8; 512]),
+    );
+    tx.send(&[bad]).await.unwrap();
+    let err = call.await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("DataSN"), "{err}");
+    // A Data-In past the buffer fails the next one the same way, no panic.
+    let lun = s.lun(0);
+    let call = tokio::spawn(async move {
+        lun.execute(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], None, 512)
+            .await
+    });
+    let pdu = recv(&mut rx).await;
+    let Header::ScsiCommand(c) = &pdu.header else {
+        panic!("expected a command")
+    };
+    let over = Pdu::new(
+        Header::DataIn(DataIn {
+            final_: true,
+            status_present: true,
+            itt: c.itt,
+            ttt: RESERVED_TAG,
+            stat_sn: 2,
+            exp_cmd_sn: 3,
+            max_cmd_sn: 10,
+            buffer_offset: 256,
+            ..Default::default()
+        }),
+        Bytes::from(vec![0u8; 512]),
+    );
+    tx.send(&[over]).await.unwrap();
+    let err = call.await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("beyond"), "{err}");
+    assert!(s.closed_reason().is_none());
+}
