@@ -104,8 +104,7 @@ async fn cmd_sn_window_is_respected_until_max_cmd_sn_opens() {
         let lun = lun.clone();
         set.spawn(async move { lun.test_unit_ready().await });
     }
-    let mut stat_sn = 1;
-    for _ in 0..3 {
+    for stat_sn in 1..=3 {
         let pdu = recv(&mut rx).await;
         let Header::ScsiCommand(c) = &pdu.header else {
             panic!("expected a command")
@@ -115,7 +114,6 @@ async fn cmd_sn_window_is_respected_until_max_cmd_sn_opens() {
         assert!(early.is_err(), "a command arrived beyond MaxCmdSN");
         let next = c.cmd_sn.wrapping_add(1);
         tx.send(&[good(c.itt, stat_sn, next, next)]).await.unwrap();
-        stat_sn += 1;
     }
     while let Some(r) = set.join_next().await {
         r.unwrap().unwrap();
