@@ -213,6 +213,11 @@ impl Daemon {
         }
     }
 
+    /// The whole log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The last lines of the daemon's log.
     pub fn log_tail(&self) -> String {
         tail(&self.log)

@@ -42,6 +42,9 @@ use crate::session::{ConnHandle, ConnMsg, NewSession, Session, WriterMsg};
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest write we collect for one command.
 const MAX_WRITE: u32 = 64 << 20;
+/// Write data one connection may hold while collecting it; beyond this,
+/// commands get TASK SET FULL, so a peer cannot make us allocate at will.
+const MAX_PENDING_WRITE_BYTES: u64 = 256 << 20;
 
 /// Serves one accepted transport connection to its end.
 pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_group_tag: u16) {
@@ -88,6 +91,10 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
         tsih = session.tsih,
         cid = outcome.identity.cid,
         state = state.rfc_name(),
+        header_digest = params.header_digest,
+        data_digest = params.data_digest,
+        mrdsl_in = params.max_recv_data_segment_length,
+        mrdsl_out = params.max_xmit_data_segment_length,
         "logged in"
     );
     let (inbox_tx, inbox) = mpsc::unbounded_channel();
@@ -110,6 +117,7 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
         params,
         writer: wtx,
         tasks: HashMap::new(),
+        pending_write_bytes: 0,
         next_ttt: 1,
         local,
         text_pending: None,
@@ -362,6 +370,8 @@ struct Conn {
     params: NegotiatedParams,
     writer: mpsc::UnboundedSender<WriterMsg>,
     tasks: HashMap<u32, PendingWrite>,
+    /// Sum of the EDTLs of `tasks`.
+    pending_write_bytes: u64,
     next_ttt: u32,
     local: Option<SocketAddr>,
     /// A long text response being pulled by the initiator: (TTT, rest).
@@ -544,7 +554,11 @@ impl Conn {
         if !h.write || h.expected_data_transfer_length as usize <= imm.len() {
             return;
         }
-        if h.expected_data_transfer_length > MAX_WRITE || self.tasks.contains_key(&h.itt) {
+        let edtl = u64::from(h.expected_data_transfer_length);
+        if h.expected_data_transfer_length > MAX_WRITE
+            || self.tasks.contains_key(&h.itt)
+            || self.pending_write_bytes + edtl > MAX_PENDING_WRITE_BYTES
+        {
             return;
         }
         let limits = self.write_limits();
@@ -557,6 +571,7 @@ impl Conn {
             limits,
         ) {
             Ok(collector) => {
+                self.pending_write_bytes += edtl;
                 self.tasks.insert(
                     h.itt,
                     PendingWrite {
@@ -611,11 +626,14 @@ impl Conn {
         if needs_data {
             let too_big = h.expected_data_transfer_length > MAX_WRITE;
             let Some(task) = self.tasks.get_mut(&h.itt) else {
+                let edtl = u64::from(h.expected_data_transfer_length);
                 if too_big {
                     self.complete_with_sense(
                         &h,
                         scsi_target::sense::Sense::invalid_cdb(6, None).to_bytes(),
                     );
+                } else if self.pending_write_bytes + edtl > MAX_PENDING_WRITE_BYTES {
+                    self.complete_with_status(&h, scsi_target::status::TASK_SET_FULL);
                 } else {
                     // The collector refused the command's own data layout.
                     self.reject_command(&h);
@@ -653,6 +671,44 @@ impl Conn {
         ));
     }
 
+    fn complete_with_status(&self, h: &ScsiCommand, status: u8) {
+        let completion = Completion {
+            status,
+            sense: None,
+            data_in: Bytes::new(),
+            write_residual: None,
+        };
+        self.send(build_response(
+            h.itt,
+            h.lun,
+            0,
+            &completion,
+            self.data_in_limits(),
+            false,
+        ));
+    }
+
+    /// Forgets a write that was waiting for data.
+    fn drop_write(&mut self, itt: u32) -> Option<PendingWrite> {
+        let t = self.tasks.remove(&itt)?;
+        self.pending_write_bytes = self
+            .pending_write_bytes
+            .saturating_sub(u64::from(t.collector.expected_length()));
+        Some(t)
+    }
+
+    fn drop_writes(&mut self, mut which: impl FnMut(&PendingWrite) -> bool) {
+        let itts: Vec<u32> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| which(t))
+            .map(|(itt, _)| *itt)
+            .collect();
+        for itt in itts {
+            self.drop_write(itt);
+        }
+    }
+
     fn data_in_limits(&self) -> DataInLimits {
         DataInLimits {
             max_segment: self.params.max_xmit_data_segment_length,
@@ -668,7 +724,7 @@ impl Conn {
             _ => return,
         };
         if complete {
-            if let Some(t) = self.tasks.remove(&itt) {
+            if let Some(t) = self.drop_write(itt) {
                 let data = t.collector.into_data();
                 self.execute(t.cmd, data).await;
             }
@@ -814,7 +870,7 @@ impl Conn {
         match h.function {
             tmf::ABORT_TASK => {
                 let reference = h.referenced_task_tag;
-                let found_here = self.tasks.remove(&reference).is_some();
+                let found_here = self.drop_write(reference).is_some();
                 let found_pending = self
                     .session
                     .abort_pending(|p| p.header.itt() == Some(reference))
@@ -836,7 +892,7 @@ impl Conn {
                 if !lun_exists {
                     return tmf::LUN_DOES_NOT_EXIST;
                 }
-                self.tasks.retain(|_, t| t.cmd.lun != h.lun);
+                self.drop_writes(|t| t.cmd.lun == h.lun);
                 self.session.abort_pending(
                     |p| matches!(&p.header, Header::ScsiCommand(c) if c.lun == h.lun),
                 );
@@ -846,17 +902,13 @@ impl Conn {
                 let Some(lu) = target.luns.get(lun) else {
                     return tmf::LUN_DOES_NOT_EXIST;
                 };
-                self.tasks.retain(|_, t| t.cmd.lun != h.lun);
+                self.drop_writes(|t| t.cmd.lun == h.lun);
                 lu.reset(Some(nexus_id));
                 tmf::FUNCTION_COMPLETE
             }
             tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
-                self.tasks.clear();
-                for l in target.luns.luns() {
-                    if let Some(lu) = target.luns.get(l) {
-                        lu.reset(Some(nexus_id));
-                    }
-                }
+                self.drop_writes(|_| true);
+                target.luns.reset_all(Some(nexus_id));
                 tmf::FUNCTION_COMPLETE
             }
             tmf::QUERY_TASK => {
@@ -882,7 +934,7 @@ impl Conn {
                 }
             }
             tmf::I_T_NEXUS_RESET => {
-                self.tasks.clear();
+                self.drop_writes(|_| true);
                 tmf::FUNCTION_COMPLETE
             }
             tmf::CLEAR_ACA | tmf::QUERY_ASYNC_EVENT => {

@@ -187,6 +187,13 @@ impl Session {
         c.len()
     }
 
+    /// Asks the initiator to log out (Async Message on every connection).
+    pub fn request_logout(&self) {
+        for h in self.connections() {
+            let _ = h.inbox.send(ConnMsg::RequestLogout);
+        }
+    }
+
     /// Closes every connection of the session.
     pub fn close_all(&self) {
         self.closed.store(true, Ordering::Release);

@@ -4,6 +4,7 @@
 //! embedded default), builds the targets and LUs, binds the portals and
 //! serves until SIGINT/SIGTERM.
 
+use std::io::IsTerminal;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -30,6 +31,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     if let Some(path) = &args.check {
         Config::load(path)?;
@@ -73,10 +75,24 @@ async fn serve(config: Config, embedded: bool) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(p.run(registry.clone())));
     }
     shutdown_signal().await;
-    tracing::info!("shutting down");
+    tracing::info!("shutting down: asking initiators to log out");
+    for p in &tasks {
+        p.abort();
+    }
+    // RFC 7143 §11.9: Async Message "logout requested" lets initiators
+    // finish in-flight I/O and log out cleanly; whoever is left after the
+    // grace period is disconnected.
+    for s in registry.sessions.all() {
+        s.request_logout();
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+    while !registry.sessions.all().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     for s in registry.sessions.all() {
         s.close_all();
     }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     for t in tasks {
         t.abort();
     }
