@@ -41,13 +41,13 @@ pub async fn connect(portal: &Portal, timeout: Duration) -> Result<TcpTransport,
     let stream = tokio::time::timeout(timeout, conn)
         .await
         .map_err(|_| Error::timeout("the TCP connection", timeout))?
-        .map_err(|source| Error::Connect {
+        .map_err(|reason| Error::Connect {
             portal: portal.to_string(),
-            source,
+            reason,
         })?;
-    TcpTransport::new(stream).map_err(|source| Error::Connect {
+    TcpTransport::new(stream).map_err(|reason| Error::Connect {
         portal: portal.to_string(),
-        source,
+        reason,
     })
 }
 

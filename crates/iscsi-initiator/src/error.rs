@@ -11,10 +11,10 @@ use crate::scsi::ScsiError;
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum Error {
-    #[error("cannot connect to {portal}: {source}")]
+    #[error("cannot connect to {portal}: {reason}")]
     Connect {
         portal: String,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     // The inner errors are shown in the message and not chained as sources,
     // so an anyhow report does not print them twice.

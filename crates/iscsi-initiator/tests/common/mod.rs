@@ -59,7 +59,8 @@ impl Tgt {
     fn try_start() -> Option<Tgt> {
         let port = free_port();
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let control = 20000 + (std::process::id() % 20000) as u16 + (n * 7) % 1000;
+        // tgtd refuses control ports above 32767 (exit status 34, ERANGE).
+        let control = 20000 + (std::process::id() % 10000) as u16 + (n * 7) % 1000;
         let child = Command::new("tgtd")
             .args([
                 "-f",
