@@ -323,9 +323,11 @@ impl TargetLogin {
         let Some(neg) = self.negotiator.as_mut() else {
             return Err(login_status::TARGET_ERROR);
         };
-        let resp = neg
-            .respond(stage, pairs)
-            .map_err(|_| login_status::INITIATOR_ERROR)?;
+        let resp = neg.respond(stage, pairs).map_err(|e| {
+            tracing::info!(error = %e, "negotiation failed");
+            let status = e.login_status();
+            ((status >> 8) as u8, (status & 0xff) as u8)
+        })?;
         let mut reply = resp.reply;
         reply.extend(neg.offers(stage));
         if first_response && !reply.iter().any(|(k, _)| k == "TargetPortalGroupTag") {
