@@ -1,0 +1,337 @@
+//! Full feature phase behaviour of the target over real TCP: CmdSN ordering
+//! and window, NOP-Out / NOP-In both ways, Reject, task management.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use iscsi_proto::pdu::{
+    reject_reason, tmf, DataOut, Header, LoginRequest, NopOut, Pdu, SnackRequest, BHS_LEN,
+    RESERVED_TAG,
+};
+
+/// Logs in a second connection (CID 2) into `a`'s session.
+async fn join(t: &TestTarget, a: &Client, opts: &LoginOpts) -> Client {
+    let mut b = Client::connect(t.addr).await;
+    b.cmd_sn = a.cmd_sn;
+    let r = b
+        .login(&LoginOpts {
+            tsih: a.tsih,
+            cid: 2,
+            ..opts.clone()
+        })
+        .await;
+    assert_eq!((r.status_class, r.status_detail), (0, 0), "{r:?}");
+    b
+}
+
+#[tokio::test]
+async fn mcs_commands_execute_in_cmdsn_order_across_connections() {
+    let t = start("").await;
+    let opts = LoginOpts::normal(1).key("MaxConnections", "2");
+    let mut a = Client::login_to(t.addr, opts.clone()).await;
+    a.clear_ua().await;
+    let mut b = join(&t, &a, &opts).await;
+    let n = a.cmd_sn;
+    assert_eq!(b.cmd_sn, n);
+
+    // N+1 on B first: it must wait for N.
+    b.cmd_sn = n.wrapping_add(1);
+    let (itt_b, pdu_b) = b.command(&[0u8; 6], 0, false, false, true, Bytes::new());
+    b.send(&pdu_b).await;
+    b.expect_silence(Duration::from_millis(300)).await;
+
+    a.cmd_sn = n;
+    let (itt_a, pdu_a) = a.command(&read10_cdb(0, 1), 512, true, false, true, Bytes::new());
+    a.send(&pdu_a).await;
+
+    let ra = a.finish(itt_a, None).await;
+    let rb = b.finish(itt_b, None).await;
+    assert_eq!(ra.status, 0, "{ra:?}");
+    assert_eq!(rb.status, 0, "{rb:?}");
+    assert_eq!(ra.data.len(), 512);
+    let exp_b = rb.response.as_ref().unwrap().exp_cmd_sn;
+    assert_eq!(exp_b, n.wrapping_add(2), "ExpCmdSN in B's response");
+    let exp_a = ra.data_ins.last().unwrap().exp_cmd_sn;
+    assert!(
+        exp_a == n.wrapping_add(1) || exp_a == n.wrapping_add(2),
+        "ExpCmdSN {exp_a} in A's response, N = {n}"
+    );
+    // Nothing strayed onto the other connection.
+    a.expect_silence(Duration::from_millis(200)).await;
+    b.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn cmdsn_outside_the_window_is_ignored_and_the_session_goes_on() {
+    let t = start("").await;
+    let mut c = Client::login_to(t.addr, LoginOpts::normal(2)).await;
+    c.clear_ua().await;
+    let n = c.cmd_sn;
+    assert_eq!(c.exp_cmd_sn, n);
+    let beyond = c.max_cmd_sn.wrapping_add(1);
+    let behind = n.wrapping_sub(1);
+    for sn in [beyond, behind] {
+        c.cmd_sn = sn;
+        let (_, pdu) = c.command(&[0u8; 6], 0, false, false, true, Bytes::new());
+        c.send(&pdu).await;
+        c.expect_silence(Duration::from_secs(1)).await;
+    }
+    c.cmd_sn = n;
+    let r = c.tur().await;
+    assert_eq!(r.status, 0, "{r:?}");
+    assert_eq!(c.exp_cmd_sn, n.wrapping_add(1));
+}
+
+#[tokio::test]
+async fn nop_out_ping_gets_nop_in_echoing_itt_and_data() {
+    let t = start("").await;
+    let mut c = Client::login_to(t.addr, LoginOpts::normal(3)).await;
+    let payload: Vec<u8> = (0..1001u32).map(|i| (i % 251) as u8).collect();
+    let (itt, pdu) = c.nop_out(&payload);
+    c.send(&pdu).await;
+    let p = c.recv().await;
+    let Header::NopIn(h) = p.header else {
+        panic!("expected NOP-In, got {:?}", p.header);
+    };
+    assert_eq!(h.itt, itt);
+    assert_eq!(h.ttt, RESERVED_TAG);
+    assert_eq!(&p.data[..], &payload[..]);
+}
+
+/// Waits for the target's NOP-In ping; returns its TTT.
+async fn target_ping(c: &mut Client, wait: Duration) -> u32 {
+    let p = c
+        .recv_within(wait)
+        .await
+        .unwrap_or_else(|e| panic!("no NOP-In ping from the target: {e:?}"));
+    let Header::NopIn(h) = p.header else {
+        panic!("expected a NOP-In ping, got {:?}", p.header);
+    };
+    assert_eq!(h.itt, RESERVED_TAG, "a target ping has the reserved ITT");
+    assert_ne!(h.ttt, RESERVED_TAG, "a ping wanting an answer has a TTT");
+    h.ttt
+}
+
+async fn answer_ping(c: &mut Client, ttt: u32) {
+    let pdu = Pdu::new(
+        Header::NopOut(NopOut {
+            immediate: true,
+            lun: 0,
+            itt: RESERVED_TAG,
+            ttt,
+            cmd_sn: c.cmd_sn,
+            exp_stat_sn: c.exp_stat_sn,
+        }),
+        Bytes::new(),
+    );
+    c.send(&pdu).await;
+}
+
+#[tokio::test]
+async fn target_pings_idle_connection_and_drops_it_when_unanswered() {
+    let t = start("nop_in_interval = 1\nnop_in_timeout = 2").await;
+    let mut c = Client::login_to(t.addr, LoginOpts::normal(4)).await;
+    let ttt = target_ping(&mut c, Duration::from_secs(4)).await;
+    answer_ping(&mut c, ttt).await;
+
+    // Answering keeps the connection well past the timeout.
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut answered = 1;
+    while tokio::time::Instant::now() < until {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        match c.recv_within(left).await {
+            Ok(p) => {
+                let Header::NopIn(h) = p.header else {
+                    panic!("unexpected {:?}", p.header);
+                };
+                assert_eq!(h.itt, RESERVED_TAG);
+                answer_ping(&mut c, h.ttt).await;
+                answered += 1;
+            }
+            Err(RecvEnd::Timeout) => break,
+            Err(RecvEnd::Eof) => panic!("dropped although every ping ({answered}) was answered"),
+        }
+    }
+    c.ping().await;
+
+    // Not answering: dropped after nop_in_timeout.
+    let _ttt = target_ping(&mut c, Duration::from_secs(4)).await;
+    let started = tokio::time::Instant::now();
+    c.expect_eof(Duration::from_secs(6)).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "dropped after {:?}, before the 2 s timeout",
+        started.elapsed()
+    );
+}
+
+/// Expects a Reject carrying `bhs` and returns its reason.
+async fn expect_reject(c: &mut Client, bhs: &[u8; BHS_LEN]) -> u8 {
+    let p = c.recv().await;
+    let Header::Reject(h) = p.header else {
+        panic!("expected a Reject, got {:?}", p.header);
+    };
+    assert_eq!(
+        &p.data[..],
+        &bhs[..],
+        "the Reject carries the rejected header"
+    );
+    h.reason
+}
+
+#[tokio::test]
+async fn unknown_opcode_gets_reject_command_not_supported_and_connection_goes_on() {
+    let t = start("").await;
+    let mut c = Client::login_to(t.addr, LoginOpts::normal(5)).await;
+    let mut bhs = [0u8; BHS_LEN];
+    bhs[0] = 0x1c;
+    bhs[1] = 0x80;
+    bhs[16..20].copy_from_slice(&0x1234u32.to_be_bytes());
+    bhs[24..28].copy_from_slice(&c.cmd_sn.to_be_bytes());
+    c.send_bytes(&bhs).await;
+    let reason = expect_reject(&mut c, &bhs).await;
+    assert_eq!(reason, reject_reason::COMMAND_NOT_SUPPORTED);
+    c.ping().await;
+}
+
+#[tokio::test]
+async fn login_request_in_full_feature_phase_is_rejected() {
+    let t = start("").await;
+    let mut c = Client::login_to(t.addr, LoginOpts::normal(6)).await;
+    let pdu = Pdu::new(
+        Header::LoginRequest(LoginRequest {
+            transit: true,
+            csg: 1,
+            nsg: 3,
+            isid: c.isid,
+            tsih: c.tsih,
+            itt: 0x777,
+            cid: c.cid,
+            cmd_sn: c.cmd_sn,
+            exp_stat_sn: c.exp_stat_sn,
+            ..Default::default()
+        }),
+        Bytes::new(),
+    );
+    c.send(&pdu).await;
+    let reason = expect_reject(&mut c, &bhs_of(&pdu)).await;
+    assert_eq!(reason, reject_reason::PROTOCOL_ERROR);
+    c.ping().await;
+}
+
+#[tokio::test]
+async fn scsi_command_before_login_ends_the_connection() {
+    let t = start("").await;
+    let mut c = Client::connect(t.addr).await;
+    let (_, pdu) = c.command(&[0u8; 6], 0, false, false, true, Bytes::new());
+    c.send(&pdu).await;
+    let seen = c.expect_eof(Duration::from_secs(3)).await;
+    assert!(
+        seen.iter()
+            .all(|p| !matches!(p.header, Header::ScsiResponse(_))),
+        "a command was executed before login: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn data_out_for_unknown_itt_is_rejected() {
+    let t = start("").await;
+    let mut c = Client::login_to(t.addr, LoginOpts::normal(7)).await;
+    let pdu = Pdu::new(
+        Header::DataOut(DataOut {
+            final_: true,
+            lun: 0,
+            itt: 0xdead,
+            ttt: 5,
+            exp_stat_sn: c.exp_stat_sn,
+            data_sn: 0,
+            buffer_offset: 0,
+        }),
+        Bytes::from(vec![0xa5u8; 512]),
+    );
+    c.send(&pdu).await;
+    let reason = expect_reject(&mut c, &bhs_of(&pdu)).await;
+    assert!(
+        reason == reject_reason::INVALID_PDU_FIELD || reason == reject_reason::PROTOCOL_ERROR,
+        "reason {reason:#x}"
+    );
+    c.ping().await;
+}
+
+#[tokio::test]
+async fn snack_is_rejected_at_error_recovery_level_0() {
+    let t = start("").await;
+    let mut c = Client::login_to(t.addr, LoginOpts::normal(8)).await;
+    let pdu = Pdu::new(
+        Header::SnackRequest(SnackRequest {
+            snack_type: 1, // status SNACK
+            lun: 0,
+            itt: RESERVED_TAG,
+            ttt: 0,
+            exp_stat_sn: c.exp_stat_sn,
+            beg_run: 0,
+            run_length: 0,
+        }),
+        Bytes::new(),
+    );
+    c.send(&pdu).await;
+    let reason = expect_reject(&mut c, &bhs_of(&pdu)).await;
+    assert!(
+        reason == reject_reason::COMMAND_NOT_SUPPORTED
+            || reason == reject_reason::PROTOCOL_ERROR
+            || reason == reject_reason::SNACK_REJECT,
+        "reason {reason:#x}"
+    );
+    c.ping().await;
+}
+
+#[tokio::test]
+async fn abort_task_for_unknown_itt_says_task_does_not_exist() {
+    let t = start("").await;
+    let mut c = Client::login_to(t.addr, LoginOpts::normal(9)).await;
+    c.clear_ua().await;
+    // RefCmdSN of a command that already completed.
+    let done = c.cmd_sn.wrapping_sub(1);
+    let r = c.tmf(tmf::ABORT_TASK, 0, 0xdead_beef, done).await;
+    assert_eq!(r, tmf::TASK_DOES_NOT_EXIST);
+    c.ping().await;
+}
+
+#[tokio::test]
+async fn lun_reset_gives_other_sessions_a_unit_attention_but_not_the_resetter() {
+    let t = start("").await;
+    let mut a = Client::login_to(t.addr, LoginOpts::normal(10)).await;
+    let mut b = Client::login_to(t.addr, LoginOpts::normal(11)).await;
+    a.clear_ua().await;
+    b.clear_ua().await;
+    assert_eq!(
+        a.tmf(tmf::LOGICAL_UNIT_RESET, 0, RESERVED_TAG, 0).await,
+        tmf::FUNCTION_COMPLETE
+    );
+    let r = b.tur().await;
+    assert_eq!(r.status, 2, "CHECK CONDITION expected: {r:?}");
+    let (key, asc, ascq) = r.sense_code().expect("sense data");
+    assert_eq!((key, asc), (6, 0x29), "unit attention 29/xx expected");
+    assert_eq!(ascq, 0x03, "BUS DEVICE RESET FUNCTION OCCURRED");
+    assert_eq!(b.tur().await.status, 0, "the unit attention clears");
+    let r = a.tur().await;
+    assert_eq!(r.status, 0, "the resetting nexus sees no UA: {r:?}");
+}
+
+#[tokio::test]
+async fn tmf_for_a_missing_lun_says_lun_does_not_exist() {
+    let t = start("").await;
+    let mut c = Client::login_to(t.addr, LoginOpts::normal(12)).await;
+    assert_eq!(
+        c.tmf(tmf::LOGICAL_UNIT_RESET, 7, RESERVED_TAG, 0).await,
+        tmf::LUN_DOES_NOT_EXIST
+    );
+    assert_eq!(
+        c.tmf(tmf::ABORT_TASK_SET, 7, RESERVED_TAG, 0).await,
+        tmf::LUN_DOES_NOT_EXIST
+    );
+    c.ping().await;
+}
