@@ -108,14 +108,24 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
         local_addr: info.local_addr.clone(),
     });
     let (wtx, wrx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(writer_loop(tx, wrx, session.clone(), outcome.next_stat_sn));
+    let outbox = Outbox {
+        tx: wtx,
+        backlog: Arc::new(Default::default()),
+    };
+    let writer = tokio::spawn(writer_loop(
+        tx,
+        wrx,
+        outbox.clone(),
+        session.clone(),
+        outcome.next_stat_sn,
+    ));
     let local: Option<SocketAddr> = info.local_addr.parse().ok();
     let mut conn = Conn {
         registry: registry.clone(),
         session: session.clone(),
         cid,
         params,
-        writer: wtx,
+        writer: outbox,
         tasks: HashMap::new(),
         pending_write_bytes: 0,
         next_ttt: 1,
@@ -126,7 +136,7 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
         logout_session: false,
     };
     conn.run(rx, inbox).await;
-    let _ = conn.writer.send(WriterMsg::Close);
+    conn.writer.close();
     let _ = writer.await;
     let remaining = session.detach(cid, serial);
     if remaining == 0 || conn.logout_session {
@@ -311,6 +321,7 @@ impl LoginAuthority for Authority {
 async fn writer_loop<Tx: PduTx>(
     mut tx: Tx,
     mut rx: mpsc::UnboundedReceiver<WriterMsg>,
+    outbox: Outbox,
     session: Arc<Session>,
     mut stat_sn: u32,
 ) {
@@ -344,15 +355,97 @@ async fn writer_loop<Tx: PduTx>(
                 WriterMsg::Close => closing = true,
             }
         }
-        if !batch.is_empty() && tx.send(&batch).await.is_err() {
-            break;
+        let bytes: usize = batch.iter().map(|p| BHS_LEN + p.data.len()).sum();
+        if !batch.is_empty() {
+            match tokio::time::timeout(SEND_TIMEOUT, tx.send(&batch)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => break,
+            }
         }
+        outbox.sent(bytes);
         batch.clear();
         if closing {
             break;
         }
     }
+    outbox.writer_stopped();
     tx.shutdown().await;
+}
+
+/// Bytes queued for the writer and not yet on the wire. The reader stops
+/// reading while this is above [`MAX_BACKLOG_BYTES`], so a peer that sends
+/// requests without reading the answers cannot grow our memory.
+#[derive(Clone)]
+struct Outbox {
+    tx: mpsc::UnboundedSender<WriterMsg>,
+    backlog: Arc<Backlog>,
+}
+
+#[derive(Default)]
+struct Backlog {
+    bytes: std::sync::atomic::AtomicUsize,
+    room: tokio::sync::Notify,
+    /// The writer has stopped (send failed or timed out).
+    writer_gone: std::sync::atomic::AtomicBool,
+}
+
+/// A send that makes no progress for this long ends the connection.
+const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
+const MAX_BACKLOG_BYTES: usize = 64 << 20;
+
+fn wire_len(pdus: &[OutPdu]) -> usize {
+    pdus.iter().map(|p| BHS_LEN + p.pdu.data.len()).sum()
+}
+
+impl Outbox {
+    fn send(&self, pdus: Vec<OutPdu>) {
+        self.backlog
+            .bytes
+            .fetch_add(wire_len(&pdus), std::sync::atomic::Ordering::Relaxed);
+        let _ = self.tx.send(WriterMsg::Pdus(pdus));
+    }
+
+    fn close(&self) {
+        let _ = self.tx.send(WriterMsg::Close);
+    }
+
+    fn sent(&self, bytes: usize) {
+        self.backlog
+            .bytes
+            .fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+        self.backlog.room.notify_waiters();
+    }
+
+    fn writer_stopped(&self) {
+        self.backlog
+            .writer_gone
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.backlog.room.notify_waiters();
+    }
+
+    fn writer_gone(&self) -> bool {
+        self.backlog
+            .writer_gone
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn has_room(&self) -> bool {
+        self.backlog
+            .bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            <= MAX_BACKLOG_BYTES
+    }
+
+    async fn wait_for_room(&self) {
+        loop {
+            let room = self.backlog.room.notified();
+            if self.has_room() || self.writer_gone() {
+                return;
+            }
+            room.await;
+        }
+    }
 }
 
 /// A write command waiting for its data.
@@ -368,7 +461,7 @@ struct Conn {
     session: Arc<Session>,
     cid: u16,
     params: NegotiatedParams,
-    writer: mpsc::UnboundedSender<WriterMsg>,
+    writer: Outbox,
     tasks: HashMap<u32, PendingWrite>,
     /// Sum of the EDTLs of `tasks`.
     pending_write_bytes: u64,
@@ -391,7 +484,7 @@ fn status_pdu(pdu: Pdu) -> OutPdu {
 
 impl Conn {
     fn send(&self, pdus: Vec<OutPdu>) {
-        let _ = self.writer.send(WriterMsg::Pdus(pdus));
+        self.writer.send(pdus);
     }
 
     fn alloc_ttt(&mut self) -> u32 {
@@ -421,9 +514,11 @@ impl Conn {
         let ping_limit = Duration::from_secs(defaults.nop_in_timeout.max(1));
         let mut last_rx = Instant::now();
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
-        while !self.closing {
+        while !self.closing && !self.writer.writer_gone() {
+            let room = self.writer.has_room();
             tokio::select! {
-                r = rx.recv() => match r {
+                _ = self.writer.wait_for_room(), if !room => {}
+                r = rx.recv(), if room => match r {
                     Ok(Some(raw)) => {
                         last_rx = Instant::now();
                         self.on_raw(raw).await;
@@ -837,9 +932,7 @@ impl Conn {
         };
         if blocking {
             let writer = self.writer.clone();
-            tokio::task::spawn_blocking(move || {
-                let _ = writer.send(WriterMsg::Pdus(run()));
-            });
+            tokio::task::spawn_blocking(move || writer.send(run()));
         } else {
             self.send(run());
         }
