@@ -247,3 +247,47 @@ async fn header_digest_error_ends_the_connection() {
         "the PDU with a bad header digest was answered: {seen:?}"
     );
 }
+
+#[tokio::test]
+async fn immediate_then_unsolicited_data_then_r2ts() {
+    let t = start("").await;
+    let opts = LoginOpts::normal(7)
+        .key("InitialR2T", "No")
+        .key("ImmediateData", "Yes")
+        .key("FirstBurstLength", "16384")
+        .key("MaxBurstLength", "32768");
+    let mut c = Client::login_to(t.addr, opts).await;
+    assert_eq!(c.param("ImmediateData", "?"), "Yes");
+    c.clear_ua().await;
+    let len = 64 * KIB;
+    let data = pattern(len as usize, 0x2222_0000);
+    let imm = Bytes::copy_from_slice(&data[..4096]);
+    let (itt, pdu) = c.command(&write10_cdb(500, 128), len, false, true, false, imm);
+    c.send(&pdu).await;
+    c.data_out(itt, RESERVED_TAG, 4096, 16384, &data).await;
+    let r = c.finish(itt, Some(&data)).await;
+    assert_eq!(r.status, 0, "{r:?}");
+    let firsts: Vec<(u32, u32)> = r
+        .r2ts
+        .iter()
+        .map(|h| (h.buffer_offset, h.desired_data_transfer_length))
+        .collect();
+    assert_eq!(firsts, vec![(16384, 32768), (49152, 16384)]);
+    let back = c.read10(500, 128).await;
+    assert!(back.data == data, "read back differs from what was written");
+}
+
+#[tokio::test]
+async fn data_segment_beyond_our_max_recv_gets_reject_and_close() {
+    let t = start("max_recv_data_segment_length = 8192").await;
+    let mut c = Client::login_to(t.addr, LoginOpts::normal(8)).await;
+    assert_eq!(c.target_mrdsl(), 8192);
+    let (_, pdu) = c.nop_out(&vec![7u8; 16384]);
+    c.send(&pdu).await;
+    let seen = c.expect_eof(Duration::from_secs(3)).await;
+    let rejected = seen.iter().any(|p| {
+        matches!(&p.header, Header::Reject(h) if h.reason == reject_reason::PROTOCOL_ERROR)
+            && p.data[..] == bhs_of(&pdu)[..]
+    });
+    assert!(rejected, "expected a Reject before the close: {seen:?}");
+}
