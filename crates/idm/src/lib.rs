@@ -5,8 +5,10 @@
 //! owns what both sides of iSCSI share:
 //!
 //! - [`state`]: the RFC 7143 §8 connection and session state machines;
-//! - [`login`]: the login phases and their negotiation (target side);
+//! - [`login`]: the login phases and their negotiation (target side), and
+//!   [`initiator_login`], the same phases from the initiator's side;
 //! - [`sn`]: CmdSN / StatSN serial arithmetic and the command window;
+//! - [`initiator_data`]: the same data services from the initiator side;
 //! - [`datain`] and [`r2t`]: the data services (Data-In with DataSN,
 //!   residuals and status collapsing; R2T / Data-Out with burst limits);
 //! - [`transport`]: the Transport seam, and [`tcp`], its TCP implementation.
@@ -15,6 +17,8 @@
 //! out, so each RFC corner case is a unit test without a socket.
 
 pub mod datain;
+pub mod initiator_data;
+pub mod initiator_login;
 pub mod login;
 pub mod r2t;
 pub mod sn;

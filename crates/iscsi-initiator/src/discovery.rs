@@ -16,7 +16,7 @@ use iscsi_proto::text;
 
 use crate::conn;
 use crate::error::Error;
-use crate::login::{Auth, LoginConfig};
+use crate::login::Auth;
 use crate::portal::Portal;
 
 /// Largest SendTargets answer we reassemble.
@@ -142,7 +142,7 @@ pub async fn discover(
     auth: Auth,
     timeout: Duration,
 ) -> Result<Vec<DiscoveredTarget>, Error> {
-    let mut cfg = LoginConfig::new(initiator_name, None);
+    let mut cfg = crate::login::login_config(initiator_name, None);
     cfg.auth = auth;
     let mut conn = conn::login(portal, &cfg, timeout).await?;
     let work = async {

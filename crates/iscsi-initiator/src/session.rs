@@ -1,36 +1,47 @@
-//! A full-feature iSCSI session (one connection, ERL 0) and the SCSI API on
-//! top of it: [`Session`] and [`Lun`].
+//! A full-feature iSCSI session and the SCSI API on top of it: [`Session`]
+//! and [`Lun`].
 //!
 //! ```text
-//!  callers ──submit──► task table (ITT → pending) ──► writer task ──► TcpTx
-//!                         ▲        CmdSN window (ExpCmdSN..MaxCmdSN)
-//!                         └──── reader task ◄── TcpRx: Data-In, R2T, SCSI Response,
+//!  callers ──submit──► task table (ITT → pending) ──► queue ──pump──► conn k writer ──► TcpTx
+//!                         ▲        CmdSN window (ExpCmdSN..MaxCmdSN), round-robin over connections
+//!                         └──── reader per connection ◄── TcpRx: Data-In, R2T, SCSI Response,
 //!                                                NOP-In, TMF/Logout responses, Reject
 //! ```
 //!
-//! Many commands may be in flight: each waits on its own channel, a new one
-//! waits for room in the window the target opened (MaxCmdSN), and every
-//! wait has a deadline. Writes send immediate data and unsolicited Data-Out
-//! as negotiated and answer R2Ts; reads are reassembled from Data-In with
-//! DataSN and offset checks. A response from the target never panics us: a
-//! bad one fails its command or, if it breaks the connection's framing, the
-//! session, and every waiter gets an error.
+//! Many commands may be in flight: each waits on its own channel; a command
+//! goes on the wire when the target's window (MaxCmdSN) has room, on the
+//! next connection in turn (MC/S: one CmdSN space across them, connection
+//! allegiance for its R2Ts and Data-Out). Writes send immediate data and
+//! unsolicited Data-Out as negotiated and answer R2Ts; reads are reassembled
+//! from Data-In by `idm::initiator_data`.
+//!
+//! Recovery (ERL 0): when a connection drops, or a timed-out command cannot
+//! even be aborted, the session is reinstated — a new login with the same
+//! ISID and TSIH 0, so the target ends the old one — with backoff for up to
+//! [`SessionOptions::replacement_timeout`]; then every command that had not
+//! completed is reissued in its original CmdSN order, each at most
+//! [`SessionOptions::max_reissues`] times. If no replacement comes in time,
+//! every waiter gets one clear error. Every wait has a deadline, so nothing
+//! hangs forever.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use idm::initiator_data::{data_out_pdus, DataInBuffer, WritePlan};
 use idm::sn::{sn_le, sn_lt};
 use idm::tcp::{TcpRx, TcpTx};
 use idm::transport::{PduRx, PduTx};
 use iscsi_proto::negotiation::{Digest, NegotiatedParams, Policy};
 use iscsi_proto::pdu::{
-    self, logout, task_attr, tmf, DataOut, Header, LogoutRequest, NopOut, Pdu, ScsiCommand,
-    TaskMgmtRequest, RESERVED_TAG,
+    self, logout, task_attr, tmf, Header, LogoutRequest, NopOut, Pdu, ScsiCommand, TaskMgmtRequest,
+    RESERVED_TAG,
 };
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinSet;
+
+pub use idm::initiator_data::Residual;
 
 use crate::conn;
 use crate::error::Error;
@@ -49,12 +60,22 @@ pub struct SessionOptions {
     /// Our operational wishes (burst lengths, InitialR2T, ImmediateData, ...).
     pub policy: Policy,
     pub login_timeout: Duration,
-    /// Deadline of each SCSI command, from submission to status.
+    /// Deadline of each SCSI command, from submission to status (time spent
+    /// waiting for a replacement session does not count).
     pub command_timeout: Duration,
     /// Largest transfer of one READ/WRITE command; longer I/O is split.
     pub max_io_bytes: u32,
     /// Commands one `Lun::read`/`write` call keeps in flight.
     pub io_depth: usize,
+    /// Connections in the session (MC/S); fewer if the target's
+    /// MaxConnections is lower.
+    pub connections: u16,
+    /// How long to keep trying to replace a lost session before failing
+    /// every outstanding command (open-iscsi's `replacement_timeout`);
+    /// zero turns recovery off.
+    pub replacement_timeout: Duration,
+    /// How often one command may be reissued after reconnects.
+    pub max_reissues: u32,
 }
 
 impl SessionOptions {
@@ -69,6 +90,9 @@ impl SessionOptions {
             command_timeout: Duration::from_secs(30),
             max_io_bytes: 1 << 20,
             io_depth: 8,
+            connections: 1,
+            replacement_timeout: Duration::from_secs(30),
+            max_reissues: 5,
         }
     }
 }
@@ -96,17 +120,6 @@ pub fn default_initiator_name() -> String {
     )
 }
 
-/// Residual of a completed command (RFC 7143 §11.4.5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Residual {
-    #[default]
-    None,
-    /// The target moved this many bytes less than expected.
-    Underflow(u32),
-    /// The target had this many bytes more than expected.
-    Overflow(u32),
-}
-
 /// A command that completed with GOOD (or CONDITION MET) status.
 #[derive(Debug, Clone)]
 pub struct Reply {
@@ -116,11 +129,22 @@ pub struct Reply {
     pub residual: Residual,
 }
 
-struct ScsiTask {
+/// What a command asks for; kept so it can be reissued after a reconnect.
+struct Request {
     lun: u64,
+    cdb: Bytes,
     data_out: Bytes,
-    data_in: Vec<u8>,
-    next_data_sn: u32,
+    expected_in: u32,
+}
+
+struct ScsiTask {
+    req: Arc<Request>,
+    data_in: DataInBuffer,
+    /// Connection (by id) and CmdSN it went out with; None while queued.
+    sent: Option<(u64, u32)>,
+    /// Submission order, to reissue in the original order.
+    seq: u64,
+    reissues: u32,
     done: oneshot::Sender<Result<Reply, Error>>,
 }
 
@@ -131,15 +155,44 @@ enum Pending {
     Logout(oneshot::Sender<u8>),
 }
 
+/// One connection of the current session incarnation.
+struct Conn {
+    /// Unique over the session's life (CIDs repeat across reinstatements).
+    id: u64,
+    cid: u16,
+    out: mpsc::UnboundedSender<Vec<Pdu>>,
+    exp_stat_sn: u32,
+    commands: u64,
+    reader: tokio::task::AbortHandle,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // The writer ends when `out` goes; the reader must be told.
+        self.reader.abort();
+    }
+}
+
 struct State {
     /// CmdSN of the next non-immediate command.
     cmd_sn: u32,
     exp_cmd_sn: u32,
     max_cmd_sn: u32,
-    exp_stat_sn: u32,
     next_itt: u32,
+    next_seq: u64,
     pending: HashMap<u32, Pending>,
-    /// Why the session ended, once it has.
+    /// SCSI commands waiting for the window (or for a replacement session).
+    queue: VecDeque<u32>,
+    conns: Vec<Conn>,
+    next_conn_id: u64,
+    rr: usize,
+    tsih: u16,
+    params: NegotiatedParams,
+    portal: Portal,
+    /// A replacement session is being logged in.
+    recovering: bool,
+    reconnects: u64,
+    /// Why the session ended for good, once it has.
     closed: Option<String>,
 }
 
@@ -170,30 +223,65 @@ impl State {
         false
     }
 
-    fn saw_stat_sn(&mut self, stat_sn: u32) {
-        if sn_le(self.exp_stat_sn, stat_sn) {
-            self.exp_stat_sn = stat_sn.wrapping_add(1);
+    fn conn_index(&self, id: u64) -> Option<usize> {
+        self.conns.iter().position(|c| c.id == id)
+    }
+
+    fn saw_stat_sn(&mut self, conn: usize, stat_sn: u32) {
+        if let Some(c) = self.conns.get_mut(conn) {
+            if sn_le(c.exp_stat_sn, stat_sn) {
+                c.exp_stat_sn = stat_sn.wrapping_add(1);
+            }
         }
     }
 
     fn window_open(&self) -> bool {
         sn_le(self.cmd_sn, self.max_cmd_sn)
     }
+
+    fn install(&mut self, logged: Vec<conn::LoggedIn>, inner: &Arc<Inner>) {
+        self.conns.clear();
+        if let Some(first) = logged.first() {
+            let r = &first.result;
+            self.cmd_sn = r.cmd_sn;
+            self.exp_cmd_sn = r.exp_cmd_sn;
+            self.max_cmd_sn = r.max_cmd_sn;
+            self.tsih = r.tsih;
+            self.params = r.params.clone();
+            self.portal = first.portal.clone();
+        }
+        for c in logged {
+            // Later logins may have opened the window further.
+            self.update_window(c.result.exp_cmd_sn, c.result.max_cmd_sn);
+            let id = self.next_conn_id;
+            self.next_conn_id += 1;
+            let (out, chan) = mpsc::unbounded_channel();
+            tokio::spawn(writer(chan, c.tx, id, Arc::downgrade(inner)));
+            let reader = tokio::spawn(reader(c.rx, id, Arc::downgrade(inner))).abort_handle();
+            self.conns.push(Conn {
+                id,
+                cid: c.result.cid,
+                out,
+                exp_stat_sn: c.result.exp_stat_sn,
+                commands: 0,
+                reader,
+            });
+        }
+    }
 }
 
 struct Inner {
     state: Mutex<State>,
-    window: Notify,
-    out: mpsc::UnboundedSender<Vec<Pdu>>,
-    params: NegotiatedParams,
-    portal: Portal,
+    changed: Notify,
     target: String,
-    tsih: u16,
-    cid: u16,
+    /// The portal the user named (a reconnect starts over from it).
+    home: Portal,
+    /// Login settings, ISID included: the same ISID reinstates the session.
+    login: LoginConfig,
     opts: SessionOptions,
 }
 
-/// A logged-in session to one target. Cheap to clone; the connection ends
+/// A logged-in session to one target. Cheap to clone; the connections end
 /// with [`Session::logout`] or when the last clone is dropped.
 #[derive(Clone)]
 pub struct Session {
@@ -204,20 +292,53 @@ impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
             .field("target", &self.inner.target)
-            .field("portal", &self.inner.portal)
-            .field("tsih", &self.inner.tsih)
+            .field("portal", &self.inner.home)
+            .field("tsih", &self.tsih())
             .finish_non_exhaustive()
     }
 }
 
+/// Logs in the leading connection and then up to `opts.connections - 1`
+/// more with its TSIH (MC/S), as far as MaxConnections allows.
+async fn open_connections(
+    portal: &Portal,
+    cfg: &LoginConfig,
+    opts: &SessionOptions,
+) -> Result<Vec<conn::LoggedIn>, Error> {
+    let mut cfg = cfg.clone();
+    cfg.tsih = 0;
+    cfg.cid = 0;
+    let lead = conn::login(portal, &cfg, opts.login_timeout).await?;
+    let want = u32::from(opts.connections.max(1)).min(lead.result.params.max_connections.max(1));
+    let mut all = vec![lead];
+    for cid in 1..want {
+        let Some(first) = all.first() else { break };
+        let mut more = cfg.clone();
+        more.tsih = first.result.tsih;
+        more.cid = cid as u16;
+        more.cmd_sn = first.result.cmd_sn;
+        let at = first.portal.clone();
+        match conn::login(&at, &more, opts.login_timeout).await {
+            Ok(c) => all.push(c),
+            Err(e) => {
+                tracing::warn!(cid, error = %e, "could not add a connection; continuing with fewer");
+                break;
+            }
+        }
+    }
+    Ok(all)
+}
+
 impl Session {
-    /// Connects to `portal` and logs in to `target` (following redirections).
+    /// Connects to `portal` and logs in to `target` (following redirections),
+    /// with as many connections as `opts.connections` asks and the target allows.
     pub async fn login(
         portal: &Portal,
         target: &str,
         opts: SessionOptions,
     ) -> Result<Session, Error> {
-        let mut cfg = LoginConfig::new(opts.initiator_name.clone(), Some(target.to_owned()));
+        let mut cfg =
+            crate::login::login_config(opts.initiator_name.clone(), Some(target.to_owned()));
         cfg.auth = opts.auth.clone();
         cfg.policy = opts.policy.clone();
         // Preferred, not demanded: a target without digests answers None.
@@ -227,46 +348,67 @@ impl Session {
         if opts.data_digest {
             cfg.policy.data_digest = vec![Digest::Crc32c, Digest::None];
         }
-        let c = conn::login(portal, &cfg, opts.login_timeout).await?;
-        let r = &c.result;
+        if opts.connections > 1 {
+            cfg.policy.max_connections = u32::from(opts.connections);
+        }
+        let logged = open_connections(portal, &cfg, &opts).await?;
         let state = State {
-            cmd_sn: r.cmd_sn,
-            exp_cmd_sn: r.exp_cmd_sn,
-            max_cmd_sn: r.max_cmd_sn,
-            exp_stat_sn: r.exp_stat_sn,
+            cmd_sn: 1,
+            exp_cmd_sn: 1,
+            max_cmd_sn: 0,
             next_itt: 0x10,
+            next_seq: 0,
             pending: HashMap::new(),
+            queue: VecDeque::new(),
+            conns: Vec::new(),
+            next_conn_id: 0,
+            rr: 0,
+            tsih: 0,
+            params: NegotiatedParams::default(),
+            portal: portal.clone(),
+            recovering: false,
+            reconnects: 0,
             closed: None,
         };
-        let (out, chan) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             state: Mutex::new(state),
-            window: Notify::new(),
-            out,
-            params: r.params.clone(),
-            portal: c.portal.clone(),
+            changed: Notify::new(),
             target: target.to_owned(),
-            tsih: r.tsih,
-            cid: r.cid,
+            home: portal.clone(),
+            login: cfg,
             opts,
         });
-        tracing::info!(target_name = target, portal = %c.portal, tsih = r.tsih, "session up");
-        tokio::spawn(writer(chan, c.tx, Arc::downgrade(&inner)));
-        tokio::spawn(reader(c.rx, Arc::downgrade(&inner)));
+        {
+            let mut st = inner.lock();
+            st.install(logged, &inner);
+            tracing::info!(target_name = target, portal = %st.portal, tsih = st.tsih,
+                connections = st.conns.len(), "session up");
+        }
         Ok(Session { inner })
     }
 
-    /// What login negotiated.
-    pub fn params(&self) -> &NegotiatedParams {
-        &self.inner.params
+    /// What login negotiated (on the current incarnation of the session).
+    pub fn params(&self) -> NegotiatedParams {
+        self.inner.lock().params.clone()
     }
 
     pub fn tsih(&self) -> u16 {
-        self.inner.tsih
+        self.inner.lock().tsih
     }
 
     pub fn target(&self) -> &str {
         &self.inner.target
+    }
+
+    /// How many times the session was reinstated after a failure.
+    pub fn reconnects(&self) -> u64 {
+        self.inner.lock().reconnects
+    }
+
+    /// Each live connection's CID and how many SCSI commands it carried.
+    pub fn connection_commands(&self) -> Vec<(u16, u64)> {
+        let st = self.inner.lock();
+        st.conns.iter().map(|c| (c.cid, c.commands)).collect()
     }
 
     /// Why the session ended, if it has.
@@ -300,7 +442,7 @@ impl Session {
     pub async fn ping(&self) -> Result<Duration, Error> {
         let (tx, rx) = oneshot::channel();
         let start = Instant::now();
-        self.inner.send_immediate(|st, itt| {
+        self.inner.send_immediate(|st, itt, conn| {
             st.pending.insert(itt, Pending::Nop(tx));
             Header::NopOut(NopOut {
                 immediate: true,
@@ -308,7 +450,7 @@ impl Session {
                 itt,
                 ttt: RESERVED_TAG,
                 cmd_sn: st.cmd_sn,
-                exp_stat_sn: st.exp_stat_sn,
+                exp_stat_sn: conn.1,
             })
         })?;
         let t = self.inner.opts.command_timeout;
@@ -323,16 +465,15 @@ impl Session {
     /// target's answer.
     pub async fn logout(&self) -> Result<(), Error> {
         let (tx, rx) = oneshot::channel();
-        let cid = self.inner.cid;
-        self.inner.send_immediate(|st, itt| {
+        self.inner.send_immediate(|st, itt, conn| {
             st.pending.insert(itt, Pending::Logout(tx));
             Header::LogoutRequest(LogoutRequest {
                 immediate: true,
                 reason: logout::CLOSE_SESSION,
                 itt,
-                cid,
+                cid: conn.0,
                 cmd_sn: st.cmd_sn,
-                exp_stat_sn: st.exp_stat_sn,
+                exp_stat_sn: conn.1,
             })
         })?;
         let t = self.inner.opts.login_timeout;
@@ -371,7 +512,7 @@ impl Session {
         ref_cmd_sn: u32,
     ) -> Result<u8, Error> {
         let (tx, rx) = oneshot::channel();
-        self.inner.send_immediate(|st, itt| {
+        self.inner.send_immediate(|st, itt, conn| {
             st.pending.insert(itt, Pending::Tmf(tx));
             Header::TaskMgmtRequest(TaskMgmtRequest {
                 immediate: true,
@@ -380,7 +521,7 @@ impl Session {
                 itt,
                 referenced_task_tag: referenced,
                 cmd_sn: st.cmd_sn,
-                exp_stat_sn: st.exp_stat_sn,
+                exp_stat_sn: conn.1,
                 ref_cmd_sn,
                 exp_data_sn: 0,
             })
@@ -391,6 +532,12 @@ impl Session {
             Ok(Err(_)) => Err(self.inner.closed_error()),
             Err(_) => Err(Error::timeout("a task management response", t)),
         }
+    }
+
+    /// Forces the session through recovery, as if its connections had
+    /// dropped (for tests and for callers with their own health checks).
+    pub fn reconnect_now(&self, why: &str) {
+        self.inner.fail_all_connections(why.to_owned());
     }
 
     /// Sends one SCSI command and waits for its status, within the
@@ -408,59 +555,95 @@ impl Session {
                 cdb.len()
             )));
         }
-        let out_len = u32::try_from(data_out.len())
-            .map_err(|_| Error::InvalidArgument("data-out over 4 GiB".into()))?;
-        if out_len > 0 && expected_in > 0 {
+        if u32::try_from(data_out.len()).is_err() {
+            return Err(Error::InvalidArgument("data-out over 4 GiB".into()));
+        }
+        if !data_out.is_empty() && expected_in > 0 {
             return Err(Error::InvalidArgument(
                 "bidirectional commands are not supported".into(),
             ));
         }
         let timeout = self.inner.opts.command_timeout;
-        let deadline = tokio::time::Instant::now() + timeout;
-        let (tx, rx) = oneshot::channel();
-        let mut tx = Some(tx);
-        let (itt, cmd_sn) = loop {
-            let notified = self.inner.window.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let mut st = self.inner.lock();
-                if let Some(reason) = &st.closed {
-                    return Err(Error::SessionClosed(reason.clone()));
-                }
-                if st.window_open() {
-                    let Some(done) = tx.take() else {
-                        return Err(Error::Protocol("command submitted twice".into()));
-                    };
-                    let sent =
-                        self.inner
-                            .start_command(&mut st, lun, cdb, data_out, expected_in, done);
-                    break sent?;
-                }
+        let (tx, mut rx) = oneshot::channel();
+        let req = Arc::new(Request {
+            lun: pdu::lun_to_wire(lun),
+            cdb: Bytes::copy_from_slice(cdb),
+            data_out,
+            expected_in,
+        });
+        let itt = {
+            let mut st = self.inner.lock();
+            if let Some(reason) = &st.closed {
+                return Err(Error::SessionClosed(reason.clone()));
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(Error::timeout("room in the target's CmdSN window", timeout));
-            }
+            let itt = st.alloc_itt();
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            st.pending.insert(
+                itt,
+                Pending::Scsi(ScsiTask {
+                    data_in: DataInBuffer::new(expected_in),
+                    req,
+                    sent: None,
+                    seq,
+                    reissues: 0,
+                    done: tx,
+                }),
+            );
+            st.queue.push_back(itt);
+            self.inner.pump(&mut st);
+            itt
         };
-        match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(self.inner.closed_error()),
-            Err(_) => {
-                let was_pending = self.inner.lock().pending.remove(&itt).is_some();
-                if was_pending {
-                    tracing::warn!(itt, "command timed out; aborting it");
-                    let s = self.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = s.abort_task(lun, itt, cmd_sn).await {
-                            tracing::warn!(itt, error = %e, "ABORT TASK failed");
-                        }
-                    });
-                }
-                Err(Error::timeout("the SCSI command", timeout))
+        let mut deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, &mut rx).await {
+                Ok(Ok(r)) => return r,
+                Ok(Err(_)) => return Err(self.inner.closed_error()),
+                Err(_) => {}
             }
+            let sent = {
+                let mut st = self.inner.lock();
+                if st.recovering {
+                    // Waiting for a replacement session is not the
+                    // target's slowness; recovery has its own deadline.
+                    drop(st);
+                    deadline = tokio::time::Instant::now() + timeout;
+                    continue;
+                }
+                match st.pending.get(&itt) {
+                    Some(Pending::Scsi(t)) => {
+                        let sent = t.sent;
+                        st.pending.remove(&itt);
+                        st.queue.retain(|q| *q != itt);
+                        sent
+                    }
+                    // Completed just now.
+                    _ => continue,
+                }
+            };
+            if let Some((_, cmd_sn)) = sent {
+                tracing::warn!(itt, "command timed out; aborting it");
+                let s = self.clone();
+                tokio::spawn(async move {
+                    match s.abort_task(lun, itt, cmd_sn).await {
+                        Ok(_) => {}
+                        Err(Error::Timeout { .. }) => {
+                            // The target answers nothing: replace the session.
+                            s.inner.fail_all_connections(
+                                "the target did not answer an ABORT TASK".into(),
+                            );
+                        }
+                        Err(e) => tracing::warn!(itt, error = %e, "ABORT TASK failed"),
+                    }
+                });
+                return Err(Error::timeout("the SCSI command", timeout));
+            }
+            return Err(Error::timeout("room in the target's CmdSN window", timeout));
         }
     }
 }
+/// Most reconnect attempts in one recovery (each also bounded by time).
+const MAX_RECONNECT_ATTEMPTS: u32 = 64;
 
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -478,128 +661,266 @@ impl Inner {
         )
     }
 
-    /// Ends the session: every waiter gets an error.
+    /// Ends the session for good: every waiter gets an error.
     fn close(&self, reason: String) {
-        let pending = {
+        let (pending, conns) = {
             let mut st = self.lock();
             if st.closed.is_none() {
                 st.closed = Some(reason.clone());
             }
-            std::mem::take(&mut st.pending)
+            st.queue.clear();
+            st.recovering = false;
+            (
+                std::mem::take(&mut st.pending),
+                std::mem::take(&mut st.conns),
+            )
         };
+        drop(conns);
         for (_, p) in pending {
             if let Pending::Scsi(t) = p {
                 let _ = t.done.send(Err(Error::SessionClosed(reason.clone())));
             }
             // Other waiters see their channel close.
         }
-        self.window.notify_waiters();
+        self.changed.notify_waiters();
     }
 
-    fn send(&self, pdus: Vec<Pdu>) -> Result<(), Error> {
-        self.out
-            .send(pdus)
-            .map_err(|_| Error::SessionClosed("the connection's writer has stopped".into()))
+    /// A connection of the current incarnation failed (`id`), or all of
+    /// them are to be given up (`None`): start recovery, or close the
+    /// session if recovery is off or we were logging out.
+    fn connection_failed(self: &Arc<Self>, id: Option<u64>, reason: String) {
+        let conns = {
+            let mut st = self.lock();
+            if st.closed.is_some() || st.recovering {
+                return;
+            }
+            if let Some(id) = id {
+                if st.conn_index(id).is_none() {
+                    // An old connection ending late.
+                    return;
+                }
+            }
+            let logging_out = st.pending.values().any(|p| matches!(p, Pending::Logout(_)));
+            if self.opts.replacement_timeout.is_zero() || logging_out {
+                drop(st);
+                self.close(reason);
+                return;
+            }
+            tracing::warn!(%reason, "connection lost; reinstating the session");
+            st.recovering = true;
+            // ERL 0: the old session's tasks are gone with it. Non-SCSI
+            // waiters fail (their channels close); SCSI commands are
+            // requeued in submission order for the replacement.
+            let mut scsi: Vec<(u64, u32)> = Vec::new();
+            st.pending.retain(|itt, p| match p {
+                Pending::Scsi(t) => {
+                    scsi.push((t.seq, *itt));
+                    true
+                }
+                _ => false,
+            });
+            scsi.sort_unstable();
+            st.queue = scsi.into_iter().map(|(_, itt)| itt).collect();
+            std::mem::take(&mut st.conns)
+        };
+        drop(conns);
+        let me = Arc::clone(self);
+        tokio::spawn(async move { me.recover(reason).await });
     }
 
-    /// Sends an immediate PDU built under the lock with a fresh ITT.
-    fn send_immediate(&self, build: impl FnOnce(&mut State, u32) -> Header) -> Result<(), Error> {
+    fn fail_all_connections(self: &Arc<Self>, reason: String) {
+        self.connection_failed(None, reason);
+    }
+
+    /// Logs in a replacement session (same ISID, TSIH 0) with backoff until
+    /// `replacement_timeout`, then reissues the queued commands.
+    async fn recover(self: Arc<Self>, first_reason: String) {
+        let started = Instant::now();
+        let limit = self.opts.replacement_timeout;
+        let mut delay = Duration::from_millis(100);
+        let mut attempt = 0u32;
+        tracing::debug!(reason = %first_reason, "recovery started");
+        let mut last;
+        loop {
+            attempt += 1;
+            match open_connections(&self.home, &self.login, &self.opts).await {
+                Ok(logged) => {
+                    let mut st = self.lock();
+                    if st.closed.is_some() {
+                        return;
+                    }
+                    st.install(logged, &self);
+                    st.recovering = false;
+                    st.reconnects += 1;
+                    // Bounded retry per command.
+                    let max = self.opts.max_reissues;
+                    let queued: Vec<u32> = st.queue.iter().copied().collect();
+                    for itt in queued {
+                        let give_up = match st.pending.get_mut(&itt) {
+                            Some(Pending::Scsi(t)) => {
+                                t.sent = None;
+                                t.data_in = DataInBuffer::new(t.req.expected_in);
+                                t.reissues += 1;
+                                t.reissues > max
+                            }
+                            _ => false,
+                        };
+                        if give_up {
+                            st.queue.retain(|q| *q != itt);
+                            fail_task(
+                                &mut st,
+                                itt,
+                                Error::SessionClosed(format!(
+                                    "command reissued {max} times after reconnects; giving up"
+                                )),
+                            );
+                        }
+                    }
+                    tracing::info!(
+                        attempt,
+                        tsih = st.tsih,
+                        reissued = st.queue.len(),
+                        "session reinstated"
+                    );
+                    self.pump(&mut st);
+                    drop(st);
+                    self.changed.notify_waiters();
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(attempt, error = %e, "reconnect failed");
+                    last = e.to_string();
+                }
+            }
+            if started.elapsed() + delay > limit || attempt >= MAX_RECONNECT_ATTEMPTS {
+                self.close(format!(
+                    "the session could not be reinstated within {:.1} s ({attempt} attempts; last: {last})",
+                    limit.as_secs_f64()
+                ));
+                return;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Sends an immediate PDU built under the lock with a fresh ITT, on the
+    /// first connection; `build` gets (CID, ExpStatSN) of it.
+    fn send_immediate(
+        &self,
+        build: impl FnOnce(&mut State, u32, (u16, u32)) -> Header,
+    ) -> Result<(), Error> {
         let mut st = self.lock();
         if let Some(reason) = &st.closed {
             return Err(Error::SessionClosed(reason.clone()));
         }
+        let Some(c) = st.conns.first() else {
+            return Err(Error::SessionClosed("reconnecting".into()));
+        };
+        let conn = (c.cid, c.exp_stat_sn);
+        let out = c.out.clone();
         let itt = st.alloc_itt();
-        let h = build(&mut st, itt);
-        self.send(vec![Pdu::new(h, Bytes::new())])
+        let h = build(&mut st, itt, conn);
+        out.send(vec![Pdu::new(h, Bytes::new())])
+            .map_err(|_| Error::SessionClosed("the connection's writer has stopped".into()))
     }
 
-    /// Builds and queues a command with its immediate and unsolicited data;
-    /// runs under the lock so CmdSN order is wire order.
-    fn start_command(
-        &self,
-        st: &mut State,
-        lun: u64,
-        cdb: &[u8],
-        data_out: Bytes,
-        expected_in: u32,
-        done: oneshot::Sender<Result<Reply, Error>>,
-    ) -> Result<(u32, u32), Error> {
-        let p = &self.params;
-        let len = data_out.len() as u32;
-        let seg = p.max_xmit_data_segment_length.max(512);
-        let first_burst = p.first_burst_length.min(p.max_burst_length);
-        let immediate = if p.immediate_data {
-            len.min(first_burst).min(seg)
-        } else {
-            0
-        };
-        let unsolicited_end = if p.initial_r2t {
-            immediate
-        } else {
-            len.min(first_burst)
-        };
-        let itt = st.alloc_itt();
-        let cmd_sn = st.cmd_sn;
-        st.cmd_sn = st.cmd_sn.wrapping_add(1);
-        let wire_lun = pdu::lun_to_wire(lun);
-        let mut cdb16 = [0u8; 16];
-        let head = cdb.get(..16).unwrap_or(cdb);
-        if let Some(dst) = cdb16.get_mut(..head.len()) {
-            dst.copy_from_slice(head);
+    /// Puts queued commands on the wire while the window has room, each on
+    /// the next connection in turn; under the lock, so CmdSN order is the
+    /// order of assignment.
+    fn pump(&self, st: &mut State) {
+        while !st.recovering && st.window_open() && !st.conns.is_empty() {
+            let Some(itt) = st.queue.pop_front() else {
+                break;
+            };
+            let Some(Pending::Scsi(task)) = st.pending.get(&itt) else {
+                continue;
+            };
+            let req = Arc::clone(&task.req);
+            let k = st.rr % st.conns.len();
+            st.rr = st.rr.wrapping_add(1);
+            let cmd_sn = st.cmd_sn;
+            let Some(exp_stat_sn) = st.conns.get(k).map(|c| c.exp_stat_sn) else {
+                break;
+            };
+            let pdus = command_pdus(&st.params, &req, itt, cmd_sn, exp_stat_sn);
+            let Some(c) = st.conns.get_mut(k) else { break };
+            if c.out.send(pdus).is_err() {
+                // The writer is gone; its failure starts recovery.
+                st.queue.push_front(itt);
+                break;
+            }
+            c.commands += 1;
+            let conn_id = c.id;
+            st.cmd_sn = st.cmd_sn.wrapping_add(1);
+            if let Some(Pending::Scsi(t)) = st.pending.get_mut(&itt) {
+                t.sent = Some((conn_id, cmd_sn));
+            }
         }
-        let extended = cdb
-            .get(16..)
-            .filter(|e| !e.is_empty())
-            .map(Bytes::copy_from_slice);
-        let cmd = ScsiCommand {
-            immediate: false,
-            final_: unsolicited_end == immediate,
-            read: expected_in > 0,
-            write: len > 0,
-            attr: task_attr::SIMPLE,
-            lun: wire_lun,
-            itt,
-            expected_data_transfer_length: if len > 0 { len } else { expected_in },
-            cmd_sn,
-            exp_stat_sn: st.exp_stat_sn,
-            cdb: cdb16,
-            extended_cdb: extended,
-            bidi_read_length: None,
-        };
-        let mut pdus = vec![Pdu::new(
-            Header::ScsiCommand(cmd),
-            data_out.slice(..immediate as usize),
-        )];
-        pdus.extend(data_outs(
-            wire_lun,
-            itt,
-            RESERVED_TAG,
-            &data_out,
-            immediate,
-            unsolicited_end,
-            seg,
-            st.exp_stat_sn,
-        ));
-        st.pending.insert(
-            itt,
-            Pending::Scsi(ScsiTask {
-                lun: wire_lun,
-                data_out,
-                data_in: vec![0u8; expected_in as usize],
-                next_data_sn: 0,
-                done,
-            }),
-        );
-        if let Err(e) = self.send(pdus) {
-            st.pending.remove(&itt);
-            return Err(e);
-        }
-        Ok((itt, cmd_sn))
     }
+}
 
-    /// Handles one PDU from the target. `Err` ends the session.
-    fn dispatch(&self, pdu: Pdu) -> Result<(), String> {
+/// The SCSI Command PDU with its immediate data, and the unsolicited
+/// Data-Out after it, for one (re)issue of `req`.
+fn command_pdus(
+    p: &NegotiatedParams,
+    req: &Request,
+    itt: u32,
+    cmd_sn: u32,
+    exp_stat_sn: u32,
+) -> Vec<Pdu> {
+    let len = req.data_out.len() as u32;
+    let plan = WritePlan::new(p, len);
+    let mut cdb16 = [0u8; 16];
+    let head = req.cdb.get(..16).unwrap_or(&req.cdb);
+    if let Some(dst) = cdb16.get_mut(..head.len()) {
+        dst.copy_from_slice(head);
+    }
+    let extended = req
+        .cdb
+        .get(16..)
+        .filter(|e| !e.is_empty())
+        .map(Bytes::copy_from_slice);
+    let cmd = ScsiCommand {
+        immediate: false,
+        final_: plan.command_final(),
+        read: req.expected_in > 0,
+        write: len > 0,
+        attr: task_attr::SIMPLE,
+        lun: req.lun,
+        itt,
+        expected_data_transfer_length: if len > 0 { len } else { req.expected_in },
+        cmd_sn,
+        exp_stat_sn,
+        cdb: cdb16,
+        extended_cdb: extended,
+        bidi_read_length: None,
+    };
+    let mut pdus = vec![Pdu::new(
+        Header::ScsiCommand(cmd),
+        req.data_out.slice(..plan.immediate as usize),
+    )];
+    pdus.extend(data_out_pdus(
+        req.lun,
+        itt,
+        RESERVED_TAG,
+        &req.data_out,
+        plan.immediate,
+        plan.unsolicited_end,
+        plan.segment,
+        exp_stat_sn,
+    ));
+    pdus
+}
+
+impl Inner {
+    /// Handles one PDU from connection `id`. `Err` ends that connection.
+    fn dispatch(&self, id: u64, pdu: Pdu) -> Result<(), String> {
         let mut st = self.lock();
+        let Some(k) = st.conn_index(id) else {
+            // From a connection already replaced.
+            return Ok(());
+        };
         let grew = match window_of(&pdu.header) {
             Some((exp, max)) => st.update_window(exp, max),
             None => false,
@@ -607,7 +928,7 @@ impl Inner {
         let mut to_send = Vec::new();
         match pdu.header {
             Header::ScsiResponse(h) => {
-                st.saw_stat_sn(h.stat_sn);
+                st.saw_stat_sn(k, h.stat_sn);
                 if let Some(Pending::Scsi(task)) = take_scsi(&mut st, h.itt) {
                     let result = scsi_result(task.data_in, &h, &pdu.data);
                     let _ = task.done.send(result);
@@ -615,28 +936,29 @@ impl Inner {
             }
             Header::DataIn(h) => {
                 if h.status_present {
-                    st.saw_stat_sn(h.stat_sn);
+                    st.saw_stat_sn(k, h.stat_sn);
                 }
                 data_in(&mut st, &h, &pdu.data);
             }
             Header::R2t(h) => {
-                let seg = self.params.max_xmit_data_segment_length.max(512);
-                let max_burst = self.params.max_burst_length;
-                let exp_stat_sn = st.exp_stat_sn;
+                let seg = st.params.max_xmit_data_segment_length.max(512);
+                let max_burst = st.params.max_burst_length;
+                let exp_stat_sn = st.conns.get(k).map_or(0, |c| c.exp_stat_sn);
                 let verdict = match st.pending.get(&h.itt) {
                     Some(Pending::Scsi(t)) => {
+                        let d = &t.req.data_out;
                         let end = h.buffer_offset.checked_add(h.desired_data_transfer_length);
                         match end {
                             Some(end)
-                                if end as usize <= t.data_out.len()
+                                if end as usize <= d.len()
                                     && h.desired_data_transfer_length <= max_burst
                                     && h.desired_data_transfer_length > 0 =>
                             {
-                                to_send.extend(data_outs(
-                                    t.lun,
+                                to_send.extend(data_out_pdus(
+                                    t.req.lun,
                                     h.itt,
                                     h.ttt,
-                                    &t.data_out,
+                                    d,
                                     h.buffer_offset,
                                     end,
                                     seg,
@@ -648,7 +970,7 @@ impl Inner {
                                 "R2T for {}+{} outside the {}-byte write (MaxBurstLength {max_burst})",
                                 h.buffer_offset,
                                 h.desired_data_transfer_length,
-                                t.data_out.len()
+                                d.len()
                             )),
                         }
                     }
@@ -660,13 +982,14 @@ impl Inner {
             }
             Header::NopIn(h) => {
                 if h.itt != RESERVED_TAG {
-                    st.saw_stat_sn(h.stat_sn);
+                    st.saw_stat_sn(k, h.stat_sn);
                     if let Some(Pending::Nop(tx)) = st.pending.remove(&h.itt) {
                         let _ = tx.send(());
                     }
                 }
                 if h.ttt != RESERVED_TAG {
                     // The target's ping: echo it back (RFC 7143 §11.18).
+                    let exp_stat_sn = st.conns.get(k).map_or(0, |c| c.exp_stat_sn);
                     to_send.push(Pdu::new(
                         Header::NopOut(NopOut {
                             immediate: true,
@@ -674,30 +997,30 @@ impl Inner {
                             itt: RESERVED_TAG,
                             ttt: h.ttt,
                             cmd_sn: st.cmd_sn,
-                            exp_stat_sn: st.exp_stat_sn,
+                            exp_stat_sn,
                         }),
                         pdu.data,
                     ));
                 }
             }
             Header::TaskMgmtResponse(h) => {
-                st.saw_stat_sn(h.stat_sn);
+                st.saw_stat_sn(k, h.stat_sn);
                 if let Some(Pending::Tmf(tx)) = st.pending.remove(&h.itt) {
                     let _ = tx.send(h.response);
                 }
             }
             Header::LogoutResponse(h) => {
-                st.saw_stat_sn(h.stat_sn);
+                st.saw_stat_sn(k, h.stat_sn);
                 if let Some(Pending::Logout(tx)) = st.pending.remove(&h.itt) {
                     let _ = tx.send(h.response);
                 }
             }
             Header::AsyncMessage(h) => {
-                st.saw_stat_sn(h.stat_sn);
+                st.saw_stat_sn(k, h.stat_sn);
                 tracing::info!(event = h.event, "asynchronous message from the target");
             }
             Header::Reject(h) => {
-                st.saw_stat_sn(h.stat_sn);
+                st.saw_stat_sn(k, h.stat_sn);
                 let rejected = pdu
                     .data
                     .get(16..20)
@@ -707,15 +1030,18 @@ impl Inner {
                     fail_task(&mut st, itt, Error::Rejected(h.reason));
                 }
             }
-            Header::TextResponse(h) => st.saw_stat_sn(h.stat_sn),
+            Header::TextResponse(h) => st.saw_stat_sn(k, h.stat_sn),
             other => return Err(format!("target sent {:?}", other.opcode())),
         }
-        drop(st);
         if grew {
-            self.window.notify_waiters();
+            self.pump(&mut st);
         }
         if !to_send.is_empty() {
-            self.send(to_send).map_err(|e| e.to_string())?;
+            if let Some(c) = st.conns.get(k) {
+                c.out
+                    .send(to_send)
+                    .map_err(|_| "the connection's writer has stopped".to_owned())?;
+            }
         }
         Ok(())
     }
@@ -744,77 +1070,45 @@ fn take_scsi(st: &mut State, itt: u32) -> Option<Pending> {
 }
 
 fn fail_task(st: &mut State, itt: u32, e: Error) {
-    if let Some(Pending::Scsi(t)) = st.pending.remove(&itt) {
+    if let Some(Pending::Scsi(t)) = take_scsi(st, itt) {
         let _ = t.done.send(Err(e));
     }
 }
 
-/// Places one Data-In PDU into its command's buffer, checking DataSN and
-/// the offset; completes the command when the PDU carries status.
+/// Places one Data-In PDU into its command's buffer; completes the command
+/// when the PDU carries status.
 fn data_in(st: &mut State, h: &pdu::DataIn, data: &[u8]) {
     let Some(Pending::Scsi(task)) = st.pending.get_mut(&h.itt) else {
         // A command that timed out or was failed: drop what is late.
         return;
     };
-    if h.data_sn != task.next_data_sn {
-        let why = format!(
-            "Data-In DataSN {}, expected {}",
-            h.data_sn, task.next_data_sn
-        );
-        fail_task(st, h.itt, Error::Protocol(why));
+    if let Err(e) = task.data_in.place(h, data) {
+        fail_task(st, h.itt, Error::Protocol(e.to_string()));
         return;
     }
-    task.next_data_sn = task.next_data_sn.wrapping_add(1);
-    let start = h.buffer_offset as usize;
-    let Some(dst) = start
-        .checked_add(data.len())
-        .and_then(|end| task.data_in.get_mut(start..end))
-    else {
-        let why = format!(
-            "Data-In at {}+{} beyond the expected {} bytes",
-            h.buffer_offset,
-            data.len(),
-            task.data_in.len()
-        );
-        fail_task(st, h.itt, Error::Protocol(why));
-        return;
-    };
-    dst.copy_from_slice(data);
     if !h.status_present {
         return;
     }
-    if let Some(Pending::Scsi(task)) = st.pending.remove(&h.itt) {
-        let residual = residual(h.underflow, h.overflow, h.residual_count);
+    if let Some(Pending::Scsi(task)) = take_scsi(st, h.itt) {
+        let residual = Residual::from_flags(h.underflow, h.overflow, h.residual_count);
         let result = match ScsiError::from_status(h.status, None) {
             Some(e) => Err(Error::Scsi(e)),
-            None => Ok(reply(task.data_in, h.status, residual)),
+            None => Ok(Reply {
+                status: h.status,
+                data: task.data_in.finish(residual),
+                residual,
+            }),
         };
         let _ = task.done.send(result);
     }
 }
 
-fn residual(underflow: bool, overflow: bool, count: u32) -> Residual {
-    match (underflow, overflow) {
-        (true, _) => Residual::Underflow(count),
-        (_, true) => Residual::Overflow(count),
-        _ => Residual::None,
-    }
-}
-
-fn reply(mut data: Vec<u8>, status: u8, residual: Residual) -> Reply {
-    if let Residual::Underflow(n) = residual {
-        let keep = data.len().saturating_sub(n as usize);
-        data.truncate(keep);
-    }
-    Reply {
-        status,
-        data: Bytes::from(data),
-        residual,
-    }
-}
-
 /// The outcome carried by a SCSI Response PDU (RFC 7143 §11.4).
-fn scsi_result(data_in: Vec<u8>, h: &pdu::ScsiResponse, segment: &[u8]) -> Result<Reply, Error> {
+fn scsi_result(
+    data_in: DataInBuffer,
+    h: &pdu::ScsiResponse,
+    segment: &[u8],
+) -> Result<Reply, Error> {
     if h.response != pdu::scsi_response::COMMAND_COMPLETED {
         return Err(Error::Scsi(ScsiError::TargetFailure(h.response)));
     }
@@ -825,51 +1119,20 @@ fn scsi_result(data_in: Vec<u8>, h: &pdu::ScsiResponse, segment: &[u8]) -> Resul
     if let Some(e) = ScsiError::from_status(h.status, sense.as_ref()) {
         return Err(Error::Scsi(e));
     }
-    Ok(reply(
-        data_in,
-        h.status,
-        residual(h.underflow, h.overflow, h.residual_count),
-    ))
+    let residual = Residual::from_flags(h.underflow, h.overflow, h.residual_count);
+    Ok(Reply {
+        status: h.status,
+        data: data_in.finish(residual),
+        residual,
+    })
 }
 
-/// Data-Out PDUs for `data[start..end]`, at most `seg` bytes each, DataSN
-/// from 0, F on the last (RFC 7143 §11.7).
-#[allow(clippy::too_many_arguments)]
-fn data_outs(
-    lun: u64,
-    itt: u32,
-    ttt: u32,
-    data: &Bytes,
-    start: u32,
-    end: u32,
-    seg: u32,
-    exp_stat_sn: u32,
-) -> Vec<Pdu> {
-    let mut out = Vec::new();
-    let mut offset = start;
-    let mut data_sn = 0u32;
-    while offset < end {
-        let n = (end - offset).min(seg.max(1));
-        let chunk = data.slice(offset as usize..(offset + n) as usize);
-        out.push(Pdu::new(
-            Header::DataOut(DataOut {
-                final_: offset + n == end,
-                lun,
-                itt,
-                ttt,
-                exp_stat_sn,
-                data_sn,
-                buffer_offset: offset,
-            }),
-            chunk,
-        ));
-        offset += n;
-        data_sn = data_sn.wrapping_add(1);
-    }
-    out
-}
-
-async fn writer(mut chan: mpsc::UnboundedReceiver<Vec<Pdu>>, mut tx: TcpTx, inner: Weak<Inner>) {
+async fn writer(
+    mut chan: mpsc::UnboundedReceiver<Vec<Pdu>>,
+    mut tx: TcpTx,
+    id: u64,
+    inner: Weak<Inner>,
+) {
     while let Some(mut batch) = chan.recv().await {
         // Everything ready goes out in one vectored write.
         while batch.len() < 256 {
@@ -880,7 +1143,7 @@ async fn writer(mut chan: mpsc::UnboundedReceiver<Vec<Pdu>>, mut tx: TcpTx, inne
         }
         if let Err(e) = tx.send(&batch).await {
             if let Some(i) = inner.upgrade() {
-                i.close(format!("sending to the target failed: {e}"));
+                i.connection_failed(Some(id), format!("sending to the target failed: {e}"));
             }
             break;
         }
@@ -888,7 +1151,7 @@ async fn writer(mut chan: mpsc::UnboundedReceiver<Vec<Pdu>>, mut tx: TcpTx, inne
     tx.shutdown().await;
 }
 
-async fn reader(mut rx: TcpRx, inner: Weak<Inner>) {
+async fn reader(mut rx: TcpRx, id: u64, inner: Weak<Inner>) {
     let reason = loop {
         let raw = match rx.recv().await {
             Ok(Some(raw)) => raw,
@@ -902,13 +1165,13 @@ async fn reader(mut rx: TcpRx, inner: Weak<Inner>) {
             Ok(p) => p,
             Err(e) => break format!("unreadable PDU from the target: {e}"),
         };
-        if let Err(e) = i.dispatch(pdu) {
+        if let Err(e) = i.dispatch(id, pdu) {
             break format!("target protocol error: {e}");
         }
     };
     if let Some(i) = inner.upgrade() {
         tracing::debug!(%reason, "connection ended");
-        i.close(reason);
+        i.connection_failed(Some(id), reason);
     }
 }
 
