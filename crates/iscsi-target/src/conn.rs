@@ -136,8 +136,8 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
         logout_session: false,
     };
     conn.run(rx, inbox).await;
-    conn.writer.close();
-    let _ = writer.await;
+    // Leave the session table before the socket closes, so an initiator
+    // that saw our logout answer and EOF cannot join the old session.
     let remaining = session.detach(cid, serial);
     if remaining == 0 || conn.logout_session {
         registry.sessions.remove(&session);
@@ -145,6 +145,8 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
             session.close_all();
         }
     }
+    conn.writer.close();
+    let _ = writer.await;
     tracing::info!(peer = %info.peer_addr, tsih = session.tsih, cid, "connection closed");
 }
 
@@ -974,7 +976,12 @@ impl Conn {
                     && idm::sn::sn_lt(h.ref_cmd_sn, h.cmd_sn)
                 {
                     // Never received but inside the window: RFC 7143
-                    // §11.5.1 says treat it as received and report done.
+                    // §11.5.1 says count it as received and report done.
+                    for (cid, ready) in self.session.mark_received(h.ref_cmd_sn) {
+                        if let Some(c) = self.session.connection(cid) {
+                            let _ = c.inbox.send(ConnMsg::Deliver(ready));
+                        }
+                    }
                     tmf::FUNCTION_COMPLETE
                 } else {
                     // Already completed (or never ours).

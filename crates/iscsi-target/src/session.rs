@@ -52,8 +52,10 @@ pub struct ConnHandle {
 
 struct Ordering_ {
     window: CmdWindow,
-    /// Commands that arrived ahead of ExpCmdSN, with the connection they came on.
-    pending: BTreeMap<u32, (u16, Pdu)>,
+    /// Commands that arrived ahead of ExpCmdSN, with the connection they
+    /// came on; `None` marks a CmdSN counted as received without a command
+    /// (aborted while waiting, or named by an ABORT TASK before it arrived).
+    pending: BTreeMap<u32, Option<(u16, Pdu)>>,
 }
 
 pub struct Session {
@@ -115,7 +117,8 @@ impl Session {
                 return out;
             }
             CmdSnCheck::Ahead => {
-                o.pending.entry(cmd_sn).or_insert((cid, pdu));
+                // A tombstone here means the command was aborted first.
+                o.pending.entry(cmd_sn).or_insert(Some((cid, pdu)));
                 return out;
             }
             CmdSnCheck::InOrder => {
@@ -123,34 +126,70 @@ impl Session {
                 out.push((cid, pdu));
             }
         }
+        Self::drain(&mut o, &mut out);
+        self.publish(&o.window);
+        out
+    }
+
+    /// Delivers every held command whose turn has come, skipping tombstones.
+    fn drain(o: &mut Ordering_, out: &mut Vec<(u16, Pdu)>) {
         loop {
             let next = o.window.exp_cmd_sn();
             match o.pending.remove(&next) {
                 Some(item) => {
                     o.window.advance();
-                    out.push(item);
+                    out.extend(item);
                 }
                 None => break,
             }
         }
+    }
+
+    /// Counts `cmd_sn` as received without a command (RFC 7143 §11.5.1:
+    /// an ABORT TASK naming a task that never arrived). Returns the held
+    /// commands this lets through.
+    pub fn mark_received(&self, cmd_sn: u32) -> Vec<(u16, Pdu)> {
+        let mut out = Vec::new();
+        let Ok(mut o) = self.ordering.lock() else {
+            return out;
+        };
+        match o.window.check(cmd_sn) {
+            CmdSnCheck::OutOfWindow => return out,
+            CmdSnCheck::Ahead => {
+                o.pending.entry(cmd_sn).or_insert(None);
+                return out;
+            }
+            CmdSnCheck::InOrder => o.window.advance(),
+        }
+        Self::drain(&mut o, &mut out);
         self.publish(&o.window);
         out
     }
 
-    /// Removes a command still waiting for its turn (ABORT TASK).
+    /// Aborts commands still waiting for their turn; their CmdSNs stay
+    /// counted as received (tombstones), so later commands are not stuck.
     pub fn abort_pending(&self, mut matches: impl FnMut(&Pdu) -> bool) -> usize {
         let Ok(mut o) = self.ordering.lock() else {
             return 0;
         };
-        let before = o.pending.len();
-        o.pending.retain(|_, (_, p)| !matches(p));
-        before - o.pending.len()
+        let mut n = 0;
+        for slot in o.pending.values_mut() {
+            if slot.as_ref().is_some_and(|(_, p)| matches(p)) {
+                *slot = None;
+                n += 1;
+            }
+        }
+        n
     }
 
     pub fn has_pending(&self, mut matches: impl FnMut(&Pdu) -> bool) -> bool {
         self.ordering
             .lock()
-            .map(|o| o.pending.values().any(|(_, p)| matches(p)))
+            .map(|o| {
+                o.pending
+                    .values()
+                    .any(|slot| slot.as_ref().is_some_and(|(_, p)| matches(p)))
+            })
             .unwrap_or(false)
     }
 
