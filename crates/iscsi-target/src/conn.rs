@@ -134,13 +134,19 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
         ping: None,
         closing: false,
         logout_session: false,
+        state,
     };
     conn.run(rx, inbox).await;
     // Leave the session table before the socket closes, so an initiator
     // that saw our logout answer and EOF cannot join the old session.
     let remaining = session.detach(cid, serial);
     if remaining == 0 || conn.logout_session {
-        registry.sessions.remove(&session);
+        let why = if conn.logout_session {
+            idm::state::SessionEvent::Closed
+        } else {
+            idm::state::SessionEvent::ConnectionsFailed
+        };
+        registry.sessions.remove(&session, why);
         if conn.logout_session {
             session.close_all();
         }
@@ -475,6 +481,8 @@ struct Conn {
     ping: Option<(u32, Instant)>,
     closing: bool,
     logout_session: bool,
+    /// RFC 7143 §8.1.3 state of this connection (S5 onwards).
+    state: ConnState,
 }
 
 fn status_pdu(pdu: Pdu) -> OutPdu {
@@ -485,6 +493,22 @@ fn status_pdu(pdu: Pdu) -> OutPdu {
 }
 
 impl Conn {
+    /// The one place this connection's state changes.
+    fn transition(&mut self, event: ConnEvent) {
+        match self.state.next(event) {
+            Ok(next) => {
+                tracing::debug!(
+                    from = self.state.rfc_name(),
+                    to = next.rfc_name(),
+                    ?event,
+                    "connection state"
+                );
+                self.state = next;
+            }
+            Err(e) => tracing::debug!(error = %e, "ignored state event"),
+        }
+    }
+
     fn send(&self, pdus: Vec<OutPdu>) {
         self.writer.send(pdus);
     }
@@ -525,7 +549,10 @@ impl Conn {
                         last_rx = Instant::now();
                         self.on_raw(raw).await;
                     }
-                    Ok(None) => break,
+                    Ok(None) => {
+                        self.transition(ConnEvent::TransportFailed);
+                        break;
+                    }
                     Err(TransportError::Decode(DecodeError::DataDigest { bhs })) => {
                         self.reject(reject_reason::DATA_DIGEST_ERROR, &bhs);
                     }
@@ -541,15 +568,21 @@ impl Conn {
                 },
                 m = inbox.recv() => match m {
                     Some(ConnMsg::Deliver(pdu)) => self.dispatch(pdu).await,
-                    Some(ConnMsg::RequestLogout) => self.send(vec![status_pdu(Pdu::new(
+                    Some(ConnMsg::RequestLogout) => {
+                        self.transition(ConnEvent::LogoutRequestedByTarget);
+                        self.send(vec![status_pdu(Pdu::new(
                         Header::AsyncMessage(AsyncMessage {
                             event: async_event::LOGOUT_REQUESTED,
                             parameter3: 10,
                             ..Default::default()
                         }),
                         Bytes::new(),
-                    ))]),
-                    Some(ConnMsg::Close) | None => break,
+                        ))]);
+                    }
+                    Some(ConnMsg::Close) | None => {
+                        self.transition(ConnEvent::SessionClosed);
+                        break;
+                    }
                 },
                 _ = ticker.tick() => {
                     if let Some((_, sent)) = self.ping {
@@ -1108,6 +1141,7 @@ impl Conn {
     }
 
     fn logout(&mut self, h: LogoutRequest) {
+        self.transition(ConnEvent::LogoutStarted);
         let response = match h.reason {
             logout::CLOSE_SESSION => {
                 self.logout_session = true;
@@ -1127,6 +1161,9 @@ impl Conn {
             }
             _ => logout::RECOVERY_NOT_SUPPORTED,
         };
+        if self.closing {
+            self.transition(ConnEvent::LogoutCompleted);
+        }
         self.send(vec![status_pdu(Pdu::new(
             Header::LogoutResponse(LogoutResponse {
                 response,

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use idm::datain::OutPdu;
 use idm::sn::{CmdSnCheck, CmdWindow};
+use idm::state::{SessionEvent, SessionState};
 use iscsi_proto::negotiation::{NegotiatedParams, SessionType};
 use iscsi_proto::pdu::Pdu;
 use scsi_target::Nexus;
@@ -72,6 +73,7 @@ pub struct Session {
     max_cmd_sn: AtomicU32,
     conns: Mutex<HashMap<u16, ConnHandle>>,
     closed: AtomicBool,
+    state: Mutex<SessionState>,
 }
 
 impl std::fmt::Debug for Session {
@@ -85,6 +87,21 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
+    /// RFC 7143 §8.3 state of the session.
+    pub fn state(&self) -> SessionState {
+        self.state.lock().map(|s| *s).unwrap_or(SessionState::Free)
+    }
+
+    /// The one place the session's state changes.
+    fn transition(&self, event: SessionEvent) {
+        if let Ok(mut s) = self.state.lock() {
+            match s.next(event) {
+                Ok(next) => *s = next,
+                Err(e) => tracing::debug!(error = %e, tsih = self.tsih, "ignored session event"),
+            }
+        }
+    }
+
     pub fn exp_cmd_sn(&self) -> u32 {
         self.exp_cmd_sn.load(Ordering::Acquire)
     }
@@ -317,7 +334,7 @@ impl SessionTable {
             .collect();
         for s in old {
             tracing::info!(tsih = s.tsih, initiator = %s.initiator_name, "session reinstated");
-            self.remove(&s);
+            self.remove(&s, SessionEvent::Reinstated);
             s.close_all();
         }
         let isid_hex: String = new.isid.iter().map(|b| format!("{b:02x}")).collect();
@@ -365,7 +382,11 @@ impl SessionTable {
             }),
             conns: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
+            state: Mutex::new(SessionState::Free),
         });
+        // N1 then N2: the leading login started and has just succeeded.
+        session.transition(SessionEvent::LeadingLogin);
+        session.transition(SessionEvent::LoginSucceeded);
         sessions.insert(tsih, session.clone());
         drop(sessions);
         if let Some(t) = &session.target {
@@ -380,7 +401,7 @@ impl SessionTable {
 
     /// Takes a session out of the table (logout, reinstatement, last
     /// connection gone) and tells its LUs the nexus is gone.
-    pub fn remove(&self, session: &Arc<Session>) {
+    pub fn remove(&self, session: &Arc<Session>, why: SessionEvent) {
         let removed = self
             .sessions
             .lock()
@@ -390,6 +411,7 @@ impl SessionTable {
                 _ => None,
             });
         if removed.is_some() {
+            session.transition(why);
             if let Some(t) = &session.target {
                 for lun in t.luns.luns() {
                     if let Some(lu) = t.luns.get(lun) {
