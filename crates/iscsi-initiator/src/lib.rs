@@ -15,10 +15,12 @@ pub mod conn;
 pub mod discovery;
 pub mod error;
 pub mod login;
+pub mod nbd;
 pub mod portal;
 pub mod scsi;
 pub mod session;
 pub mod url;
+pub mod vpd;
 
 pub use error::Error;
 pub use session::{Lun, Session, SessionOptions};

@@ -701,6 +701,16 @@ impl Inner {
                 }
             }
             let logging_out = st.pending.values().any(|p| matches!(p, Pending::Logout(_)));
+            if logging_out {
+                // Closing the session ends the other connections first; the
+                // answer comes on the first one (where the request went).
+                if let Some(k) = id.and_then(|id| st.conn_index(id)).filter(|k| *k > 0) {
+                    let gone = st.conns.remove(k);
+                    drop(st);
+                    drop(gone);
+                    return;
+                }
+            }
             if self.opts.replacement_timeout.is_zero() || logging_out {
                 drop(st);
                 self.close(reason);
@@ -1232,6 +1242,13 @@ impl Lun {
         self.run(&scsi::test_unit_ready(), None, 0)
             .await
             .map(|_| ())
+    }
+
+    /// SYNCHRONIZE CACHE (10) of the whole LU (SBC-4 §5.24).
+    pub async fn synchronize_cache(&self) -> Result<(), Error> {
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x35;
+        self.run(&cdb, None, 0).await.map(|_| ())
     }
 
     /// Standard INQUIRY data.

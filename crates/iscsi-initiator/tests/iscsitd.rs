@@ -7,6 +7,8 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -19,11 +21,48 @@ use iscsi_initiator::{Session, SessionOptions};
 const INITIATOR: &str = "iqn.2026-11.dev.ironstar.test:initiator";
 const PLAIN: &str = "iqn.2026-11.dev.ironstar:target0";
 const CHAP: &str = "iqn.2026-11.dev.ironstar:chap0";
+const FILE: &str = "iqn.2026-11.dev.ironstar:file0";
+const FILE_LU_BYTES: u64 = 64 << 20;
 
 struct Daemon {
     child: Child,
     port: u16,
     dir: PathBuf,
+    bin: PathBuf,
+    cfg: PathBuf,
+}
+
+impl Daemon {
+    fn spawn(bin: &PathBuf, cfg: &PathBuf) -> Child {
+        Command::new(bin)
+            .arg("--config")
+            .arg(cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "iscsitd did not listen within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the daemon (SIGKILL: no logout, no goodbye) and starts it again
+    /// with the same configuration on the same port.
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(&self.bin, &self.cfg);
+        self.wait_listening();
+    }
 }
 
 impl Drop for Daemon {
@@ -61,6 +100,12 @@ fn start() -> Option<Daemon> {
         .unwrap();
     let dir = std::env::temp_dir().join(format!("ini-iscsitd-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    let lu = dir.join("file-lu.img");
+    std::fs::File::create(&lu)
+        .unwrap()
+        .set_len(FILE_LU_BYTES)
+        .unwrap();
+    let lu = lu.display();
     let cfg = format!(
         r#"
 [[portal_group]]
@@ -76,6 +121,17 @@ auth = "none"
 lun = 0
 backend = "memory"
 size = "64MiB"
+block_size = 512
+
+[[target]]
+iqn = "{FILE}"
+portal_groups = [1]
+auth = "none"
+
+[[target.lun]]
+lun = 0
+backend = "file"
+path = "{lu}"
 block_size = 512
 
 [[target]]
@@ -102,23 +158,15 @@ auth = "none"
     );
     let cfg_path = dir.join("iscsitd.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
-    let child = Command::new(&bin)
-        .arg("--config")
-        .arg(&cfg_path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let d = Daemon { child, port, dir };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "iscsitd did not listen within 10 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let child = Daemon::spawn(&bin, &cfg_path);
+    let d = Daemon {
+        child,
+        port,
+        dir,
+        bin,
+        cfg: cfg_path,
+    };
+    d.wait_listening();
     Some(d)
 }
 
@@ -161,5 +209,90 @@ async fn discovery_login_round_trip_and_chap_against_iscsitd() {
     );
     let s = Session::login(&v4, CHAP, o).await.unwrap();
     assert_eq!(s.lun(0).read_capacity().await.unwrap().block_size, 4096);
+    s.logout().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_restart_mid_write_reconnects_and_the_copy_completes() {
+    let Some(mut d) = start() else { return };
+    let v4 = Portal::new("127.0.0.1", d.port);
+    let mut o = SessionOptions::new(INITIATOR);
+    o.replacement_timeout = Duration::from_secs(20);
+    o.command_timeout = Duration::from_secs(10);
+    o.max_io_bytes = 256 << 10;
+    o.io_depth = 4;
+    let s = Session::login(&v4, FILE, o).await.unwrap();
+    let tsih_before = s.tsih();
+    let lun = s.lun(0);
+    assert_eq!(lun.read_capacity().await.unwrap().bytes(), FILE_LU_BYTES);
+    let data = Bytes::from(random_bytes(FILE_LU_BYTES as usize, 11));
+    let progress = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (lun, data, progress) = (lun.clone(), data.clone(), Arc::clone(&progress));
+        tokio::spawn(async move {
+            let step = 1usize << 20;
+            for at in (0..data.len()).step_by(step) {
+                lun.write((at / 512) as u64, data.slice(at..at + step))
+                    .await?;
+                progress.store((at + step) as u64, Ordering::SeqCst);
+            }
+            Ok::<(), iscsi_initiator::Error>(())
+        })
+    };
+    // Kill the daemon a quarter of the way through the copy.
+    while progress.load(Ordering::SeqCst) < FILE_LU_BYTES / 4 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::task::block_in_place(|| d.restart());
+    writer.await.unwrap().unwrap();
+    assert!(s.reconnects() >= 1, "no reconnect happened");
+    let back = lun.read(0, (FILE_LU_BYTES / 512) as u32).await.unwrap();
+    assert_eq!(common::checksum(&back), common::checksum(&data));
+    eprintln!(
+        "reconnects: {}, TSIH {tsih_before} -> {}",
+        s.reconnects(),
+        s.tsih()
+    );
+    s.logout().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_gives_up_with_a_clear_error_when_the_target_stays_away() {
+    let Some(mut d) = start() else { return };
+    let v4 = Portal::new("127.0.0.1", d.port);
+    let mut o = SessionOptions::new(INITIATOR);
+    o.replacement_timeout = Duration::from_secs(2);
+    let s = Session::login(&v4, PLAIN, o).await.unwrap();
+    let lun = s.lun(0);
+    lun.read_capacity().await.unwrap();
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+    let started = Instant::now();
+    let e = lun.read(0, 8).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(15), "{e}");
+    assert!(e.to_string().contains("could not be reinstated"), "{e}");
+    d.restart();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_connections_share_one_session_and_all_carry_commands() {
+    let Some(d) = start() else { return };
+    let v4 = Portal::new("127.0.0.1", d.port);
+    let mut o = SessionOptions::new(INITIATOR);
+    o.connections = 4;
+    o.max_io_bytes = 128 << 10;
+    o.io_depth = 16;
+    let s = Session::login(&v4, PLAIN, o).await.unwrap();
+    assert!(s.params().max_connections >= 4, "{:?}", s.params());
+    let conns = s.connection_commands();
+    assert_eq!(conns.len(), 4, "{conns:?}");
+    let lun = s.lun(0);
+    let data = Bytes::from(random_bytes(32 << 20, 5));
+    lun.write(0, data.clone()).await.unwrap();
+    let back = lun.read(0, (32 << 20) / 512).await.unwrap();
+    assert_eq!(common::checksum(&back), common::checksum(&data));
+    let conns = s.connection_commands();
+    eprintln!("commands per connection (CID, count): {conns:?}");
+    assert!(conns.iter().all(|(_, n)| *n > 0), "{conns:?}");
     s.logout().await.unwrap();
 }

@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -216,4 +218,48 @@ async fn chap_mutual_against_tgt() {
     );
     let err = Session::login(&portal(&t), IQN, o).await.unwrap_err();
     assert!(err.to_string().contains("CHAP"), "{err}");
+}
+
+/// The target's side of our TCP connection is killed (`ss -K`) in the middle
+/// of a long write: the session is reinstated (same ISID, TSIH 0), the
+/// unfinished commands are reissued, and the data reads back intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_connection_mid_write_is_recovered() {
+    let mut t = Tgt::start();
+    t.add_target(1, IQN);
+    let mut o = opts();
+    o.replacement_timeout = Duration::from_secs(20);
+    o.max_io_bytes = 256 << 10;
+    let s = Session::login(&portal(&t), IQN, o).await.unwrap();
+    let lun = s.lun(1);
+    let len = 32usize << 20;
+    let data = Bytes::from(random_bytes(len, 0x5eed));
+    let progress = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (lun, data, progress) = (lun.clone(), data.clone(), Arc::clone(&progress));
+        tokio::spawn(async move {
+            let step = 1usize << 20;
+            for at in (0..len).step_by(step) {
+                lun.write((at / 512) as u64, data.slice(at..at + step))
+                    .await?;
+                progress.store(at + step, Ordering::SeqCst);
+            }
+            Ok::<(), Error>(())
+        })
+    };
+    while progress.load(Ordering::SeqCst) < len / 4 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let filter = format!("sport = :{}", t.port);
+    let killed = std::process::Command::new("ss")
+        .args(["-K", "-t", &filter])
+        .output()
+        .unwrap();
+    assert!(killed.status.success(), "ss -K failed: {killed:?}");
+    writer.await.unwrap().unwrap();
+    assert!(s.reconnects() >= 1, "no reconnect happened");
+    let back = lun.read(0, (len / 512) as u32).await.unwrap();
+    assert!(back == data, "data read back differs after the reconnect");
+    eprintln!("reconnects: {}", s.reconnects());
+    s.logout().await.unwrap();
 }
