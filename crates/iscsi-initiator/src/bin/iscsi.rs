@@ -1,10 +1,15 @@
-//! `iscsi`: the command-line initiator (discover, ls, inq, readcap, read,
-//! write), a thin client of the `iscsi_initiator` library.
+//! `iscsi`: the command-line initiator (discover, ls, inquiry, readcap,
+//! read, write, dd, bench, nbd), a thin client of the `iscsi_initiator`
+//! library.
 //!
 //! URLs are libiscsi's: `iscsi://[user[%password]@]host[:port]/iqn/lun`.
 //! Secrets are better given by file (`--chap-secret-file`) or the
-//! environment (`ISCSI_CHAP_SECRET`, `ISCSI_TARGET_SECRET`) than on the
-//! command line, where other users can read them.
+//! environment (`IRONSTAR_CHAP_SECRET` or `ISCSI_CHAP_SECRET`,
+//! `IRONSTAR_TARGET_SECRET` or `ISCSI_TARGET_SECRET`) than on the command
+//! line, where other users can read them.
+
+#[path = "iscsi/tools.rs"]
+mod tools;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -19,7 +24,7 @@ use iscsi_initiator::login::{Auth, ChapCredentials};
 use iscsi_initiator::portal::Portal;
 use iscsi_initiator::session::default_initiator_name;
 use iscsi_initiator::url::IscsiUrl;
-use iscsi_initiator::{Lun, Session, SessionOptions};
+use iscsi_initiator::{vpd, Lun, Session, SessionOptions};
 use iscsi_proto::chap::ChapAlgorithm;
 
 #[derive(Parser)]
@@ -32,7 +37,7 @@ struct Cli {
 }
 
 #[derive(Args, Clone)]
-struct Common {
+pub(crate) struct Common {
     /// Our InitiatorName (default: derived from the host name).
     #[arg(long, global = true)]
     initiator_name: Option<String>,
@@ -58,6 +63,17 @@ struct Common {
     /// Seconds allowed for a login and for each command.
     #[arg(long, global = true, default_value_t = 30)]
     timeout: u64,
+    /// `ls`: use the CHAP credentials on the discovery session too (by
+    /// default only the logins to each target use them).
+    #[arg(long, global = true)]
+    discovery_chap: bool,
+    /// Connections per session (MC/S), as far as the target allows.
+    #[arg(long, global = true, default_value_t = 1)]
+    connections: u16,
+    /// Seconds to keep trying to reinstate a lost session before failing
+    /// its commands (0: no recovery).
+    #[arg(long, global = true, default_value_t = 30)]
+    replacement_timeout: u64,
 }
 
 #[derive(Subcommand)]
@@ -66,13 +82,17 @@ enum Command {
     Discover { portal: String },
     /// Targets behind a portal, with their LUNs, types and sizes.
     Ls { portal: String },
-    /// Standard INQUIRY data (or a VPD page with --vpd).
-    #[command(alias = "inquiry")]
-    Inq {
+    /// Standard INQUIRY data and every supported VPD page, decoded (or one
+    /// VPD page with --vpd).
+    #[command(alias = "inq")]
+    Inquiry {
         url: String,
-        /// VPD page number (decimal or 0x..), printed as hex.
+        /// VPD page number (decimal or 0x..).
         #[arg(long)]
         vpd: Option<String>,
+        /// Also dump each VPD page in hex.
+        #[arg(long)]
+        hex: bool,
     },
     /// READ CAPACITY: block count and size.
     Readcap { url: String },
@@ -94,15 +114,24 @@ enum Command {
         #[arg(short = 'i', long)]
         input: PathBuf,
     },
+    /// Copy between a LUN and a file or stdin/stdout, either direction.
+    Dd(tools::DdArgs),
+    /// Measure IOPS, throughput and latency.
+    Bench(tools::BenchArgs),
+    /// Export a LUN as an NBD server (Unix socket or loopback port).
+    Nbd(tools::NbdArgs),
 }
 
-fn read_secret(file: Option<&PathBuf>, env: &str) -> Result<Option<Vec<u8>>> {
+fn read_secret(file: Option<&PathBuf>, env: &[&str]) -> Result<Option<Vec<u8>>> {
     if let Some(f) = file {
         let s = std::fs::read_to_string(f)
             .with_context(|| format!("reading the secret file {}", f.display()))?;
         return Ok(Some(s.trim_end_matches(['\n', '\r']).as_bytes().to_vec()));
     }
-    Ok(std::env::var(env).ok().map(String::into_bytes))
+    Ok(env
+        .iter()
+        .find_map(|e| std::env::var(e).ok())
+        .map(String::into_bytes))
 }
 
 impl Common {
@@ -111,9 +140,21 @@ impl Common {
             .chap_user
             .clone()
             .or_else(|| url.and_then(|u| u.user.clone()));
-        let secret = match read_secret(self.chap_secret_file.as_ref(), "ISCSI_CHAP_SECRET")? {
+        let secret = match read_secret(
+            self.chap_secret_file.as_ref(),
+            &["IRONSTAR_CHAP_SECRET", "ISCSI_CHAP_SECRET"],
+        )? {
             Some(s) => Some(s),
-            None => url.and_then(|u| u.password.clone()).map(String::into_bytes),
+            None => {
+                let p = url.and_then(|u| u.password.clone());
+                if p.is_some() {
+                    eprintln!(
+                        "iscsi: warning: a secret in the URL is visible to other users; \
+                         prefer --chap-secret-file or $IRONSTAR_CHAP_SECRET"
+                    );
+                }
+                p.map(String::into_bytes)
+            }
         };
         let Some(user) = user else {
             if secret.is_some() {
@@ -122,7 +163,9 @@ impl Common {
             return Ok(Auth::None);
         };
         let secret = secret.ok_or_else(|| {
-            anyhow!("CHAP user {user:?} needs a secret: --chap-secret-file or $ISCSI_CHAP_SECRET")
+            anyhow!(
+                "CHAP user {user:?} needs a secret: --chap-secret-file or $IRONSTAR_CHAP_SECRET"
+            )
         })?;
         let mut creds = ChapCredentials::new(user, secret);
         if !self.chap_alg.is_empty() {
@@ -140,10 +183,13 @@ impl Common {
             creds = creds.with_algorithms(algs);
         }
         if let Some(tuser) = &self.target_user {
-            let tsecret = read_secret(self.target_secret_file.as_ref(), "ISCSI_TARGET_SECRET")?
-                .ok_or_else(|| {
-                    anyhow!("mutual CHAP needs --target-secret-file or $ISCSI_TARGET_SECRET")
-                })?;
+            let tsecret = read_secret(
+                self.target_secret_file.as_ref(),
+                &["IRONSTAR_TARGET_SECRET", "ISCSI_TARGET_SECRET"],
+            )?
+            .ok_or_else(|| {
+                anyhow!("mutual CHAP needs --target-secret-file or $IRONSTAR_TARGET_SECRET")
+            })?;
             creds = creds.with_mutual(tuser.clone(), tsecret);
         }
         Ok(Auth::Chap(creds))
@@ -162,11 +208,13 @@ impl Common {
         o.data_digest = self.digests;
         o.login_timeout = Duration::from_secs(self.timeout);
         o.command_timeout = Duration::from_secs(self.timeout);
+        o.connections = self.connections.max(1);
+        o.replacement_timeout = Duration::from_secs(self.replacement_timeout);
         Ok(o)
     }
 }
 
-async fn open_lun(common: &Common, url: &str) -> Result<(Session, Lun)> {
+pub(crate) async fn open_lun(common: &Common, url: &str) -> Result<(Session, Lun)> {
     let url = IscsiUrl::parse(url)?;
     let lun = url
         .lun
@@ -178,7 +226,7 @@ async fn open_lun(common: &Common, url: &str) -> Result<(Session, Lun)> {
     Ok((session, l))
 }
 
-fn human(bytes: u64) -> String {
+pub(crate) fn human(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = bytes as f64;
     let mut u = 0;
@@ -190,6 +238,23 @@ fn human(bytes: u64) -> String {
         format!("{bytes} B")
     } else {
         format!("{v:.1} {}", UNITS.get(u).copied().unwrap_or("B"))
+    }
+}
+
+fn hex_dump(data: &[u8]) {
+    for (i, row) in data.chunks(16).enumerate() {
+        let hex: Vec<String> = row.iter().map(|b| format!("{b:02x}")).collect();
+        let txt: String = row
+            .iter()
+            .map(|&b| {
+                if b.is_ascii_graphic() || b == b' ' {
+                    b as char
+                } else {
+                    '.'
+                }
+            })
+            .collect();
+        println!("  {:04x}  {:<48} {txt}", i * 16, hex.join(" "));
     }
 }
 
@@ -222,7 +287,12 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Ls { portal } => {
             let p = Portal::parse(&portal)?;
-            let targets = discover(&p, &c.initiator_name(), c.auth(None)?, timeout)
+            let auth = if c.discovery_chap {
+                c.auth(None)?
+            } else {
+                Auth::None
+            };
+            let targets = discover(&p, &c.initiator_name(), auth, timeout)
                 .await
                 .with_context(|| format!("discovery at {p}"))?;
             for t in targets {
@@ -266,9 +336,9 @@ async fn run(cli: Cli) -> Result<()> {
                 let _ = s.logout().await;
             }
         }
-        Command::Inq { url, vpd } => {
+        Command::Inquiry { url, vpd, hex } => {
             let (s, lun) = open_lun(c, &url).await?;
-            match vpd {
+            let pages = match vpd {
                 None => {
                     let i = lun.inquiry().await.context("INQUIRY")?;
                     println!(
@@ -282,24 +352,29 @@ async fn run(cli: Cli) -> Result<()> {
                     println!("Vendor:     {}", i.vendor);
                     println!("Product:    {}", i.product);
                     println!("Revision:   {}", i.revision);
-                }
-                Some(page) => {
-                    let page = parse_number(&page)?;
-                    let data = lun.inquiry_vpd(page).await.context("INQUIRY VPD")?;
-                    for (i, row) in data.chunks(16).enumerate() {
-                        let hex: Vec<String> = row.iter().map(|b| format!("{b:02x}")).collect();
-                        let txt: String = row
-                            .iter()
-                            .map(|&b| {
-                                if b.is_ascii_graphic() || b == b' ' {
-                                    b as char
-                                } else {
-                                    '.'
-                                }
-                            })
-                            .collect();
-                        println!("{:04x}  {:<48} {txt}", i * 16, hex.join(" "));
+                    match lun.inquiry_vpd(0).await {
+                        Ok(p0) => vpd::supported_pages(&p0),
+                        Err(e) => {
+                            println!("(no VPD pages: {e})");
+                            Vec::new()
+                        }
                     }
+                }
+                Some(page) => vec![parse_number(&page)?],
+            };
+            for page in pages {
+                let data = lun
+                    .inquiry_vpd(page)
+                    .await
+                    .with_context(|| format!("INQUIRY VPD page {page:#04x}"))?;
+                println!();
+                println!("VPD page {page:#04x}: {}", vpd::page_name(page));
+                let fields = vpd::decode(&data);
+                for (k, v) in &fields {
+                    println!("  {k}: {v}");
+                }
+                if hex || fields.is_empty() {
+                    hex_dump(&data);
                 }
             }
             let _ = s.logout().await;
@@ -353,6 +428,9 @@ async fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {len} bytes at LBA {lba}");
             s.logout().await.context("logout")?;
         }
+        Command::Dd(a) => tools::dd(c, a).await?,
+        Command::Bench(a) => tools::bench(c, a).await?,
+        Command::Nbd(a) => tools::nbd(c, a).await?,
     }
     Ok(())
 }
@@ -366,7 +444,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread()
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
     {

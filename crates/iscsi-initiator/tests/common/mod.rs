@@ -166,6 +166,30 @@ impl Tgt {
         ]);
     }
 
+    /// Another LUN of `tid`, backed by its own sparse 64 MiB file.
+    pub fn add_lun(&mut self, tid: u32, lun: u32) {
+        let file = PathBuf::from(format!(
+            "/dev/shm/ironstar-ini-{}-{}-{tid}-{lun}.img",
+            std::process::id(),
+            self.port
+        ));
+        let f = std::fs::File::create(&file).expect("create backing file");
+        f.set_len(LU_BYTES).expect("size backing file");
+        self.files.push(file.clone());
+        self.adm(&[
+            "--mode",
+            "logicalunit",
+            "--op",
+            "new",
+            "--tid",
+            &tid.to_string(),
+            "--lun",
+            &lun.to_string(),
+            "--backing-store",
+            file.to_str().expect("utf-8 path"),
+        ]);
+    }
+
     pub fn set(&self, tid: u32, key: &str, value: &str) {
         self.adm(&[
             "--mode",
