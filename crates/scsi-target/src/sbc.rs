@@ -475,6 +475,12 @@ pub(crate) fn compare_and_write(lu: &LogicalUnit, t: &ScsiTask<'_>, cdb: Cdb<'_>
     }
     lu.check_range(lba, blocks)?;
     if blocks == 0 {
+        // Zero blocks is no error, but data-out then means the CDB and the
+        // transfer disagree, e.g. an initiator that put 256 in this 8-bit
+        // field: refuse rather than ignore the data.
+        if !t.data_out.is_empty() {
+            return Err(Sense::invalid_cdb(13, None).into());
+        }
         return Ok(ScsiResponse::good_empty());
     }
     let half = lu
@@ -1125,6 +1131,14 @@ mod tests {
             Some(sense::key::ILLEGAL_REQUEST)
         );
         assert_good(&exec(&lu, &n, &caw(0, 0), &[]));
+    }
+
+    #[test]
+    fn compare_and_write_zero_blocks_with_data_out_is_invalid_field() {
+        let (lu, n) = setup();
+        let r = exec(&lu, &n, &caw(0, 0), &[0u8; 2 * 256 * BS]);
+        assert_check(&r, sense::INVALID_FIELD_IN_CDB);
+        assert_eq!(field_pointer(&r), Some((13, true)));
     }
 
     #[test]
