@@ -547,6 +547,13 @@ mod sanitize_sa {
 pub(crate) fn sanitize(lu: &LogicalUnit, t: &ScsiTask<'_>, cdb: Cdb<'_>) -> CmdResult {
     let action = cdb.service_action();
     let plen = usize::from(cdb.u16(7));
+    if cdb.bit(1, 6) {
+        // ZNR only means something on zoned devices; we are not one.
+        return Err(Sense::invalid_cdb(1, Some(6)).into());
+    }
+    if let Some(at) = (2..=6u16).find(|&i| cdb.byte(usize::from(i)) != 0) {
+        return Err(Sense::invalid_cdb(at, None).into());
+    }
     match action {
         sanitize_sa::BLOCK_ERASE | sanitize_sa::EXIT_FAILURE_MODE => {
             if plen != 0 {
@@ -574,6 +581,10 @@ pub(crate) fn sanitize(lu: &LogicalUnit, t: &ScsiTask<'_>, cdb: Cdb<'_>) -> CmdR
             .get(..plen)
             .ok_or(Fail::from(sense::PARAMETER_LIST_LENGTH_ERROR))?;
         let invert = data[0] & 0x80 != 0;
+        if data[0] & 0x1F == 0 {
+            // OVERWRITE COUNT 0 is reserved.
+            return Err(Sense::invalid_param(0, Some(4)).into());
+        }
         let pat_len = be_at(data, 2, 2) as usize;
         if pat_len == 0 || pat_len > bs {
             return Err(Sense::invalid_param(2, None).into());
@@ -1284,6 +1295,34 @@ mod tests {
         assert_check(
             &exec(&lu, &n, &[0x48, 0x01, 0, 0, 0, 0, 0, 0, 4, 0], &p),
             sense::INVALID_FIELD_IN_CDB,
+        );
+    }
+
+    #[test]
+    fn sanitize_reserved_cdb_bits_and_bytes_are_invalid_field() {
+        let (lu, n) = setup();
+        let mut c = [0x48, 0x42, 0, 0, 0, 0, 0, 0, 0, 0];
+        let r = exec(&lu, &n, &c, &[]);
+        assert_check(&r, sense::INVALID_FIELD_IN_CDB);
+        assert_eq!(field_pointer(&r), Some((1, true)));
+        for i in 2..=6 {
+            c = [0x48, 0x02, 0, 0, 0, 0, 0, 0, 0, 0];
+            c[i] = 1;
+            let r = exec(&lu, &n, &c, &[]);
+            assert_check(&r, sense::INVALID_FIELD_IN_CDB);
+            assert_eq!(field_pointer(&r), Some((i as u16, true)));
+        }
+        // IMMED and AUSE are not reserved.
+        assert_good(&exec(&lu, &n, &[0x48, 0xA2, 0, 0, 0, 0, 0, 0, 0, 0], &[]));
+    }
+
+    #[test]
+    fn sanitize_overwrite_count_zero_is_invalid_parameter() {
+        let (lu, n) = setup();
+        let p = [0x00, 0, 0, 2, 0xAB, 0xCD];
+        assert_check(
+            &exec(&lu, &n, &[0x48, 0x01, 0, 0, 0, 0, 0, 0, 6, 0], &p),
+            sense::INVALID_FIELD_IN_PARAMETER_LIST,
         );
     }
 
