@@ -191,6 +191,9 @@ fn block_limits(lu: &LogicalUnit) -> Vec<u8> {
 fn block_device_characteristics() -> Vec<u8> {
     let mut b = vec![0u8; 60];
     b[0..2].copy_from_slice(&1u16.to_be_bytes());
+    // WABEREQ 01b: after SANITIZE BLOCK ERASE, reads of unwritten blocks
+    // complete with GOOD (they read as zeros, like any unmapped block).
+    b[3] = 0x40;
     b
 }
 
@@ -347,6 +350,13 @@ mod tests {
         let d = run(&inq(true, 0xB1, 255)).data_in;
         assert_eq!(&d[4..6], &[0, 1]);
         assert_eq!(d[3], 0x3C);
+    }
+
+    #[test]
+    fn block_device_characteristics_says_reads_after_block_erase_succeed() {
+        let d = run(&inq(true, 0xB1, 255)).data_in;
+        assert_eq!(d[7] >> 6, 1, "WABEREQ");
+        assert_eq!((d[7] >> 4) & 3, 0, "WACEREQ: no crypto erase");
     }
 
     #[test]
