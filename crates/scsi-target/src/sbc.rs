@@ -399,9 +399,11 @@ pub(crate) fn write_same(lu: &LogicalUnit, t: &ScsiTask<'_>, cdb: Cdb<'_>) -> Cm
         return Ok(ScsiResponse::good_empty());
     }
     let _s = lu.write_order.read().unwrap_or_else(|e| e.into_inner());
-    // Unmapped blocks read as zeros (LBPRZ), so unmapping is how an
-    // all-zero pattern is written when the initiator allows it.
-    if unmap && pattern.iter().all(|&b| b == 0) {
+    // With UNMAP the initiator asks for deallocation and the data is only
+    // what a device that cannot unmap would write; unmapped blocks then
+    // read as the LBPRZ pattern (zeros), whatever the data-out held, as
+    // LIO does and libiscsi's WriteSame10.UnmapUntilEnd expects.
+    if unmap {
         unmap_blocks(lu, lba, blocks)?;
     } else {
         write_pattern(lu, lba, blocks, pattern)?;
@@ -934,6 +936,17 @@ mod tests {
         c[1] = 0x08;
         assert_good(&exec(&lu, &n, &c, &[0u8; BS]));
         let d = exec(&lu, &n, &cdb10(0x28, 0, 16), &[]).data_in;
+        assert!(d.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn write_same_unmap_deallocates_even_when_data_out_is_not_zero() {
+        let (lu, n) = setup();
+        assert_good(&exec(&lu, &n, &cdb10(0x2A, 8, 4), &[0xFF; 4 * BS]));
+        let mut c = cdb10(0x41, 8, 4);
+        c[1] = 0x08;
+        assert_good(&exec(&lu, &n, &c, &[0xFF; BS]));
+        let d = exec(&lu, &n, &cdb10(0x28, 8, 4), &[]).data_in;
         assert!(d.iter().all(|&b| b == 0));
     }
 
