@@ -20,8 +20,13 @@ use crate::{alloc_trunc, CmdResult, Fail, ScsiResponse, ScsiTask};
 pub(crate) mod limits {
     use crate::lu::LogicalUnit;
 
-    /// Largest READ/WRITE: bounds the buffer one command can make us allocate.
-    pub const MAX_TRANSFER_BYTES: u64 = 8 << 20;
+    /// Largest READ/WRITE: bounds the buffer one command can make us
+    /// allocate. 32 MiB is 65536 blocks of 512 bytes, which initiators
+    /// (libiscsi's WriteSame16.Unmap among them) send without reading
+    /// the Block Limits page; the iSCSI port accepts writes up to 64 MiB.
+    pub const MAX_TRANSFER_BYTES: u64 = 32 << 20;
+    /// WRITE SAME and SANITIZE write their pattern in pieces of this size.
+    pub const PATTERN_PIECE_BYTES: u64 = 8 << 20;
     pub const OPTIMAL_TRANSFER_BYTES: u64 = 128 << 10;
     pub const MAX_COMPARE_AND_WRITE_BLOCKS: u8 = 255;
     pub const MAX_UNMAP_LBA_COUNT: u32 = 0xFFFF_FFFF;
@@ -328,7 +333,7 @@ pub(crate) fn get_lba_status(lu: &LogicalUnit, cdb: Cdb<'_>) -> CmdResult {
 /// Writes the one-block `pattern` to `[lba, lba+blocks)` in bounded pieces.
 fn write_pattern(lu: &LogicalUnit, lba: u64, blocks: u64, pattern: &[u8]) -> Result<(), Fail> {
     let bs = lu.config.block_size as usize;
-    let per = (limits::MAX_TRANSFER_BYTES as usize / bs).max(1) as u64;
+    let per = (limits::PATTERN_PIECE_BYTES as usize / bs).max(1) as u64;
     let piece = blocks.min(per) as usize;
     let buf: Vec<u8> = pattern.iter().copied().cycle().take(piece * bs).collect();
     let mut done = 0u64;
@@ -773,6 +778,16 @@ mod tests {
         let mut c = cdb10(0x28, 0, 1);
         c[1] = 0x18;
         assert_good(&exec(&lu, &n, &c, &[]));
+    }
+
+    #[test]
+    fn max_transfer_admits_65536_blocks_of_512_bytes() {
+        let big = lu_with(LuConfig::default(), 64 * MIB);
+        let bn = ready_nexus(&big, 1);
+        assert_eq!(limits::max_transfer_blocks(&big), 65536);
+        let r = exec(&big, &bn, &cdb16(0x88, 0, 65536), &[]);
+        assert_good(&r);
+        assert_eq!(r.data_in.len(), 32 * MIB as usize);
     }
 
     #[test]
