@@ -32,6 +32,12 @@ pub trait Backend: Send + Sync {
     /// Afterwards the range reads as zeros.
     fn unmap(&self, offset: u64, len: u64) -> io::Result<()>;
     fn caps(&self) -> BackendCaps;
+    /// The unit the store really writes in: a power of two. The default,
+    /// 4096, is the host page that RAM and the page cache are kept in, so
+    /// smaller writes cost a read-modify-write of a page.
+    fn physical_block_size(&self) -> u32 {
+        4096
+    }
     /// Change the capacity (grow with zeros, or shrink). Backends whose size is
     /// set from outside (a block device) re-read it when `new_size` is `None`.
     fn set_size(&self, new_size: Option<u64>) -> io::Result<u64> {

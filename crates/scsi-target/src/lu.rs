@@ -240,6 +240,17 @@ impl LogicalUnit {
         self.caps.may_block
     }
 
+    /// LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT: how many logical blocks
+    /// share one of the backend's physical blocks, as a power of two.
+    pub(crate) fn lbppbe(&self) -> u8 {
+        let phys = self.backend.physical_block_size();
+        if !phys.is_power_of_two() || phys <= self.config.block_size {
+            return 0;
+        }
+        let e = phys.trailing_zeros().saturating_sub(self.block_shift);
+        u8::try_from(e.min(15)).unwrap_or(0)
+    }
+
     /// Whether this LU reports logical block provisioning (LBPME).
     pub(crate) fn thin(&self) -> bool {
         self.config.thin_provisioning

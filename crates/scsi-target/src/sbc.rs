@@ -285,6 +285,8 @@ pub(crate) fn read_capacity_16(lu: &LogicalUnit, cdb: Cdb<'_>) -> CmdResult {
     let mut v = vec![0u8; 32];
     v[..8].copy_from_slice(&lu.num_blocks().saturating_sub(1).to_be_bytes());
     v[8..12].copy_from_slice(&lu.config.block_size.to_be_bytes());
+    // Physical blocks start at LBA 0 (LOWEST ALIGNED LBA stays zero).
+    v[13] = lu.lbppbe() & 0x0F;
     if lu.thin() {
         v[14] = 0x80 | 0x40; // LBPME, LBPRZ
     }
@@ -657,6 +659,23 @@ mod tests {
         assert_eq!(r.data_in.len(), 32);
         assert_eq!(&r.data_in[..8], &(BLOCKS - 1).to_be_bytes());
         assert_eq!(r.data_in[14] & 0xC0, 0xC0);
+    }
+
+    #[test]
+    fn read_capacity_16_reports_4096_byte_physical_blocks() {
+        let (lu, n) = setup();
+        let r = exec(&lu, &n, &cdb16(0x9E, 0, 32).map_with_sa(0x10), &[]);
+        assert_eq!(r.data_in[13] & 0x0F, 3, "LBPPBE: 8 x 512 = 4096");
+        assert_eq!(r.data_in[14] & 0x3F, 0, "lowest aligned LBA");
+        assert_eq!(r.data_in[15], 0);
+        let cfg = LuConfig {
+            block_size: 4096,
+            ..LuConfig::default()
+        };
+        let big = lu_with(cfg, MIB);
+        let bn = ready_nexus(&big, 1);
+        let r = exec(&big, &bn, &cdb16(0x9E, 0, 32).map_with_sa(0x10), &[]);
+        assert_eq!(r.data_in[13] & 0x0F, 0);
     }
 
     #[test]

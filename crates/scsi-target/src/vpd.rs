@@ -169,7 +169,8 @@ fn block_limits(lu: &LogicalUnit) -> Vec<u8> {
     let mut b = vec![0u8; 60];
     let max_xfer = limits::max_transfer_blocks(lu);
     b[1] = limits::MAX_COMPARE_AND_WRITE_BLOCKS;
-    b[2..4].copy_from_slice(&1u16.to_be_bytes()); // optimal transfer length granularity
+    // OPTIMAL TRANSFER LENGTH GRANULARITY: one physical block.
+    b[2..4].copy_from_slice(&(1u16 << lu.lbppbe()).to_be_bytes());
     b[4..8].copy_from_slice(&max_xfer.to_be_bytes());
     b[8..12].copy_from_slice(&limits::optimal_transfer_blocks(lu).to_be_bytes());
     b[12..16].copy_from_slice(&max_xfer.to_be_bytes()); // max prefetch length
@@ -350,6 +351,12 @@ mod tests {
         let d = run(&inq(true, 0xB1, 255)).data_in;
         assert_eq!(&d[4..6], &[0, 1]);
         assert_eq!(d[3], 0x3C);
+    }
+
+    #[test]
+    fn block_limits_granularity_is_one_physical_block() {
+        let d = run(&inq(true, 0xB0, 255)).data_in;
+        assert_eq!(&d[6..8], &[0, 8]);
     }
 
     #[test]
