@@ -11,6 +11,7 @@
 //! - [`initiator_data`]: the same data services from the initiator side;
 //! - [`datain`] and [`r2t`]: the data services (Data-In with DataSN,
 //!   residuals and status collapsing; R2T / Data-Out with burst limits);
+//! - [`send_targets`]: the initiator's SendTargets exchange;
 //! - [`transport`]: the Transport seam, and [`tcp`], its TCP implementation.
 //!
 //! Everything but `tcp` is sans-IO: PDUs and events in, PDUs and decisions
@@ -21,6 +22,7 @@ pub mod initiator_data;
 pub mod initiator_login;
 pub mod login;
 pub mod r2t;
+pub mod send_targets;
 pub mod sn;
 pub mod state;
 pub mod tcp;

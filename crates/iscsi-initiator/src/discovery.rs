@@ -3,24 +3,19 @@
 //! several Text Responses with the C bit or F=0 — read into targets with all
 //! their portals and portal group tags (IPv4 and IPv6).
 //!
-//! [`SendTargets`] is the sans-IO exchange; [`discover`] drives it over TCP.
+//! [`SendTargets`] wraps `idm`'s sans-IO exchange; [`discover`] drives it
+//! over TCP.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use idm::transport::{PduRx, PduTx};
-use iscsi_proto::pdu::{
-    logout, Header, LogoutRequest, Pdu, TextRequest, TextResponse, RESERVED_TAG,
-};
-use iscsi_proto::text;
+use iscsi_proto::pdu::{logout, Header, LogoutRequest, Pdu, TextResponse};
 
 use crate::conn;
 use crate::error::Error;
 use crate::login::Auth;
 use crate::portal::Portal;
-
-/// Largest SendTargets answer we reassemble.
-const MAX_ANSWER: usize = 1 << 20;
 
 /// One target a portal told us about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,75 +58,29 @@ pub enum SendTargetsStep {
     Done(Vec<DiscoveredTarget>),
 }
 
-/// The SendTargets exchange of one Discovery session.
+/// The SendTargets exchange of one Discovery session: `idm`'s sans-IO
+/// exchange, with the answer read into targets and portals.
 #[derive(Debug)]
-pub struct SendTargets {
-    itt: u32,
-    ttt: u32,
-    answer: Vec<u8>,
-    started: bool,
-}
+pub struct SendTargets(idm::send_targets::SendTargets);
 
 impl SendTargets {
     pub fn new(itt: u32) -> Self {
-        SendTargets {
-            itt,
-            ttt: RESERVED_TAG,
-            answer: Vec::new(),
-            started: false,
-        }
+        SendTargets(idm::send_targets::SendTargets::new(itt))
     }
 
-    /// The next Text Request: `SendTargets=All` first, then empty ones
-    /// carrying the target's TTT to pull the continuation.
+    /// The next Text Request.
     pub fn request(&mut self, cmd_sn: u32, exp_stat_sn: u32) -> Pdu {
-        let mut data = Vec::new();
-        if !self.started {
-            text::encode(&[("SendTargets", "All")], &mut data);
-            self.started = true;
-        }
-        Pdu::new(
-            Header::TextRequest(TextRequest {
-                immediate: false,
-                final_: true,
-                cont: false,
-                lun: 0,
-                itt: self.itt,
-                ttt: self.ttt,
-                cmd_sn,
-                exp_stat_sn,
-            }),
-            Bytes::from(data),
-        )
+        self.0.request(cmd_sn, exp_stat_sn)
     }
 
     pub fn handle(&mut self, resp: &TextResponse, data: &[u8]) -> Result<SendTargetsStep, Error> {
-        if resp.itt != self.itt {
-            return Err(Error::Protocol(format!(
-                "Text Response for ITT {:#x}",
-                resp.itt
-            )));
-        }
-        if self.answer.len().saturating_add(data.len()) > MAX_ANSWER {
-            return Err(Error::Protocol(
-                "SendTargets answer larger than 1 MiB".into(),
-            ));
-        }
-        self.answer.extend_from_slice(data);
-        if resp.final_ && resp.cont {
-            return Err(Error::Protocol("Text Response with both F and C".into()));
-        }
-        if !resp.final_ {
-            if resp.ttt == RESERVED_TAG {
-                return Err(Error::Protocol(
-                    "Text Response continues without a Target Transfer Tag".into(),
-                ));
+        match self.0.handle(resp, data) {
+            Ok(idm::send_targets::SendTargetsStep::More) => Ok(SendTargetsStep::More),
+            Ok(idm::send_targets::SendTargetsStep::Done(pairs)) => {
+                Ok(SendTargetsStep::Done(parse_send_targets(&pairs)?))
             }
-            self.ttt = resp.ttt;
-            return Ok(SendTargetsStep::More);
+            Err(e) => Err(Error::Protocol(e.to_string())),
         }
-        let pairs = text::parse_list(&self.answer).map_err(|e| Error::Protocol(e.to_string()))?;
-        Ok(SendTargetsStep::Done(parse_send_targets(&pairs)?))
     }
 }
 
@@ -210,6 +159,8 @@ async fn next_pdu(rx: &mut idm::tcp::TcpRx) -> Result<Pdu, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use iscsi_proto::pdu::RESERVED_TAG;
+    use iscsi_proto::text;
 
     fn resp(final_: bool, cont: bool, ttt: u32) -> TextResponse {
         TextResponse {

@@ -192,6 +192,8 @@ struct State {
     /// A replacement session is being logged in.
     recovering: bool,
     reconnects: u64,
+    /// A Logout Request went out: a connection closing is expected.
+    logging_out: bool,
     /// Why the session ended for good, once it has.
     closed: Option<String>,
 }
@@ -368,6 +370,7 @@ impl Session {
             portal: portal.clone(),
             recovering: false,
             reconnects: 0,
+            logging_out: false,
             closed: None,
         };
         let inner = Arc::new(Inner {
@@ -467,6 +470,7 @@ impl Session {
         let (tx, rx) = oneshot::channel();
         self.inner.send_immediate(|st, itt, conn| {
             st.pending.insert(itt, Pending::Logout(tx));
+            st.logging_out = true;
             Header::LogoutRequest(LogoutRequest {
                 immediate: true,
                 reason: logout::CLOSE_SESSION,
@@ -700,7 +704,7 @@ impl Inner {
                     return;
                 }
             }
-            let logging_out = st.pending.values().any(|p| matches!(p, Pending::Logout(_)));
+            let logging_out = st.logging_out;
             if logging_out {
                 // Closing the session ends the other connections first; the
                 // answer comes on the first one (where the request went).
