@@ -76,6 +76,11 @@ pub struct SessionOptions {
     pub replacement_timeout: Duration,
     /// How often one command may be reissued after reconnects.
     pub max_reissues: u32,
+    /// A NOP-Out ping every so often finds a dead target even when no
+    /// command is running (open-iscsi's `noop_out_interval`); zero: never.
+    pub nop_interval: Duration,
+    /// How long a ping may go unanswered before the session is replaced.
+    pub nop_timeout: Duration,
 }
 
 impl SessionOptions {
@@ -93,6 +98,8 @@ impl SessionOptions {
             connections: 1,
             replacement_timeout: Duration::from_secs(30),
             max_reissues: 5,
+            nop_interval: Duration::from_secs(10),
+            nop_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -387,6 +394,9 @@ impl Session {
             tracing::info!(target_name = target, portal = %st.portal, tsih = st.tsih,
                 connections = st.conns.len(), "session up");
         }
+        if !inner.opts.nop_interval.is_zero() {
+            tokio::spawn(keepalive(Arc::downgrade(&inner)));
+        }
         Ok(Session { inner })
     }
 
@@ -443,6 +453,10 @@ impl Session {
 
     /// A NOP-Out ping; returns the round-trip time.
     pub async fn ping(&self) -> Result<Duration, Error> {
+        self.ping_within(self.inner.opts.command_timeout).await
+    }
+
+    async fn ping_within(&self, t: Duration) -> Result<Duration, Error> {
         let (tx, rx) = oneshot::channel();
         let start = Instant::now();
         self.inner.send_immediate(|st, itt, conn| {
@@ -456,7 +470,6 @@ impl Session {
                 exp_stat_sn: conn.1,
             })
         })?;
-        let t = self.inner.opts.command_timeout;
         match tokio::time::timeout(t, rx).await {
             Ok(Ok(())) => Ok(start.elapsed()),
             Ok(Err(_)) => Err(self.inner.closed_error()),
@@ -1139,6 +1152,33 @@ fn scsi_result(
         data: data_in.finish(residual),
         residual,
     })
+}
+
+/// Pings the target every `nop_interval`; an unanswered ping replaces the
+/// session. Ends with the session.
+async fn keepalive(inner: Weak<Inner>) {
+    loop {
+        let Some(interval) = inner.upgrade().map(|i| i.opts.nop_interval) else {
+            return;
+        };
+        tokio::time::sleep(interval).await;
+        let Some(i) = inner.upgrade() else { return };
+        let (closed, recovering) = {
+            let st = i.lock();
+            (st.closed.is_some(), st.recovering)
+        };
+        if closed {
+            return;
+        }
+        if recovering {
+            continue;
+        }
+        let s = Session { inner: i };
+        if let Err(Error::Timeout { .. }) = s.ping_within(s.inner.opts.nop_timeout).await {
+            s.inner
+                .fail_all_connections("the target did not answer a NOP-Out ping".into());
+        }
+    }
 }
 
 async fn writer(
