@@ -7,6 +7,11 @@
 #      interop tests (package ironstar-interop, tests/) drive target/release/iscsitd from step 4 with
 #      libiscsi's tools, qemu-img and iscsi-test-cu. Under CI=true (or
 #      IRONSTAR_REQUIRE_PEERS=1) a missing peer fails its test instead of skipping it.
+#   6. vm tests: testbed/run-tests.sh boots a QEMU guest (Debian's kernel) where the Linux
+#      kernel initiator and LIO meet the release binaries of step 4 (see testbed/README.md).
+#      It needs root (setup-host.sh installs qemu-system-x86 and the image tools); without
+#      root it is skipped with a message, except under CI=true / IRONSTAR_REQUIRE_PEERS=1.
+#      IRONSTAR_SKIP_VM=1 skips it.
 #
 # Every step runs even after an earlier one failed, so one run shows everything; the exit
 # status is non-zero if any step failed. Ends with a summary of steps and test counts.
@@ -59,11 +64,27 @@ cargo_test() {
     cargo test --workspace --no-fail-fast 2>&1 | tee "$TEST_LOG"
 }
 
+vm_tests() {
+    if [ "${IRONSTAR_SKIP_VM:-0}" = 1 ]; then
+        echo "vm tests: skipped (IRONSTAR_SKIP_VM=1)"
+    elif [ "$(id -u)" -eq 0 ]; then
+        bash testbed/run-tests.sh
+    elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+        sudo -n bash testbed/run-tests.sh
+    elif [ "${CI:-}" = true ] || [ "${IRONSTAR_REQUIRE_PEERS:-0}" = 1 ]; then
+        echo "vm tests: need root (debootstrap, qemu-system-x86 from apt)" >&2
+        return 1
+    else
+        echo "vm tests: SKIPPED: need root (sudo bash scripts/test.sh)"
+    fi
+}
+
 step "install test deps" install_deps
 step "rustfmt" cargo fmt --all -- --check
 step "clippy" cargo clippy --workspace --all-targets -- -D warnings
 step "release build" cargo build --release --bins
 step "cargo test" cargo_test
+step "vm tests" vm_tests
 
 # Test counts from every "test result:" line (unit, integration, interop, doc tests).
 read -r t_pass t_fail t_ign t_bins < <(awk '/^test result:/ {

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# run-tests.sh: run every guest test of the test bed, one VM boot each, and summarise.
+#
+#   testbed/run-tests.sh [NAME...]        NAME: a test in testbed/tests (e.g. kernel-iscsitd);
+#                                         default: all of tests/*.sh except lib.sh
+#
+# Steps: setup-host.sh (installs qemu etc. when missing; root), build-image.sh (cached),
+# then for each test a VM that gets a share dir with bin/iscsitd and bin/iscsi (our release
+# binaries from ${IRONSTAR_BIN_DIR:-${CARGO_TARGET_DIR:-target}/release}: build them first with
+# `cargo build --release --bins`), tests/ and results/<test>/. Per-test console logs, daemon
+# logs and fio figures stay in ${TESTBED_RUNS:-target/testbed}/results/. Ends with the fio
+# figures and a line "N passed, N failed"; exits non-zero when any test failed.
+# Knobs: FIO_RUNTIME (s per fio benchmark job, default 5), TESTBED_TIMEOUT (s per VM, 600).
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+BIN=${IRONSTAR_BIN_DIR:-${CARGO_TARGET_DIR:-$ROOT/target}/release}
+RUNS=${TESTBED_RUNS:-$ROOT/target/testbed}
+FIO_RUNTIME=${FIO_RUNTIME:-5}
+TIMEOUT=${TESTBED_TIMEOUT:-600}
+
+if [ $# -gt 0 ]; then
+    TESTS=("$@")
+else
+    TESTS=()
+    for f in "$HERE"/tests/*.sh; do
+        n=$(basename "$f" .sh)
+        [ "$n" = lib ] || TESTS+=("$n")
+    done
+fi
+
+for b in iscsitd iscsi; do
+    [ -x "$BIN/$b" ] || { echo "run-tests: $BIN/$b missing: cargo build --release --bins" >&2; exit 1; }
+done
+bash "$HERE/setup-host.sh"
+IMAGE=$(bash "$HERE/build-image.sh")
+
+rm -rf "$RUNS"
+mkdir -p "$RUNS/bin" "$RUNS/results"
+cp "$BIN/iscsitd" "$BIN/iscsi" "$RUNS/bin/"
+cp -r "$HERE/tests" "$RUNS/tests"
+echo "run-tests: image $IMAGE ($(cat "$IMAGE/kernel.version")), binaries from $BIN, results in $RUNS/results"
+
+passed=0 failed=0
+lines=()
+for t in "${TESTS[@]}"; do
+    [ -f "$RUNS/tests/$t.sh" ] || { echo "run-tests: no test $t" >&2; failed=$((failed + 1)); lines+=("FAILED  $t (no such test)"); continue; }
+    mkdir -p "$RUNS/results/$t"
+    echo
+    echo "######## $t"
+    start=$(date +%s)
+    rc=0
+    bash "$HERE/run-vm.sh" --image "$IMAGE" --share "$RUNS" --timeout "$TIMEOUT" \
+        --log "$RUNS/results/$t/console.log" \
+        --env "TESTBED_RESULTS=results/$t" --env "FIO_RUNTIME=$FIO_RUNTIME" \
+        "$RUNS/tests/$t.sh" || rc=$?
+    secs=$(( $(date +%s) - start ))
+    checks=$(sed -n 's/.*done: \([0-9]*\) checks passed.*/\1/p' "$RUNS/results/$t/console.log" | tail -n1)
+    if [ "$rc" -eq 0 ]; then
+        passed=$((passed + 1))
+        lines+=("$(printf 'ok      %-22s %4ss  %s checks' "$t" "$secs" "${checks:-?}")")
+    else
+        failed=$((failed + 1))
+        lines+=("$(printf 'FAILED  %-22s %4ss  exit %s: %s' "$t" "$secs" "$rc" \
+            "$(grep -m1 '^FAIL' "$RUNS/results/$t/console.log" || echo 'see console.log')")")
+    fi
+done
+
+echo
+echo "======================== VM test bed summary ========================"
+printf '  %s\n' "${lines[@]}"
+fio_files=$(ls "$RUNS"/results/*/fio.txt 2>/dev/null || true)
+if [ -n "$fio_files" ]; then
+    echo
+    echo "fio through the kernel initiator (TCG, ${FIO_RUNTIME}s per job, relative figures only):"
+    # shellcheck disable=SC2086
+    cat $fio_files | sed 's/^/  /'
+fi
+echo
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
