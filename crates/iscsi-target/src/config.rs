@@ -36,6 +36,76 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     #[serde(default)]
     pub defaults: Defaults,
+    /// Logical units registered once and shown through views (COMSTAR's
+    /// model); `[[target.lun]]` stays as a shorthand for an LU seen by
+    /// every initiator of one target.
+    #[serde(default, rename = "lu")]
+    pub lus: Vec<LuDef>,
+    #[serde(default, rename = "host_group")]
+    pub host_groups: Vec<GroupConfig>,
+    #[serde(default, rename = "target_group")]
+    pub target_groups: Vec<GroupConfig>,
+    #[serde(default, rename = "view")]
+    pub views: Vec<ViewConfig>,
+}
+
+/// A logical unit of the COMSTAR model, named by its GUID.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LuDef {
+    /// 16 hex digits starting with 6: the NAA IEEE Registered Extended
+    /// designator's high half (VPD 83h), also the LU's name for the tools.
+    pub guid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+    pub backend: BackendKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_cache: Option<bool>,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thin: Option<bool>,
+    /// An offline LU stays registered but no view shows it.
+    #[serde(default = "default_true")]
+    pub online: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A host group (initiator names) or a target group (target names).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    pub name: String,
+    #[serde(default)]
+    pub members: Vec<String>,
+}
+
+/// LU → (host group, target group) at a LUN. No host group: every
+/// initiator; no target group: every target.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ViewConfig {
+    pub lu: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_group: Option<String>,
+    pub lun: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -61,8 +131,9 @@ pub struct TargetConfig {
     pub alias: Option<String>,
     #[serde(default = "default_tpgs")]
     pub portal_groups: Vec<u16>,
-    #[serde(default)]
-    pub auth: AuthConfig,
+    /// None: the defaults' auth method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthConfig>,
     #[serde(default)]
     pub allowed_initiators: Vec<String>,
     #[serde(default)]
@@ -140,7 +211,17 @@ pub struct Defaults {
     pub nop_in_interval: u64,
     /// Seconds to wait for the NOP-Out answer before dropping the connection.
     pub nop_in_timeout: u64,
+    /// Auth method of targets that do not name one.
+    pub auth: AuthConfig,
+    /// CHAP algorithms offered, in order of preference: sha3-256, sha256, sha1, md5.
+    pub chap_algorithms: Vec<String>,
+    /// iSNS registration (recorded; the iSNS client is not built yet).
+    pub isns: bool,
+    pub isns_servers: Vec<String>,
 }
+
+/// CHAP algorithm names the defaults accept.
+pub const CHAP_ALGORITHMS: [&str; 4] = ["sha3-256", "sha256", "sha1", "md5"];
 
 impl Default for Defaults {
     fn default() -> Self {
@@ -155,6 +236,10 @@ impl Default for Defaults {
             queue_depth: 128,
             nop_in_interval: 10,
             nop_in_timeout: 30,
+            auth: AuthConfig::None,
+            chap_algorithms: CHAP_ALGORITHMS.iter().map(|s| s.to_string()).collect(),
+            isns: false,
+            isns_servers: vec![],
         }
     }
 }
@@ -173,7 +258,7 @@ impl Config {
                 iqn: DEFAULT_TARGET_IQN.to_string(),
                 alias: Some("target0".to_string()),
                 portal_groups: vec![1],
-                auth: AuthConfig::None,
+                auth: None,
                 allowed_initiators: vec![],
                 chap_user: None,
                 chap_secret: None,
@@ -191,6 +276,10 @@ impl Config {
             initiators: vec![],
             discovery: DiscoveryConfig::default(),
             defaults: Defaults::default(),
+            lus: vec![],
+            host_groups: vec![],
+            target_groups: vec![],
+            views: vec![],
         }
     }
 
@@ -298,7 +387,19 @@ impl Config {
                 ));
             }
         }
+        self.validate_model(&mut errs);
         let d = &self.defaults;
+        for a in &d.chap_algorithms {
+            if !CHAP_ALGORITHMS.contains(&a.to_ascii_lowercase().as_str()) {
+                errs.push(format!(
+                    "defaults: chap_algorithms: {a:?} is not one of {}",
+                    CHAP_ALGORITHMS.join(", ")
+                ));
+            }
+        }
+        if d.chap_algorithms.is_empty() {
+            errs.push("defaults: chap_algorithms must name at least one algorithm".into());
+        }
         if !(512..=16_777_215).contains(&d.max_recv_data_segment_length) {
             errs.push("defaults: max_recv_data_segment_length must be 512..16777215".into());
         }
@@ -316,6 +417,337 @@ impl Config {
         } else {
             Err(ConfigError::Invalid(errs))
         }
+    }
+}
+
+impl Config {
+    /// Every LU: the registered ones, then the `[[target.lun]]` shorthands
+    /// (with the target and LUN they stand for).
+    pub fn all_lus(&self) -> Vec<(LuDef, Option<(String, u64)>)> {
+        let mut out: Vec<(LuDef, Option<(String, u64)>)> =
+            self.lus.iter().map(|l| (l.clone(), None)).collect();
+        for t in &self.targets {
+            for l in &t.luns {
+                out.push((implicit_lu(&t.iqn, l), Some((t.iqn.clone(), l.lun))));
+            }
+        }
+        out
+    }
+
+    /// Finds a registered LU by GUID or alias.
+    pub fn find_lu(&self, name: &str) -> Option<usize> {
+        self.lus
+            .iter()
+            .position(|l| l.guid.eq_ignore_ascii_case(name))
+            .or_else(|| {
+                self.lus
+                    .iter()
+                    .position(|l| l.alias.as_deref() == Some(name))
+            })
+    }
+
+    pub fn host_group(&self, name: &str) -> Option<&GroupConfig> {
+        self.host_groups.iter().find(|g| g.name == name)
+    }
+
+    pub fn target_group(&self, name: &str) -> Option<&GroupConfig> {
+        self.target_groups.iter().find(|g| g.name == name)
+    }
+
+    /// Who a view reaches: `None` is everyone.
+    fn view_scope(&self, v: &ViewConfig) -> (Option<Vec<String>>, Option<Vec<String>>) {
+        let members = |g: Option<&GroupConfig>| {
+            g.map(|g| g.members.iter().map(|m| m.to_ascii_lowercase()).collect())
+                .unwrap_or_default()
+        };
+        (
+            v.host_group.as_deref().map(|h| members(self.host_group(h))),
+            v.target_group
+                .as_deref()
+                .map(|t| members(self.target_group(t))),
+        )
+    }
+
+    /// The LUNs `initiator` sees at `target` (`None`: only views for all
+    /// hosts), with the GUID of each LU; offline LUs are left out.
+    pub fn lun_map_for(&self, initiator: Option<&str>, target: &str) -> Vec<(u64, String)> {
+        let mut out = Vec::new();
+        let target_lc = target.to_ascii_lowercase();
+        if let Some(t) = self
+            .targets
+            .iter()
+            .find(|t| t.iqn.eq_ignore_ascii_case(target))
+        {
+            for l in &t.luns {
+                out.push((l.lun, implicit_lu(&t.iqn, l).guid));
+            }
+        }
+        let ini_lc = initiator.map(str::to_ascii_lowercase);
+        for v in &self.views {
+            let Some(lu) = self.find_lu(&v.lu).and_then(|i| self.lus.get(i)) else {
+                continue;
+            };
+            if !lu.online {
+                continue;
+            }
+            let (hosts, targets) = self.view_scope(v);
+            let host_ok = match (&hosts, &ini_lc) {
+                (None, _) => true,
+                (Some(h), Some(i)) => h.contains(i),
+                (Some(_), None) => false,
+            };
+            let target_ok = targets.as_ref().is_none_or(|t| t.contains(&target_lc));
+            if host_ok && target_ok && !out.iter().any(|(n, _)| *n == v.lun) {
+                out.push((v.lun, lu.guid.clone()));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// The lowest LUN free for a new view of this scope.
+    pub fn free_lun(&self, host_group: Option<&str>, target_group: Option<&str>) -> Option<u64> {
+        let probe = ViewConfig {
+            lu: String::new(),
+            host_group: host_group.map(String::from),
+            target_group: target_group.map(String::from),
+            lun: 0,
+        };
+        (0..=MAX_LUN).find(|&lun| {
+            let v = ViewConfig {
+                lun,
+                ..probe.clone()
+            };
+            self.view_conflict(&v, None).is_none()
+        })
+    }
+
+    /// Another view or a `[[target.lun]]` that could meet `v` at the same
+    /// LUN for some (initiator, target) pair; `skip` is `v`'s own index.
+    pub fn view_conflict(&self, v: &ViewConfig, skip: Option<usize>) -> Option<String> {
+        let (h1, t1) = self.view_scope(v);
+        let meets = |a: &Option<Vec<String>>, b: &Option<Vec<String>>| match (a, b) {
+            (Some(a), Some(b)) => a.iter().any(|x| b.contains(x)),
+            _ => true,
+        };
+        for (i, w) in self.views.iter().enumerate() {
+            if Some(i) == skip || w.lun != v.lun {
+                continue;
+            }
+            let (h2, t2) = self.view_scope(w);
+            let same_groups = w.host_group == v.host_group && w.target_group == v.target_group;
+            if same_groups || (meets(&h1, &h2) && meets(&t1, &t2)) {
+                return Some(format!(
+                    "view[{i}] of LU {} already uses LUN {}",
+                    w.lu, w.lun
+                ));
+            }
+        }
+        for t in &self.targets {
+            let reached = t1
+                .as_ref()
+                .is_none_or(|m| m.contains(&t.iqn.to_ascii_lowercase()));
+            if reached && t.luns.iter().any(|l| l.lun == v.lun) {
+                return Some(format!(
+                    "target {} has LUN {} in its [[target.lun]]",
+                    t.iqn, v.lun
+                ));
+            }
+        }
+        None
+    }
+
+    fn validate_model(&self, errs: &mut Vec<String>) {
+        let mut guids = HashSet::new();
+        let mut aliases = HashSet::new();
+        for (i, (l, implicit)) in self.all_lus().iter().enumerate() {
+            let at = match implicit {
+                Some((t, n)) => format!("target {t} LUN {n}"),
+                None => format!("lu[{i}] ({})", l.guid),
+            };
+            if implicit.is_none() {
+                if !is_guid(&l.guid) {
+                    errs.push(format!(
+                        "{at}: guid {:?} must be 16 hex digits starting with 6",
+                        l.guid
+                    ));
+                }
+                check_lu_backend(
+                    &at,
+                    l.backend,
+                    l.size.as_deref(),
+                    l.path.is_some(),
+                    l.block_size,
+                    errs,
+                );
+                if let Some(a) = &l.alias {
+                    if a.is_empty() || !aliases.insert(a.clone()) {
+                        errs.push(format!("{at}: alias {a:?} is empty or used twice"));
+                    }
+                }
+                for (what, v, max) in [
+                    ("vid", &l.vid, 8),
+                    ("pid", &l.pid, 16),
+                    ("serial", &l.serial, 64),
+                ] {
+                    if let Some(v) = v {
+                        if v.is_empty()
+                            || v.len() > max
+                            || !v.bytes().all(|b| (0x20..0x7f).contains(&b))
+                        {
+                            errs.push(format!(
+                                "{at}: {what} must be 1..{max} printable ASCII characters"
+                            ));
+                        }
+                    }
+                }
+            }
+            if !guids.insert(l.guid.to_ascii_lowercase()) {
+                errs.push(format!("{at}: duplicate LU guid {}", l.guid));
+            }
+        }
+        for (kind, groups, names_ok) in [
+            ("host_group", &self.host_groups, "initiator"),
+            ("target_group", &self.target_groups, "target"),
+        ] {
+            let mut names = HashSet::new();
+            for (i, g) in groups.iter().enumerate() {
+                let at = format!("{kind}[{i}] ({})", g.name);
+                if !is_group_name(&g.name) {
+                    errs.push(format!(
+                        "{at}: name must be 1..64 letters, digits, '.', '-', '_' or ':'"
+                    ));
+                }
+                if !names.insert(g.name.clone()) {
+                    errs.push(format!("{at}: duplicate {kind} name"));
+                }
+                let mut seen = HashSet::new();
+                for m in &g.members {
+                    if !is_iscsi_name(m) {
+                        errs.push(format!(
+                            "{at}: member {m:?} is not an {names_ok} iSCSI name"
+                        ));
+                    }
+                    if !seen.insert(m.to_ascii_lowercase()) {
+                        errs.push(format!("{at}: member {m} listed twice"));
+                    }
+                }
+            }
+        }
+        for (i, v) in self.views.iter().enumerate() {
+            let at = format!("view[{i}] (LU {} LUN {})", v.lu, v.lun);
+            if self.find_lu(&v.lu).is_none() {
+                errs.push(format!("{at}: no LU {:?} (give a [[lu]] guid)", v.lu));
+            }
+            if let Some(h) = &v.host_group {
+                if self.host_group(h).is_none() {
+                    errs.push(format!("{at}: host group {h:?} is not defined"));
+                }
+            }
+            if let Some(t) = &v.target_group {
+                if self.target_group(t).is_none() {
+                    errs.push(format!("{at}: target group {t:?} is not defined"));
+                }
+            }
+            if v.lun > MAX_LUN {
+                errs.push(format!("{at}: LUN must be 0..{MAX_LUN}"));
+            }
+            if let Some(why) = self.view_conflict(v, Some(i)) {
+                // Report each clash once, at the later view.
+                let earlier = self.views.iter().take(i).any(|w| w.lun == v.lun);
+                if earlier || why.starts_with("target ") {
+                    errs.push(format!("{at}: {why}"));
+                }
+            }
+        }
+    }
+}
+
+/// Highest LUN of the flat addressing the target uses.
+pub const MAX_LUN: u64 = 16383;
+
+fn check_lu_backend(
+    at: &str,
+    backend: BackendKind,
+    size: Option<&str>,
+    has_path: bool,
+    block_size: u32,
+    errs: &mut Vec<String>,
+) {
+    if block_size != 512 && block_size != 4096 {
+        errs.push(format!("{at}: block_size must be 512 or 4096"));
+    }
+    let size_ok = |s: &str| matches!(parse_size(s), Some(n) if n >= u64::from(block_size) && n % u64::from(block_size) == 0);
+    match backend {
+        BackendKind::File => {
+            if !has_path {
+                errs.push(format!("{at}: backend \"file\" needs path"));
+            }
+            if let Some(s) = size {
+                if !size_ok(s) {
+                    errs.push(format!(
+                        "{at}: size {s:?} is not a positive multiple of the block size"
+                    ));
+                }
+            }
+        }
+        BackendKind::Memory | BackendKind::Null => match size {
+            None => errs.push(format!("{at}: backend needs size (e.g. \"1GiB\")")),
+            Some(s) if !size_ok(s) => errs.push(format!(
+                "{at}: size {s:?} is not a positive multiple of the block size"
+            )),
+            Some(_) => {}
+        },
+    }
+}
+
+/// The FNV-1a hash the `[[target.lun]]` shorthand has always used for its
+/// NAA id and serial, so they stay what initiators saw before.
+pub fn stable_hash(text: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// A GUID as the tools print it: 16 hex digits, the NAA 6 nibble first.
+pub fn guid_from_id(id: u64) -> String {
+    format!(
+        "{:016X}",
+        (id & 0x0FFF_FFFF_FFFF_FFFF) | 0x6000_0000_0000_0000
+    )
+}
+
+pub fn is_guid(s: &str) -> bool {
+    s.len() == 16 && s.starts_with('6') && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn is_group_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b))
+}
+
+/// The LU a `[[target.lun]]` stands for.
+pub fn implicit_lu(iqn: &str, l: &LunConfig) -> LuDef {
+    let id = stable_hash(&format!("{iqn}/{}", l.lun));
+    LuDef {
+        guid: guid_from_id(id),
+        alias: None,
+        backend: l.backend,
+        size: l.size.clone(),
+        path: l.path.clone(),
+        block_size: l.block_size,
+        serial: Some(l.serial.clone().unwrap_or_else(|| format!("{id:016x}"))),
+        vid: None,
+        pid: None,
+        write_cache: l.write_cache,
+        read_only: l.read_only,
+        thin: None,
+        online: true,
     }
 }
 

@@ -205,7 +205,7 @@ struct Authority {
 
 impl Authority {
     fn policy(&self) -> Policy {
-        let d = &self.registry.defaults;
+        let d = &self.registry.defaults();
         Policy {
             max_recv_data_segment_length: d.max_recv_data_segment_length,
             max_burst_length: d.max_burst_length,
@@ -247,7 +247,7 @@ impl LoginAuthority for Authority {
     fn admit(&self, who: &LoginIdentity) -> Result<Admission, (u8, u8)> {
         let policy = self.policy();
         if who.session_type == SessionType::Discovery {
-            let chap = match self.registry.discovery_auth {
+            let chap = match self.registry.discovery_auth() {
                 AuthConfig::None => None,
                 AuthConfig::Chap => Some(self.chap_for(&who.initiator_name, None)?),
             };
@@ -278,9 +278,11 @@ impl LoginAuthority for Authority {
                 SessionType::Discovery => None,
                 SessionType::Normal => Some(
                     self.registry
-                        .target(who.target_name.as_deref().unwrap_or(""))
-                        .ok_or(login_status::NOT_FOUND)?
-                        .clone(),
+                        .target_for(
+                            who.target_name.as_deref().unwrap_or(""),
+                            &who.initiator_name,
+                        )
+                        .ok_or(login_status::NOT_FOUND)?,
                 ),
             };
             sessions.create(NewSession {
@@ -292,7 +294,7 @@ impl LoginAuthority for Authority {
                 portal_group_tag: self.portal_group_tag,
                 params: outcome.params.clone(),
                 first_cmd_sn: outcome.cmd_sn,
-                queue_depth: self.registry.defaults.queue_depth,
+                queue_depth: self.registry.defaults().queue_depth,
             })
         } else {
             // A connection joining (MC/S) or reinstating one in a session.
@@ -535,7 +537,7 @@ impl Conn {
     }
 
     async fn run<Rx: PduRx>(&mut self, mut rx: Rx, mut inbox: mpsc::UnboundedReceiver<ConnMsg>) {
-        let defaults = self.registry.defaults.clone();
+        let defaults = self.registry.defaults();
         let idle_limit = Duration::from_secs(defaults.nop_in_interval);
         let ping_limit = Duration::from_secs(defaults.nop_in_timeout.max(1));
         let mut last_rx = Instant::now();

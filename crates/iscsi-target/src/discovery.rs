@@ -40,13 +40,14 @@ pub fn send_targets(
         }
     };
     let mut pairs: Vec<(String, String)> = Vec::new();
-    for t in &registry.targets {
+    let model = registry.snapshot();
+    for t in &model.targets {
         if !wanted(&t.iqn) || !t.admits(&session.initiator_name) {
             continue;
         }
         pairs.push(("TargetName".into(), t.iqn.clone()));
         for tag in &t.portal_groups {
-            let Some(pg) = registry.portal_group(*tag) else {
+            let Some(pg) = model.portal_group(*tag) else {
                 continue;
             };
             for p in &pg.portals {

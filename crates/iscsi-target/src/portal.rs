@@ -59,7 +59,7 @@ impl Portal {
 /// Binds every portal of every portal group.
 pub async fn bind_all(registry: &Registry) -> std::io::Result<Vec<Portal>> {
     let mut out = Vec::new();
-    for pg in &registry.portal_groups {
+    for pg in &registry.snapshot().portal_groups {
         for addr in &pg.portals {
             out.push(Portal::bind(*addr, pg.tag).await.map_err(|e| {
                 std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))

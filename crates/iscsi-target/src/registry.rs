@@ -1,17 +1,29 @@
-//! The live model built from the configuration: targets with their LUN
-//! maps, portal groups, initiator credentials. Logins consult it; the
-//! session table lives beside it.
+//! The live model built from the configuration: targets, portal groups,
+//! initiator credentials, logical units and the views that decide which
+//! initiator sees which LU at which LUN.
+//!
+//! The model is an immutable snapshot behind a lock (`RwLock<Arc<Model>>`):
+//! logins and discovery take the current snapshot, an administrative change
+//! builds a whole new one and swaps it in, so nothing a session uses
+//! changes under it. Logical units are `Arc<LogicalUnit>` carried from one
+//! snapshot to the next (their data, unit attentions and reservations
+//! stay). Each session's LUN table ([`Luns`]) follows the newest snapshot,
+//! so a view added or removed takes effect on the next command.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use scsi_target::{
-    Backend, FileBackend, LogicalUnit, LuConfig, LunMap, MemoryBackend, NullBackend,
+    Backend, FileBackend, LogicalUnit, LuConfig, LunMap, MemoryBackend, NexusId, NullBackend,
+    ScsiResponse, ScsiTask,
 };
 use thiserror::Error;
 
-use crate::config::{AuthConfig, BackendKind, Config, Defaults, InitiatorConfig, LunConfig};
+use crate::config::{
+    parse_size, AuthConfig, BackendKind, Config, ConfigError, Defaults, InitiatorConfig, LuDef,
+};
 use crate::session::SessionTable;
 
 #[derive(Debug, Error)]
@@ -23,6 +35,10 @@ pub enum BuildError {
         lun: u64,
         what: String,
     },
+    #[error("LU {guid}: {what}")]
+    Lu { guid: String, what: String },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 /// One iSCSI target node.
@@ -30,12 +46,15 @@ pub struct Target {
     pub iqn: String,
     pub alias: Option<String>,
     pub portal_groups: Vec<u16>,
+    /// The auth method in force (the target's own, or the defaults').
     pub auth: AuthConfig,
     /// Empty: every initiator may log in.
     pub allowed_initiators: Vec<String>,
     /// The target's own CHAP credentials, for mutual CHAP.
     pub mutual_chap: Option<(String, Vec<u8>)>,
-    pub luns: LunMap,
+    /// The LUNs of this target as one initiator (or, in the model's own
+    /// copy, every initiator) sees them, following the live views.
+    pub luns: Luns,
 }
 
 impl Target {
@@ -46,6 +65,19 @@ impl Target {
                 .iter()
                 .any(|a| a.eq_ignore_ascii_case(initiator))
     }
+
+    /// The same target seen by `initiator`.
+    fn for_initiator(&self, live: &Arc<Live>, initiator: &str) -> Target {
+        Target {
+            iqn: self.iqn.clone(),
+            alias: self.alias.clone(),
+            portal_groups: self.portal_groups.clone(),
+            auth: self.auth,
+            allowed_initiators: self.allowed_initiators.clone(),
+            mutual_chap: self.mutual_chap.clone(),
+            luns: Luns::new(live, Some(initiator), &self.iqn),
+        }
+    }
 }
 
 pub struct PortalGroup {
@@ -53,122 +85,492 @@ pub struct PortalGroup {
     pub portals: Vec<SocketAddr>,
 }
 
-/// Everything a login needs to know.
-pub struct Registry {
+/// A registered logical unit.
+pub struct LuEntry {
+    pub def: LuDef,
+    /// `[[target.lun]]` shorthand: the target and LUN it stands for.
+    pub implicit: Option<(String, u64)>,
+    pub lu: Arc<LogicalUnit>,
+}
+
+/// One immutable snapshot of everything the target serves.
+pub struct Model {
+    pub generation: u64,
+    /// The document this snapshot was built from (what is on disk).
+    pub config: Config,
     pub targets: Vec<Arc<Target>>,
     pub portal_groups: Vec<PortalGroup>,
     pub initiators: HashMap<String, InitiatorConfig>,
+    /// By lower-case GUID.
+    pub lus: BTreeMap<String, Arc<LuEntry>>,
     pub discovery_auth: AuthConfig,
     pub defaults: Defaults,
-    pub sessions: SessionTable,
 }
 
-impl Registry {
-    pub fn build(config: &Config) -> Result<Registry, BuildError> {
-        let mut targets = Vec::new();
-        for t in &config.targets {
-            let mut luns = LunMap::new();
-            for l in &t.luns {
-                let lu = build_lu(&t.iqn, l).map_err(|what| BuildError::Lun {
-                    target: t.iqn.clone(),
-                    lun: l.lun,
-                    what,
-                })?;
-                luns.insert(l.lun, lu);
-            }
-            let mutual_chap = match (&t.chap_user, &t.chap_secret) {
-                (Some(u), Some(s)) => Some((u.clone(), s.as_bytes().to_vec())),
-                _ => None,
-            };
-            targets.push(Arc::new(Target {
-                iqn: t.iqn.clone(),
-                alias: t.alias.clone(),
-                portal_groups: t.portal_groups.clone(),
-                auth: t.auth,
-                allowed_initiators: t.allowed_initiators.clone(),
-                mutual_chap,
-                luns,
-            }));
-        }
-        let portal_groups = config
-            .portal_groups
-            .iter()
-            .map(|pg| PortalGroup {
-                tag: pg.tag,
-                portals: pg.portals.iter().filter_map(|p| p.parse().ok()).collect(),
-            })
-            .collect();
-        let initiators = config
-            .initiators
-            .iter()
-            .map(|i| (i.name.to_ascii_lowercase(), i.clone()))
-            .collect();
-        Ok(Registry {
-            targets,
-            portal_groups,
-            initiators,
-            discovery_auth: config.discovery.auth,
-            defaults: config.defaults.clone(),
-            sessions: SessionTable::default(),
-        })
-    }
-
+impl Model {
     pub fn target(&self, iqn: &str) -> Option<&Arc<Target>> {
         self.targets
             .iter()
             .find(|t| t.iqn.eq_ignore_ascii_case(iqn))
     }
 
-    pub fn initiator(&self, name: &str) -> Option<&InitiatorConfig> {
-        self.initiators.get(&name.to_ascii_lowercase())
-    }
-
     pub fn portal_group(&self, tag: u16) -> Option<&PortalGroup> {
         self.portal_groups.iter().find(|pg| pg.tag == tag)
     }
-}
 
-/// A stable 64-bit value from text (FNV-1a), for identifiers that must not
-/// change across restarts (NAA id, serial number).
-fn stable_hash(text: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
+    pub fn lu(&self, guid: &str) -> Option<&Arc<LuEntry>> {
+        self.lus.get(&guid.to_ascii_lowercase())
     }
-    h
+
+    /// The LUN table `initiator` (None: views for all hosts only) sees at
+    /// `target`.
+    pub fn lun_map(&self, initiator: Option<&str>, target: &str) -> LunMap {
+        let mut map = LunMap::new();
+        for (lun, guid) in self.config.lun_map_for(initiator, target) {
+            if let Some(e) = self.lu(&guid) {
+                map.insert(lun, e.lu.clone());
+            }
+        }
+        map
+    }
 }
 
-fn build_lu(target_iqn: &str, l: &LunConfig) -> Result<Arc<LogicalUnit>, String> {
-    let size = l
-        .size
-        .as_deref()
-        .and_then(crate::config::parse_size)
-        .unwrap_or(0);
-    let backend: Box<dyn Backend> = match l.backend {
-        BackendKind::Memory => Box::new(MemoryBackend::new(size)),
-        BackendKind::Null => Box::new(NullBackend::new(size)),
+/// The swappable snapshot, shared by the registry and every session's
+/// [`Luns`].
+pub struct Live {
+    model: RwLock<Arc<Model>>,
+    generation: AtomicU64,
+}
+
+impl Live {
+    fn snapshot(&self) -> Arc<Model> {
+        match self.model.read() {
+            Ok(m) => m.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+}
+
+/// A session's LUN table: resolved from the newest snapshot, cached until
+/// the next change.
+pub struct Luns {
+    live: Weak<Live>,
+    initiator: Option<String>,
+    target: String,
+    cache: Mutex<(u64, Arc<LunMap>)>,
+}
+
+impl Luns {
+    fn new(live: &Arc<Live>, initiator: Option<&str>, target: &str) -> Luns {
+        Luns {
+            live: Arc::downgrade(live),
+            initiator: initiator.map(String::from),
+            target: target.to_string(),
+            cache: Mutex::new((u64::MAX, Arc::new(LunMap::new()))),
+        }
+    }
+
+    /// The current table.
+    pub fn map(&self) -> Arc<LunMap> {
+        let Some(live) = self.live.upgrade() else {
+            return Arc::new(LunMap::new());
+        };
+        let generation = live.generation.load(Ordering::Acquire);
+        let mut cache = match self.cache.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        if cache.0 != generation {
+            let model = live.snapshot();
+            let map = model.lun_map(self.initiator.as_deref(), &self.target);
+            *cache = (model.generation, Arc::new(map));
+        }
+        cache.1.clone()
+    }
+
+    pub fn get(&self, lun: u64) -> Option<Arc<LogicalUnit>> {
+        self.map().get(lun).cloned()
+    }
+
+    pub fn luns(&self) -> Vec<u64> {
+        self.map().luns().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map().is_empty()
+    }
+
+    pub fn execute(&self, task: &ScsiTask<'_>) -> ScsiResponse {
+        self.map().execute(task)
+    }
+
+    pub fn reset_all(&self, by: Option<NexusId>) {
+        self.map().reset_all(by)
+    }
+}
+
+/// Everything a login needs to know, and the session table beside it.
+pub struct Registry {
+    live: Arc<Live>,
+    /// Serialises administrative changes (build, persist, swap).
+    change: Mutex<()>,
+    pub sessions: SessionTable,
+}
+
+impl Registry {
+    pub fn build(config: &Config) -> Result<Registry, BuildError> {
+        let live = Arc::new(Live {
+            model: RwLock::new(Arc::new(empty_model())),
+            generation: AtomicU64::new(0),
+        });
+        let model = build_model(&live, config, None, 1)?;
+        if let Ok(mut m) = live.model.write() {
+            *m = Arc::new(model);
+        }
+        live.generation.store(1, Ordering::Release);
+        Ok(Registry {
+            live,
+            change: Mutex::new(()),
+            sessions: SessionTable::default(),
+        })
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Model> {
+        self.live.snapshot()
+    }
+
+    /// Validates `config`, builds its model (reusing LUs by GUID, resizing
+    /// them when their size changed), then calls `commit` with it — where
+    /// the daemon binds portals and writes the document — and swaps it in
+    /// only if `commit` succeeds. Changes are serialised.
+    pub fn apply<E>(
+        &self,
+        config: &Config,
+        commit: impl FnOnce(&Model) -> Result<(), E>,
+    ) -> Result<Arc<Model>, ApplyError<E>> {
+        let _g = match self.change.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        config.validate().map_err(|e| ApplyError::Build(e.into()))?;
+        let old = self.snapshot();
+        let generation = old.generation.wrapping_add(1);
+        let model =
+            build_model(&self.live, config, Some(&old), generation).map_err(ApplyError::Build)?;
+        commit(&model).map_err(ApplyError::Commit)?;
+        let model = Arc::new(model);
+        if let Ok(mut m) = self.live.model.write() {
+            *m = model.clone();
+        }
+        self.live.generation.store(generation, Ordering::Release);
+        Ok(model)
+    }
+
+    /// The target's shared description (its LUNs: views for all hosts).
+    pub fn target(&self, iqn: &str) -> Option<Arc<Target>> {
+        self.snapshot().target(iqn).cloned()
+    }
+
+    /// The target as `initiator` sees it: its LUN table follows the views
+    /// that grant this (initiator, target) pair.
+    pub fn target_for(&self, iqn: &str, initiator: &str) -> Option<Arc<Target>> {
+        let t = self.target(iqn)?;
+        Some(Arc::new(t.for_initiator(&self.live, initiator)))
+    }
+
+    pub fn initiator(&self, name: &str) -> Option<InitiatorConfig> {
+        self.snapshot()
+            .initiators
+            .get(&name.to_ascii_lowercase())
+            .cloned()
+    }
+
+    pub fn defaults(&self) -> Defaults {
+        self.snapshot().defaults.clone()
+    }
+
+    pub fn discovery_auth(&self) -> AuthConfig {
+        self.snapshot().discovery_auth
+    }
+}
+
+/// Why [`Registry::apply`] refused a change.
+#[derive(Debug, Error)]
+pub enum ApplyError<E> {
+    #[error(transparent)]
+    Build(BuildError),
+    #[error("{0}")]
+    Commit(E),
+}
+
+fn empty_model() -> Model {
+    Model {
+        generation: 0,
+        config: Config::from_toml("").unwrap_or_else(|_| Config::embedded_default()),
+        targets: vec![],
+        portal_groups: vec![],
+        initiators: HashMap::new(),
+        lus: BTreeMap::new(),
+        discovery_auth: AuthConfig::None,
+        defaults: Defaults::default(),
+    }
+}
+
+fn build_model(
+    live: &Arc<Live>,
+    config: &Config,
+    old: Option<&Model>,
+    generation: u64,
+) -> Result<Model, BuildError> {
+    let mut lus = BTreeMap::new();
+    for (def, implicit) in config.all_lus() {
+        let key = def.guid.to_ascii_lowercase();
+        let reused = old
+            .and_then(|m| m.lus.get(&key))
+            .filter(|e| same_backing(&e.def, &def));
+        let lu = match reused {
+            Some(e) => {
+                resize_if_needed(&e.lu, &def).map_err(|what| lu_error(&def, &implicit, what))?;
+                e.lu.clone()
+            }
+            None => build_lu(&def).map_err(|what| lu_error(&def, &implicit, what))?,
+        };
+        lus.insert(key, Arc::new(LuEntry { def, implicit, lu }));
+    }
+    let mut targets = Vec::new();
+    for t in &config.targets {
+        let mutual_chap = match (&t.chap_user, &t.chap_secret) {
+            (Some(u), Some(s)) => Some((u.clone(), s.as_bytes().to_vec())),
+            _ => None,
+        };
+        targets.push(Arc::new(Target {
+            iqn: t.iqn.clone(),
+            alias: t.alias.clone(),
+            portal_groups: t.portal_groups.clone(),
+            auth: t.auth.unwrap_or(config.defaults.auth),
+            allowed_initiators: t.allowed_initiators.clone(),
+            mutual_chap,
+            luns: Luns::new(live, None, &t.iqn),
+        }));
+    }
+    let portal_groups = config
+        .portal_groups
+        .iter()
+        .map(|pg| PortalGroup {
+            tag: pg.tag,
+            portals: pg.portals.iter().filter_map(|p| p.parse().ok()).collect(),
+        })
+        .collect();
+    let initiators = config
+        .initiators
+        .iter()
+        .map(|i| (i.name.to_ascii_lowercase(), i.clone()))
+        .collect();
+    Ok(Model {
+        generation,
+        config: config.clone(),
+        targets,
+        portal_groups,
+        initiators,
+        lus,
+        discovery_auth: config.discovery.auth,
+        defaults: config.defaults.clone(),
+    })
+}
+
+fn lu_error(def: &LuDef, implicit: &Option<(String, u64)>, what: String) -> BuildError {
+    match implicit {
+        Some((target, lun)) => BuildError::Lun {
+            target: target.clone(),
+            lun: *lun,
+            what,
+        },
+        None => BuildError::Lu {
+            guid: def.guid.clone(),
+            what,
+        },
+    }
+}
+
+/// Whether an existing LU can carry on as `new` (same store, same shape).
+fn same_backing(old: &LuDef, new: &LuDef) -> bool {
+    old.backend == new.backend
+        && old.path == new.path
+        && old.block_size == new.block_size
+        && old.serial == new.serial
+        && old.vid == new.vid
+        && old.pid == new.pid
+        && old.read_only == new.read_only
+        && old.thin == new.thin
+        && old.write_cache == new.write_cache
+}
+
+fn resize_if_needed(lu: &LogicalUnit, def: &LuDef) -> Result<(), String> {
+    let Some(want) = def.size.as_deref().and_then(parse_size) else {
+        return Ok(());
+    };
+    let have = lu.num_blocks().saturating_mul(u64::from(lu.block_size()));
+    if want != have {
+        lu.resize(Some(want)).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn build_lu(def: &LuDef) -> Result<Arc<LogicalUnit>, String> {
+    let size = def.size.as_deref().and_then(parse_size);
+    let backend: Box<dyn Backend> = match def.backend {
+        BackendKind::Memory => Box::new(MemoryBackend::new(size.unwrap_or(0))),
+        BackendKind::Null => Box::new(NullBackend::new(size.unwrap_or(0))),
         BackendKind::File => {
-            let path = l.path.as_deref().ok_or("backend \"file\" needs path")?;
-            Box::new(FileBackend::open(path, l.read_only).map_err(|e| format!("{path}: {e}"))?)
+            let path = def.path.as_deref().ok_or("backend \"file\" needs path")?;
+            let exists = std::path::Path::new(path).exists();
+            let b = match (exists, size) {
+                (false, Some(n)) => FileBackend::create(path, n),
+                _ => FileBackend::open(path, def.read_only),
+            };
+            Box::new(b.map_err(|e| format!("{path}: {e}"))?)
         }
     };
-    let id = stable_hash(&format!("{target_iqn}/{}", l.lun));
-    let serial = l.serial.clone().unwrap_or_else(|| format!("{:016x}", id));
+    let id = u64::from_str_radix(&def.guid, 16).map_err(|_| "bad guid".to_string())?;
     let config = LuConfig {
-        block_size: l.block_size,
-        vendor: "IRONSTAR".to_string(),
-        product: match l.backend {
-            BackendKind::Memory => "MEMORY LU".to_string(),
-            BackendKind::File => "FILE LU".to_string(),
-            BackendKind::Null => "NULL LU".to_string(),
-        },
+        block_size: def.block_size,
+        vendor: def.vid.clone().unwrap_or_else(|| "IRONSTAR".to_string()),
+        product: def.pid.clone().unwrap_or_else(|| {
+            match def.backend {
+                BackendKind::Memory => "MEMORY LU",
+                BackendKind::File => "FILE LU",
+                BackendKind::Null => "NULL LU",
+            }
+            .to_string()
+        }),
         revision: "0001".to_string(),
-        serial,
+        serial: def
+            .serial
+            .clone()
+            .unwrap_or_else(|| def.guid.to_ascii_lowercase()),
         naa_id: id,
-        write_cache: l.write_cache.unwrap_or(true),
-        read_only: l.read_only,
-        thin_provisioning: matches!(l.backend, BackendKind::Memory | BackendKind::File),
+        write_cache: def.write_cache.unwrap_or(true),
+        read_only: def.read_only,
+        thin_provisioning: def.thin.unwrap_or(matches!(
+            def.backend,
+            BackendKind::Memory | BackendKind::File
+        )),
     };
     LogicalUnit::new(config, backend).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: &str = "iqn.2026-11.dev.ironstar:t0";
+    const T1: &str = "iqn.2026-11.dev.ironstar:t1";
+    const A: &str = "iqn.1994-05.com.example:a";
+    const B: &str = "iqn.1994-05.com.example:b";
+
+    fn config() -> Config {
+        Config::from_toml(&format!(
+            r#"
+[[portal_group]]
+tag = 1
+portals = ["127.0.0.1:0"]
+[[target]]
+iqn = "{T0}"
+[[target.lun]]
+lun = 0
+backend = "memory"
+size = "1MiB"
+[[target]]
+iqn = "{T1}"
+[[lu]]
+guid = "6000000000000001"
+backend = "memory"
+size = "2MiB"
+[[lu]]
+guid = "6000000000000002"
+backend = "memory"
+size = "4MiB"
+[[host_group]]
+name = "hga"
+members = ["{A}"]
+[[target_group]]
+name = "tg1"
+members = ["{T1}"]
+[[view]]
+lu = "6000000000000001"
+host_group = "hga"
+target_group = "tg1"
+lun = 3
+[[view]]
+lu = "6000000000000002"
+target_group = "tg1"
+lun = 5
+"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn views_decide_which_initiator_sees_which_lun() {
+        let r = Registry::build(&config()).unwrap();
+        let a = r.target_for(T1, A).unwrap();
+        let b = r.target_for(T1, B).unwrap();
+        assert_eq!(a.luns.luns(), vec![3, 5]);
+        assert_eq!(b.luns.luns(), vec![5]);
+        // The shorthand LUN 0 of t0 is for everyone, and only at t0.
+        assert_eq!(r.target_for(T0, B).unwrap().luns.luns(), vec![0]);
+    }
+
+    #[test]
+    fn a_change_reaches_existing_sessions_and_keeps_lus() {
+        let r = Registry::build(&config()).unwrap();
+        let b = r.target_for(T1, B).unwrap();
+        let lu5 = b.luns.get(5).unwrap();
+        let mut c = r.snapshot().config.clone();
+        c.host_groups[0].members.push(B.to_string());
+        c.lus[1].size = Some("8MiB".into());
+        r.apply(&c, |_| Ok::<(), String>(())).unwrap();
+        assert_eq!(b.luns.luns(), vec![3, 5]);
+        let again = b.luns.get(5).unwrap();
+        assert!(Arc::ptr_eq(&lu5, &again), "the LU object is carried over");
+        assert_eq!(again.num_blocks(), 8 * 2048);
+    }
+
+    #[test]
+    fn a_failed_commit_changes_nothing() {
+        let r = Registry::build(&config()).unwrap();
+        let mut c = r.snapshot().config.clone();
+        c.views.clear();
+        let Err(err) = r.apply(&c, |_| Err("disk full")) else {
+            panic!("applied")
+        };
+        assert_eq!(err.to_string(), "disk full");
+        assert_eq!(r.snapshot().config.views.len(), 2);
+        assert_eq!(r.target_for(T1, A).unwrap().luns.luns(), vec![3, 5]);
+    }
+
+    #[test]
+    fn an_invalid_change_is_refused_with_its_reason() {
+        let r = Registry::build(&config()).unwrap();
+        let mut c = r.snapshot().config.clone();
+        c.views[1].lun = 3;
+        let Err(err) = r.apply(&c, |_| Ok::<(), String>(())) else {
+            panic!("applied")
+        };
+        assert!(err.to_string().contains("already uses LUN 3"), "{err}");
+    }
+
+    #[test]
+    fn offline_lus_leave_every_view() {
+        let r = Registry::build(&config()).unwrap();
+        let mut c = r.snapshot().config.clone();
+        c.lus[1].online = false;
+        r.apply(&c, |_| Ok::<(), String>(())).unwrap();
+        assert_eq!(r.target_for(T1, A).unwrap().luns.luns(), vec![3]);
+    }
 }

@@ -55,8 +55,8 @@ async fn serve(config: Config, embedded: bool) -> anyhow::Result<()> {
     for p in &portals {
         tracing::info!(portal = %p.addr, tpgt = p.portal_group_tag, "listening");
     }
-    for t in &registry.targets {
-        tracing::info!(target = %t.iqn, luns = t.luns.luns().count(), "target ready");
+    for t in &registry.snapshot().targets {
+        tracing::info!(target = %t.iqn, luns = t.luns.len(), "target ready");
     }
     if embedded {
         if let Some(p) = portals.first() {
