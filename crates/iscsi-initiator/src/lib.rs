@@ -2,14 +2,17 @@
 //!
 //! Beside `iscsi-target` on the map (`ARCHITECTURE.md`), on top of the same
 //! `idm` and `iscsi-proto`: discovery (SendTargets), login (None, CHAP
-//! one-way and mutual, redirection), sessions with a CmdSN window and many
-//! commands in flight, and an async SCSI API ([`Session`], [`Lun`]). The
-//! `iscsi` binary is a thin CLI over it.
+//! one-way and mutual, redirection), sessions with a CmdSN window, many
+//! commands in flight and several connections (MC/S), recovery by session
+//! reinstatement, and an async SCSI API ([`Session`], [`Lun`]). [`nbd`]
+//! exports a LUN to NBD clients; [`vpd`] decodes VPD pages. The `iscsi`
+//! binary is a thin CLI over it.
 //!
-//! Protocol logic is sans-IO ([`login::InitiatorLogin`],
-//! [`discovery::SendTargets`], [`scsi`]); tokio only appears in [`conn`],
-//! [`discovery::discover`] and [`session`]. Nothing here panics on data from
-//! the wire: every length and offset a target sends is checked before use.
+//! Protocol logic is sans-IO and shared with the target through `idm`
+//! (`idm::initiator_login`, `idm::initiator_data`, `idm::send_targets`);
+//! tokio only appears in [`conn`], [`discovery::discover`], [`session`] and
+//! [`nbd`]. Nothing here panics on data from the wire: every length and
+//! offset a target (or an NBD client) sends is checked before use.
 
 pub mod conn;
 pub mod discovery;

@@ -8,6 +8,17 @@
 //! `IRONSTAR_TARGET_SECRET` or `ISCSI_TARGET_SECRET`) than on the command
 //! line, where other users can read them.
 
+/// `println!` that ends the program quietly when stdout is gone (`| head`),
+/// as a shell tool should, instead of panicking on EPIPE.
+macro_rules! println {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout(), $($t)*).is_err() {
+            std::process::exit(141);
+        }
+    }};
+}
+
 #[path = "iscsi/tools.rs"]
 mod tools;
 
