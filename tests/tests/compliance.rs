@@ -1,4 +1,4 @@
-//! libiscsi's compliance suite, `iscsi-test-cu --dataloss --test=ALL` (SCSI + iSCSI
+//! libiscsi's compliance suite, `iscsi-test-cu --dataloss --allow-sanitize --test=ALL` (SCSI + iSCSI
 //! families, 230 tests in libiscsi 1.19), against a fresh daemon with a 1 GiB memory LU.
 //!
 //! CUnit counts a skipped test as passed, so outcomes are counted from the output
@@ -85,7 +85,18 @@ use ironstar_interop::{peers, GIB, INITIATOR2_IQN, INITIATOR_IQN};
 
 /// Tests we know fail and have decided to live with for now, as `Suite.Test`, each with the
 /// reason. Any failure not listed here fails the run. Keep it short, and empty if possible.
-const KNOWN_GAPS: &[&str] = &[];
+const KNOWN_GAPS: &[&str] = &[
+    // libiscsi 1.19 bug with more than one logical block per physical block: its second
+    // loop asks GET LBA STATUS for LBA i+1 and expects the first descriptor to start at
+    // i+LBPPB; SBC says it starts at the LBA asked for, which is what we return. We report
+    // 4 KiB physical blocks (honest for page-backed LUs), which also lets four
+    // UnmapUnaligned / InvalidDataOutSize tests run instead of skipping.
+    "GetLBAStatus.UnmapSingle",
+    // Our SANITIZE completes before it returns status (a memory LU erases in
+    // milliseconds); the test needs one still running 3 s later that survives resets and
+    // logouts. A background sanitize with SANITIZE IN PROGRESS is future work.
+    "Sanitize.Reset",
+];
 
 fn timeout() -> Duration {
     let secs = env::var("IRONSTAR_CU_TIMEOUT_SECS")
@@ -116,6 +127,8 @@ fn iscsi_test_cu_all_with_dataloss() {
     let o = run(
         Command::new("iscsi-test-cu")
             .arg("--dataloss")
+            // The SANITIZE tests run only with this flag; without it 11 tests skip.
+            .arg("--allow-sanitize")
             .arg(format!("--test={tests}"))
             .args(["-i", INITIATOR_IQN, "-I", INITIATOR2_IQN])
             .arg(d.lun_url(0)),
