@@ -39,7 +39,9 @@ rm -rf "$RUNS"
 mkdir -p "$RUNS/bin" "$RUNS/results"
 cp "$BIN/iscsitd" "$BIN/iscsi" "$RUNS/bin/"
 cp -r "$HERE/tests" "$RUNS/tests"
-echo "run-tests: image $IMAGE ($(cat "$IMAGE/kernel.version")), binaries from $BIN, results in $RUNS/results"
+echo "run-tests: image $IMAGE ($(cat "$IMAGE/kernel.version"))"
+echo "run-tests: iscsitd and iscsi from $BIN, built $(date -r "$BIN/iscsitd" "+%F %T")"
+echo "run-tests: results in $RUNS/results"
 
 passed=0 failed=0
 lines=()
