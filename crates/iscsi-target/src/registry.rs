@@ -461,7 +461,10 @@ fn build_lu(def: &LuDef) -> Result<Arc<LogicalUnit>, String> {
             BackendKind::Memory | BackendKind::File
         )),
     };
-    LogicalUnit::new(config, backend).map_err(|e| e.to_string())
+    let lu = LogicalUnit::new(config, backend).map_err(|e| e.to_string())?;
+    // A file given a size it does not have yet grows (or shrinks) to it.
+    resize_if_needed(&lu, def)?;
+    Ok(lu)
 }
 
 #[cfg(test)]

@@ -1,29 +1,51 @@
 //! # iscsitd — the Ironstar daemon
 //!
-//! Top of the map (`ARCHITECTURE.md`): loads the configuration (or the
-//! embedded default), builds the targets and LUs, binds the portals and
-//! serves until SIGINT/SIGTERM.
+//! Top of the map (`ARCHITECTURE.md`): loads the configuration document,
+//! builds the live registry (targets, LUs, views), binds the portals,
+//! serves the JSON-RPC administration API on a Unix socket ([`rpc`],
+//! [`admin`]) and writes every change back atomically ([`store`]) before
+//! answering. Runs until SIGINT/SIGTERM.
+
+mod admin;
+mod rpc;
+mod store;
 
 use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
 use iscsi_target::config::{Config, DEFAULT_TARGET_IQN};
-use iscsi_target::{portal, Registry};
+use iscsi_target::Registry;
+
+/// Where the configuration lives unless `--config` says otherwise.
+const DEFAULT_CONFIG: &str = "/etc/ironstar/iscsitd.toml";
+/// Where the administration socket lives unless `--socket` says otherwise.
+const DEFAULT_SOCKET: &str = "/run/ironstar/iscsitd.sock";
 
 #[derive(Parser, Debug)]
-#[command(name = "iscsitd", version, about = "Ironstar iSCSI target daemon")]
+#[command(
+    name = "iscsitd",
+    version,
+    about = "Ironstar iSCSI target daemon",
+    after_help = "Examples:\n  iscsitd --config /etc/ironstar/iscsitd.toml\n  iscsitd --check packaging/iscsitd.toml\n  iscsitd            # one 1 GiB memory LU at 127.0.0.1:3260 when /etc/ironstar/iscsitd.toml is absent"
+)]
 struct Args {
-    /// Configuration file (TOML). Without it: one 1 GiB memory LU at 127.0.0.1:3260.
+    /// Configuration file (TOML); changes made with itadm/stmfadm are written
+    /// back to it. Default: /etc/ironstar/iscsitd.toml, or (when that is
+    /// absent) one 1 GiB memory LU at 127.0.0.1:3260.
     #[arg(long, short)]
-    config: Option<String>,
-    /// Validate CONFIG and exit.
+    config: Option<PathBuf>,
+    /// The JSON-RPC administration socket (mode 0600).
+    #[arg(long, short, env = "IRONSTAR_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Validate CONFIG, report every problem, and exit.
     #[arg(long, value_name = "CONFIG")]
     check: Option<String>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -33,52 +55,83 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("iscsitd: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
     if let Some(path) = &args.check {
-        Config::load(path)?;
+        let config = Config::load(path)?;
+        // Building opens the LU files: a missing file is a problem too.
+        Registry::build(&config).with_context(|| path.to_string())?;
         println!("{path}: OK");
         return Ok(());
     }
-    let (config, embedded) = match &args.config {
-        Some(path) => (Config::load(path)?, false),
-        None => (Config::embedded_default(), true),
+    let (config, path, embedded) = match &args.config {
+        Some(path) => (load(path)?, path.clone(), false),
+        None if Path::new(DEFAULT_CONFIG).exists() => (
+            load(Path::new(DEFAULT_CONFIG))?,
+            DEFAULT_CONFIG.into(),
+            false,
+        ),
+        None => (Config::embedded_default(), DEFAULT_CONFIG.into(), true),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    runtime.block_on(serve(config, embedded))
+    runtime.block_on(serve(args, config, path, embedded))
 }
 
-async fn serve(config: Config, embedded: bool) -> anyhow::Result<()> {
+fn load(path: &Path) -> anyhow::Result<Config> {
+    Ok(Config::load(&path.to_string_lossy())?)
+}
+
+async fn serve(args: Args, config: Config, path: PathBuf, embedded: bool) -> anyhow::Result<()> {
     let registry = Arc::new(Registry::build(&config).context("building targets")?);
-    let portals = portal::bind_all(&registry).await?;
-    for p in &portals {
-        tracing::info!(portal = %p.addr, tpgt = p.portal_group_tag, "listening");
-    }
+    let admin = Arc::new(admin::Admin::start(registry.clone(), path.clone()).await?);
     for t in &registry.snapshot().targets {
         tracing::info!(target = %t.iqn, luns = t.luns.len(), "target ready");
     }
+    let socket_explicit = args.socket != Path::new(DEFAULT_SOCKET);
+    let rpc_task = match rpc::bind(&args.socket).await {
+        Ok(l) => {
+            tracing::info!(socket = %args.socket.display(), config = %path.display(), "administration socket ready");
+            Some(tokio::spawn(rpc::serve(
+                l,
+                admin.clone(),
+                args.socket.clone(),
+            )))
+        }
+        Err(e) if embedded && !socket_explicit => {
+            tracing::warn!(error = %e, "no administration socket");
+            None
+        }
+        Err(e) => return Err(e),
+    };
     if embedded {
-        if let Some(p) = portals.first() {
+        if let Some(addr) = admin.portal_addrs().await.first() {
             eprintln!(
                 "iscsitd: serving {DEFAULT_TARGET_IQN} (LUN 0: 1 GiB in memory) on {addr}\n\
                  connect with:\n  iscsi-ls -s iscsi://{addr}\n  \
                  iscsi-inq iscsi://{addr}/{DEFAULT_TARGET_IQN}/0\n  \
                  qemu-img info iscsi://{addr}/{DEFAULT_TARGET_IQN}/0\n  \
-                 iscsiadm -m discovery -t st -p {addr}",
-                addr = p.addr
+                 iscsiadm -m discovery -t st -p {addr}"
             );
         }
     }
-    let mut tasks = Vec::new();
-    for p in portals {
-        tasks.push(tokio::spawn(p.run(registry.clone())));
-    }
     shutdown_signal().await;
     tracing::info!("shutting down: asking initiators to log out");
-    for p in &tasks {
-        p.abort();
+    if let Some(t) = &rpc_task {
+        t.abort();
+        let _ = std::fs::remove_file(&args.socket);
     }
+    admin.stop_portals().await;
     // RFC 7143 §11.9: Async Message "logout requested" lets initiators
     // finish in-flight I/O and log out cleanly; whoever is left after the
     // grace period is disconnected.
@@ -93,9 +146,6 @@ async fn serve(config: Config, embedded: bool) -> anyhow::Result<()> {
         s.close_all();
     }
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    for t in tasks {
-        t.abort();
-    }
     Ok(())
 }
 

@@ -1,0 +1,69 @@
+//! The configuration document on disk, written atomically: a temporary
+//! file beside it, fsync, rename over the old one, fsync of the directory.
+//! A crash at any point leaves either the old or the new document.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use iscsi_target::Config;
+
+/// Serialises `config` as TOML and replaces `path` with it.
+pub fn save(path: &Path, config: &Config) -> Result<(), String> {
+    let text = toml::to_string(config).map_err(|e| format!("cannot serialise: {e}"))?;
+    let text = format!(
+        "# Ironstar iscsitd configuration. Written by iscsitd on every change made\n\
+         # with itadm/stmfadm; edit it by hand only while the daemon is stopped.\n\n{text}"
+    );
+    write_atomic(path, text.as_bytes()).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "config".into());
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        File::open(&dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saved_config_loads_back_equal() {
+        let dir = std::env::temp_dir().join(format!("ironstar-store-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        let mut c = Config::embedded_default();
+        c.defaults.isns_servers = vec!["10.0.0.1:3205".into()];
+        save(&path, &c).unwrap();
+        let back = Config::load(path.to_str().unwrap()).unwrap();
+        assert_eq!(back, c);
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
