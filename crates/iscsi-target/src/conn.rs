@@ -996,7 +996,6 @@ impl Conn {
         };
         let lun = pdu::lun_from_wire(h.lun);
         let lun_exists = target.luns.get(lun).is_some();
-        let nexus_id = self.session.nexus.id;
         match h.function {
             tmf::ABORT_TASK => {
                 let reference = h.referenced_task_tag;
@@ -1038,12 +1037,13 @@ impl Conn {
                     return tmf::LUN_DOES_NOT_EXIST;
                 };
                 self.drop_writes(|t| t.cmd.lun == h.lun);
-                lu.reset(Some(nexus_id));
+                // SAM-5 §6.3: the UA goes to every I_T nexus, ours included.
+                lu.reset(None);
                 tmf::FUNCTION_COMPLETE
             }
             tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
                 self.drop_writes(|_| true);
-                target.luns.reset_all(Some(nexus_id));
+                target.luns.reset_all(None);
                 tmf::FUNCTION_COMPLETE
             }
             tmf::QUERY_TASK => {

@@ -301,7 +301,9 @@ async fn abort_task_for_unknown_itt_says_task_does_not_exist() {
 }
 
 #[tokio::test]
-async fn lun_reset_gives_other_sessions_a_unit_attention_but_not_the_resetter() {
+/// SAM-5 §6.3: a LOGICAL UNIT RESET establishes 29/03 for every I_T nexus,
+/// the resetting one included (libiscsi's MultipathIO.Reset checks both paths).
+async fn lun_reset_gives_every_session_a_unit_attention() {
     let t = start("").await;
     let mut a = Client::login_to(t.addr, LoginOpts::normal(10)).await;
     let mut b = Client::login_to(t.addr, LoginOpts::normal(11)).await;
@@ -318,7 +320,9 @@ async fn lun_reset_gives_other_sessions_a_unit_attention_but_not_the_resetter() 
     assert_eq!(ascq, 0x03, "BUS DEVICE RESET FUNCTION OCCURRED");
     assert_eq!(b.tur().await.status, 0, "the unit attention clears");
     let r = a.tur().await;
-    assert_eq!(r.status, 0, "the resetting nexus sees no UA: {r:?}");
+    assert_eq!(r.status, 2, "the resetting nexus sees the UA too: {r:?}");
+    assert_eq!(r.sense_code(), Some((6, 0x29, 0x03)));
+    assert_eq!(a.tur().await.status, 0, "the unit attention clears");
 }
 
 #[tokio::test]
