@@ -131,6 +131,9 @@ fn iscsi_test_cu_all_with_dataloss() {
             .arg("--allow-sanitize")
             .arg(format!("--test={tests}"))
             .args(["-i", INITIATOR_IQN, "-I", INITIATOR2_IQN])
+            // The same LU twice: two I_T nexuses, so the MultipathIO suite runs
+            // instead of skipping.
+            .arg(d.lun_url(0))
             .arg(d.lun_url(0)),
         timeout(),
     );
