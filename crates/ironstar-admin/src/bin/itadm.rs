@@ -1,1 +1,565 @@
-fn main() {}
+//! itadm: the iSCSI port of Ironstar — targets, target portal groups,
+//! initiators (CHAP), defaults, sessions and live inspection.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use ironstar_admin::{call, cell, detail, print_json, read_secret, run, table, tag_list, Failure};
+use serde_json::{json, Map, Value};
+
+#[derive(Parser)]
+#[command(
+    name = "itadm",
+    version,
+    about = "Administer Ironstar's iSCSI targets, portal groups, initiators and defaults",
+    after_help = "Examples:\n  itadm create-tpg 1 192.168.1.10 192.168.1.11:3261\n  itadm create-target -n iqn.2026-11.dev.ironstar:db -t 1 -l db\n  itadm create-initiator -s iqn.1994-05.com.redhat:client   # prompts for its CHAP secret\n  itadm modify-target -a chap iqn.2026-11.dev.ironstar:db\n  itadm list-target -v\n  itadm list-session -v\n  itadm inspect"
+)]
+struct Cli {
+    /// iscsitd's administration socket.
+    #[arg(long, global = true, env = "IRONSTAR_SOCKET", default_value = ironstar_admin::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print the daemon's answer as JSON (for scripts).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args)]
+struct TargetOpts {
+    /// TPG tags, comma separated.
+    #[arg(short = 't', long = "tpg", value_name = "TPG,...")]
+    tpgs: Option<String>,
+    /// Authentication: chap, none, or default (the defaults' method).
+    #[arg(short, long)]
+    auth: Option<String>,
+    /// Set the target's CHAP secret (mutual CHAP), read from a prompt.
+    #[arg(short = 's', long = "chap-secret")]
+    secret: bool,
+    /// Read the target's CHAP secret from the first line of FILE.
+    #[arg(short = 'S', long = "chap-secret-file", value_name = "FILE")]
+    secret_file: Option<PathBuf>,
+    /// The target's CHAP user name (default: the target name).
+    #[arg(short = 'u', long = "chap-user")]
+    user: Option<String>,
+    /// Alias.
+    #[arg(short = 'l', long)]
+    alias: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct InitiatorOpts {
+    /// Set the initiator's CHAP secret, read from a prompt.
+    #[arg(short = 's', long = "chap-secret")]
+    secret: bool,
+    /// Read the CHAP secret from the first line of FILE.
+    #[arg(short = 'S', long = "chap-secret-file", value_name = "FILE")]
+    secret_file: Option<PathBuf>,
+    /// CHAP user name (default: the initiator name).
+    #[arg(short = 'u', long = "chap-user")]
+    user: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a target (a name is made up when -n is not given).
+    CreateTarget {
+        #[arg(short = 'n', long = "node-name")]
+        name: Option<String>,
+        #[command(flatten)]
+        o: TargetOpts,
+    },
+    /// Change a target's TPGs, auth method, CHAP credentials or alias.
+    ModifyTarget {
+        #[command(flatten)]
+        o: TargetOpts,
+        name: String,
+    },
+    /// Delete a target; with sessions only when forced (they are logged out).
+    DeleteTarget {
+        #[arg(short, long)]
+        force: bool,
+        name: String,
+    },
+    /// List targets with their session counts.
+    ListTarget {
+        #[arg(short, long)]
+        verbose: bool,
+        name: Option<String>,
+    },
+    /// Create a target portal group: TAG and one or more IP[:port].
+    CreateTpg {
+        tag: u64,
+        #[arg(required = true)]
+        portals: Vec<String>,
+    },
+    /// Delete a target portal group (refused while a target uses it).
+    DeleteTpg { tag: u64 },
+    /// List target portal groups.
+    ListTpg {
+        #[arg(short, long)]
+        verbose: bool,
+        tag: Option<u64>,
+    },
+    /// Register an initiator's CHAP credentials.
+    CreateInitiator {
+        #[command(flatten)]
+        o: InitiatorOpts,
+        name: String,
+    },
+    /// Change an initiator's CHAP credentials.
+    ModifyInitiator {
+        #[command(flatten)]
+        o: InitiatorOpts,
+        name: String,
+    },
+    /// Forget an initiator.
+    DeleteInitiator { name: String },
+    /// List initiators.
+    ListInitiator {
+        #[arg(short, long)]
+        verbose: bool,
+        name: Option<String>,
+    },
+    /// Change the defaults: auth method, CHAP algorithms, iSNS.
+    ModifyDefaults {
+        /// chap or none.
+        #[arg(short, long)]
+        auth: Option<String>,
+        /// Allowed CHAP algorithms in order: sha3-256,sha256,sha1,md5.
+        #[arg(long, value_name = "ALG,...")]
+        chap_algorithms: Option<String>,
+        /// iSNS on or off.
+        #[arg(short = 'i', long, value_parser = ["enable", "disable"])]
+        isns: Option<String>,
+        /// iSNS servers (IP[:port], comma separated; empty to clear).
+        #[arg(long, value_name = "SERVER,...")]
+        isns_server: Option<String>,
+    },
+    /// Show the defaults.
+    ListDefaults,
+    /// List sessions (-v: connections and negotiated parameters).
+    ListSession {
+        #[arg(short, long)]
+        verbose: bool,
+        target: Option<String>,
+    },
+    /// The live tree: target, TPG, session, connection, LUs and who holds them.
+    Inspect { target: Option<String> },
+}
+
+fn secret(flag: bool, file: &Option<PathBuf>) -> Result<Option<String>, Failure> {
+    if flag || file.is_some() {
+        read_secret(file.as_deref()).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+fn target_params(o: &TargetOpts, name: Option<String>) -> Result<Value, Failure> {
+    let mut p = Map::new();
+    if let Some(n) = name {
+        p.insert("name".into(), json!(n));
+    }
+    if let Some(t) = &o.tpgs {
+        p.insert("tpgs".into(), json!(tag_list(t)?));
+    }
+    if let Some(a) = &o.auth {
+        p.insert("auth".into(), json!(a));
+    }
+    if let Some(s) = secret(o.secret, &o.secret_file)? {
+        p.insert("chap_secret".into(), json!(s));
+    }
+    if let Some(u) = &o.user {
+        p.insert("chap_user".into(), json!(u));
+    }
+    if let Some(l) = &o.alias {
+        p.insert("alias".into(), json!(l));
+    }
+    Ok(Value::Object(p))
+}
+
+fn initiator_params(o: &InitiatorOpts, name: String) -> Result<Value, Failure> {
+    let mut p = Map::new();
+    p.insert("name".into(), json!(name));
+    if let Some(s) = secret(o.secret, &o.secret_file)? {
+        p.insert("chap_secret".into(), json!(s));
+    }
+    if let Some(u) = &o.user {
+        p.insert("chap_user".into(), json!(u));
+    }
+    Ok(Value::Object(p))
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    run("itadm", || {
+        let sock = cli.socket.clone();
+        let c = |m: &str, p: Value| call(&sock, m, p);
+        let (result, show): (Value, Box<dyn Fn(&Value)>) = match cli.cmd {
+            Cmd::CreateTarget { name, o } => {
+                let r = c("create-target", target_params(&o, name)?)?;
+                (
+                    r,
+                    Box::new(|r| println!("Target {} successfully created", cell(r.get("target")))),
+                )
+            }
+            Cmd::ModifyTarget { o, name } => {
+                let r = c("modify-target", target_params(&o, Some(name))?)?;
+                (
+                    r,
+                    Box::new(|r| {
+                        println!("Target {} successfully modified", cell(r.get("target")))
+                    }),
+                )
+            }
+            Cmd::DeleteTarget { force, name } => {
+                let r = c("delete-target", json!({"name": name, "force": force}))?;
+                (
+                    r,
+                    Box::new(|r| {
+                        println!("Target {} deleted", cell(r.get("target")));
+                        let n = r
+                            .get("sessions_logged_out")
+                            .and_then(Value::as_u64)
+                            .unwrap_or(0);
+                        if n > 0 {
+                            println!("{n} session(s) logged out");
+                        }
+                    }),
+                )
+            }
+            Cmd::ListTarget { verbose, name } => {
+                let r = c("list-target", json!({"name": name}))?;
+                (r, Box::new(move |r| list_target(r, verbose)))
+            }
+            Cmd::CreateTpg { tag, portals } => {
+                let r = c("create-tpg", json!({"tag": tag, "portals": portals}))?;
+                (r, Box::new(|_| {}))
+            }
+            Cmd::DeleteTpg { tag } => (c("delete-tpg", json!({"tag": tag}))?, Box::new(|_| {})),
+            Cmd::ListTpg { verbose, tag } => {
+                let r = c("list-tpg", json!({"tag": tag}))?;
+                (r, Box::new(move |r| list_tpg(r, verbose)))
+            }
+            Cmd::CreateInitiator { o, name } => (
+                c("create-initiator", initiator_params(&o, name)?)?,
+                Box::new(|_| {}),
+            ),
+            Cmd::ModifyInitiator { o, name } => (
+                c("modify-initiator", initiator_params(&o, name)?)?,
+                Box::new(|_| {}),
+            ),
+            Cmd::DeleteInitiator { name } => (
+                c("delete-initiator", json!({"name": name}))?,
+                Box::new(|_| {}),
+            ),
+            Cmd::ListInitiator { verbose, name } => {
+                let r = c("list-initiator", json!({"name": name}))?;
+                (
+                    r,
+                    Box::new(move |r| {
+                        let rows: Vec<Vec<String>> = arr(r)
+                            .iter()
+                            .map(|i| {
+                                let mut row = vec![cell(i.get("name")), "set".into()];
+                                if verbose {
+                                    row.push(cell(i.get("chap_user")));
+                                }
+                                row
+                            })
+                            .collect();
+                        if verbose {
+                            table(&["INITIATOR NAME", "CHAPSECRET", "CHAPUSER"], &rows)
+                        } else {
+                            table(&["INITIATOR NAME", "CHAPSECRET"], &rows)
+                        }
+                    }),
+                )
+            }
+            Cmd::ModifyDefaults {
+                auth,
+                chap_algorithms,
+                isns,
+                isns_server,
+            } => {
+                let mut p = Map::new();
+                if let Some(a) = auth {
+                    p.insert("auth".into(), json!(a));
+                }
+                if let Some(a) = chap_algorithms {
+                    p.insert(
+                        "chap_algorithms".into(),
+                        json!(a.split(',').filter(|s| !s.is_empty()).collect::<Vec<_>>()),
+                    );
+                }
+                if let Some(i) = isns {
+                    p.insert("isns".into(), json!(i == "enable"));
+                }
+                if let Some(s) = isns_server {
+                    p.insert(
+                        "isns_servers".into(),
+                        json!(s.split(',').filter(|s| !s.is_empty()).collect::<Vec<_>>()),
+                    );
+                }
+                if p.is_empty() {
+                    return Err(Failure(
+                        "nothing to change: give -a, --chap-algorithms, -i or --isns-server".into(),
+                    ));
+                }
+                (c("modify-defaults", Value::Object(p))?, Box::new(|_| {}))
+            }
+            Cmd::ListDefaults => (c("list-defaults", json!({}))?, Box::new(list_defaults)),
+            Cmd::ListSession { verbose, target } => {
+                let r = c("list-session", json!({"target": target}))?;
+                (r, Box::new(move |r| list_session(r, verbose)))
+            }
+            Cmd::Inspect { target } => {
+                (c("inspect", json!({"target": target}))?, Box::new(inspect))
+            }
+        };
+        if cli.json {
+            print_json(&result);
+        } else {
+            show(&result);
+        }
+        Ok(())
+    })
+}
+
+fn arr(v: &Value) -> Vec<Value> {
+    v.as_array().cloned().unwrap_or_default()
+}
+
+fn list_target(r: &Value, verbose: bool) {
+    let row = |t: &Value| {
+        vec![
+            cell(t.get("name")),
+            cell(t.get("operational_status")),
+            cell(t.get("sessions")),
+        ]
+    };
+    let header = ["TARGET NAME", "STATE", "SESSIONS"];
+    if !verbose {
+        table(&header, &arr(r).iter().map(row).collect::<Vec<_>>());
+        return;
+    }
+    for t in arr(r) {
+        table(&header, &[row(&t)]);
+        let secret = if t.get("chap_secret_set") == Some(&Value::Bool(true)) {
+            "set"
+        } else {
+            "unset"
+        };
+        detail(
+            8,
+            &[
+                ("alias", cell(t.get("alias"))),
+                (
+                    "auth",
+                    format!(
+                        "{} ({})",
+                        cell(t.get("auth")),
+                        cell(t.get("auth_configured"))
+                    ),
+                ),
+                ("targetchapuser", cell(t.get("chap_user"))),
+                ("targetchapsecret", secret.into()),
+                ("tpg-tags", cell(t.get("tpgs"))),
+                ("initiators", cell(t.get("initiators"))),
+                ("luns (all hosts)", cell(t.get("luns_for_all_hosts"))),
+            ],
+        );
+    }
+}
+
+fn list_tpg(r: &Value, verbose: bool) {
+    let rows: Vec<Vec<String>> = arr(r)
+        .iter()
+        .map(|g| vec![cell(g.get("tag")), cell(g.get("portal_count"))])
+        .collect();
+    if !verbose {
+        table(&["TARGET PORTAL GROUP", "PORTAL COUNT"], &rows);
+        return;
+    }
+    for g in arr(r) {
+        table(
+            &["TARGET PORTAL GROUP", "PORTAL COUNT"],
+            &[vec![cell(g.get("tag")), cell(g.get("portal_count"))]],
+        );
+        detail(
+            8,
+            &[
+                ("portals", cell(g.get("portals"))),
+                ("targets", cell(g.get("targets"))),
+            ],
+        );
+    }
+}
+
+fn list_defaults(r: &Value) {
+    println!("iSCSI Target Default Properties:");
+    println!();
+    detail(
+        0,
+        &[
+            ("alias", "-".into()),
+            ("auth", cell(r.get("auth"))),
+            ("discovery auth", cell(r.get("discovery_auth"))),
+            ("chap algorithms", cell(r.get("chap_algorithms"))),
+            (
+                "isns",
+                if r.get("isns") == Some(&Value::Bool(true)) {
+                    "enabled".into()
+                } else {
+                    "disabled".into()
+                },
+            ),
+            ("isns server", cell(r.get("isns_servers"))),
+            (
+                "max recv data segment",
+                cell(r.get("max_recv_data_segment_length")),
+            ),
+            ("max burst length", cell(r.get("max_burst_length"))),
+            ("first burst length", cell(r.get("first_burst_length"))),
+            ("queue depth", cell(r.get("queue_depth"))),
+            ("max connections", cell(r.get("max_connections"))),
+        ],
+    );
+}
+
+fn list_session(r: &Value, verbose: bool) {
+    let rows: Vec<Vec<String>> = arr(r)
+        .iter()
+        .map(|s| {
+            vec![
+                cell(s.get("tsih")),
+                cell(s.get("isid")),
+                cell(s.get("initiator")),
+                cell(s.get("target")),
+                s.get("connections")
+                    .and_then(Value::as_array)
+                    .map_or(0, Vec::len)
+                    .to_string(),
+            ]
+        })
+        .collect();
+    if !verbose {
+        table(&["TSIH", "ISID", "INITIATOR", "TARGET", "CONNS"], &rows);
+        return;
+    }
+    for s in arr(r) {
+        println!(
+            "Session {} (ISID {}): {} -> {}",
+            cell(s.get("tsih")),
+            cell(s.get("isid")),
+            cell(s.get("initiator")),
+            cell(s.get("target"))
+        );
+        detail(
+            8,
+            &[
+                ("state", cell(s.get("state"))),
+                ("tpgt", cell(s.get("tpgt"))),
+                (
+                    "ExpCmdSN/MaxCmdSN",
+                    format!(
+                        "{}/{}",
+                        cell(s.get("exp_cmd_sn")),
+                        cell(s.get("max_cmd_sn"))
+                    ),
+                ),
+                ("held by", format!("{} reference(s)", cell(s.get("refs")))),
+            ],
+        );
+        for c in arr(s.get("connections").unwrap_or(&Value::Null)) {
+            println!(
+                "        Connection CID {}: {} -> {}",
+                cell(c.get("cid")),
+                cell(c.get("peer")),
+                cell(c.get("local"))
+            );
+        }
+        println!("        Negotiated parameters:");
+        if let Some(Value::Object(p)) = s.get("params") {
+            let pairs: Vec<(&str, String)> =
+                p.iter().map(|(k, v)| (k.as_str(), cell(Some(v)))).collect();
+            detail(12, &pairs);
+        }
+    }
+}
+
+fn inspect(r: &Value) {
+    println!("model generation {}", cell(r.get("generation")));
+    for t in arr(r.get("targets").unwrap_or(&Value::Null)) {
+        if let Some(ds) = t.get("discovery_sessions") {
+            for s in arr(ds) {
+                println!(
+                    "discovery session TSIH {} {} {}",
+                    cell(s.get("tsih")),
+                    cell(s.get("initiator")),
+                    cell(s.get("state"))
+                );
+            }
+            continue;
+        }
+        println!(
+            "target {}  auth={}  refs={}",
+            cell(t.get("target")),
+            cell(t.get("auth")),
+            cell(t.get("refs"))
+        );
+        for g in arr(t.get("tpgs").unwrap_or(&Value::Null)) {
+            println!(
+                "  tpg {}  portals {}",
+                cell(g.get("tag")),
+                cell(g.get("portals"))
+            );
+            for s in arr(g.get("sessions").unwrap_or(&Value::Null)) {
+                println!(
+                    "    session TSIH {} ISID {} {}  {}  CmdSN {}..{}  refs={}",
+                    cell(s.get("tsih")),
+                    cell(s.get("isid")),
+                    cell(s.get("initiator")),
+                    cell(s.get("state")),
+                    cell(s.get("exp_cmd_sn")),
+                    cell(s.get("max_cmd_sn")),
+                    cell(s.get("refs"))
+                );
+                for c in arr(s.get("connections").unwrap_or(&Value::Null)) {
+                    println!(
+                        "      connection CID {}  {} -> {}",
+                        cell(c.get("cid")),
+                        cell(c.get("peer")),
+                        cell(c.get("local"))
+                    );
+                }
+                for l in arr(s.get("luns").unwrap_or(&Value::Null)) {
+                    println!(
+                        "      LUN {}  LU {}  {} blocks  LU refs={}",
+                        cell(l.get("lun")),
+                        cell(l.get("guid")),
+                        cell(l.get("blocks")),
+                        cell(l.get("lu_refs"))
+                    );
+                }
+            }
+        }
+    }
+    for l in arr(r.get("lus").unwrap_or(&Value::Null)) {
+        let s = l.get("stats").cloned().unwrap_or(Value::Null);
+        println!(
+            "LU {}  {}  refs={}  reads={} ({} B) writes={} ({} B) other={} errors={} UAs={}",
+            cell(l.get("guid")),
+            cell(l.get("operational_status")),
+            cell(l.get("refs")),
+            cell(s.get("read_commands")),
+            cell(s.get("read_bytes")),
+            cell(s.get("write_commands")),
+            cell(s.get("write_bytes")),
+            cell(s.get("other_commands")),
+            cell(s.get("errors")),
+            cell(s.get("unit_attentions"))
+        );
+    }
+}
