@@ -191,12 +191,15 @@ fn initiator_params(o: &InitiatorOpts, name: String) -> Result<Value, Failure> {
     Ok(Value::Object(p))
 }
 
+/// How a verb prints its answer.
+type Show = Box<dyn Fn(&Value)>;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     run("itadm", || {
         let sock = cli.socket.clone();
         let c = |m: &str, p: Value| call(&sock, m, p);
-        let (result, show): (Value, Box<dyn Fn(&Value)>) = match cli.cmd {
+        let (result, show): (Value, Show) = match cli.cmd {
             Cmd::CreateTarget { name, o } => {
                 let r = c("create-target", target_params(&o, name)?)?;
                 (

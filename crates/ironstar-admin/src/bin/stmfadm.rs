@@ -161,7 +161,9 @@ fn arr(v: &Value) -> Vec<Value> {
     v.as_array().cloned().unwrap_or_default()
 }
 
-#[allow(clippy::type_complexity)]
+/// How a verb prints its answer.
+type Show = Box<dyn Fn(&Value)>;
+
 fn main() -> std::process::ExitCode {
     // -h is add-view's host group, as in COMSTAR; --help still works.
     let cli = Cli::parse();
@@ -169,7 +171,7 @@ fn main() -> std::process::ExitCode {
         let sock = cli.socket.clone();
         let c = |m: &str, p: Value| call(&sock, m, p);
         let quiet: Box<dyn Fn(&Value)> = Box::new(|_| {});
-        let (result, show): (Value, Box<dyn Fn(&Value)>) = match cli.cmd {
+        let (result, show): (Value, Show) = match cli.cmd {
             Cmd::CreateLu {
                 props: p,
                 size,
