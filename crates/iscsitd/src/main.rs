@@ -67,8 +67,21 @@ fn main() -> std::process::ExitCode {
 fn run(args: Args) -> anyhow::Result<()> {
     if let Some(path) = &args.check {
         let config = Config::load(path)?;
-        // Building opens the LU files: a missing file is a problem too.
-        Registry::build(&config).with_context(|| path.to_string())?;
+        // A file LU without a size must exist (with one, it is created).
+        let missing: Vec<String> = config
+            .all_lus()
+            .iter()
+            .filter_map(|(l, at)| {
+                let p = l.path.as_deref()?;
+                (l.size.is_none() && !Path::new(p).exists()).then(|| match at {
+                    Some((t, lun)) => format!("target {t} LUN {lun}: {p} does not exist"),
+                    None => format!("LU {}: {p} does not exist", l.guid),
+                })
+            })
+            .collect();
+        if !missing.is_empty() {
+            anyhow::bail!("{path}: invalid configuration:\n  {}", missing.join("\n  "));
+        }
         println!("{path}: OK");
         return Ok(());
     }
