@@ -31,6 +31,7 @@
 //! are length-checked before use.
 
 pub mod backend;
+mod bufpool;
 pub mod cdb;
 mod lu;
 mod lunmap;

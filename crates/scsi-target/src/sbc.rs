@@ -142,11 +142,18 @@ pub(crate) fn read(lu: &LogicalUnit, cdb: Cdb<'_>) -> CmdResult {
     if r.blocks == 0 {
         return Ok(ScsiResponse::good_empty());
     }
-    let buf = read_blocks(lu, r.lba, r.blocks)?;
+    let len = lu
+        .bytes_of(r.blocks)
+        .and_then(|l| usize::try_from(l).ok())
+        .ok_or(Fail::from(sense::LBA_OUT_OF_RANGE))?;
+    let mut buf = crate::bufpool::PooledBuf::take(len);
+    lu.backend
+        .read_at(lu.offset_of(r.lba), &mut buf)
+        .map_err(read_error)?;
     let c = &lu.counters;
     c.read_commands.fetch_add(1, Ordering::Relaxed);
-    c.read_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-    Ok(ScsiResponse::good(buf.freeze()))
+    c.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
+    Ok(ScsiResponse::good(buf.into_bytes()))
 }
 
 /// Writes `data` (whole blocks) at `lba`, then flushes if FUA was asked or
