@@ -828,6 +828,94 @@ backend = "file"
     }
 
     #[test]
+    fn views_are_checked_against_lus_groups_and_each_other() {
+        let text = r#"
+[[portal_group]]
+tag = 1
+portals = ["127.0.0.1:3260"]
+[[target]]
+iqn = "iqn.2026-11.dev.ironstar:t"
+[[target.lun]]
+lun = 0
+backend = "memory"
+size = "1MiB"
+[[lu]]
+guid = "6000000000000001"
+backend = "memory"
+size = "1MiB"
+[[lu]]
+guid = "zz"
+backend = "memory"
+size = "1MiB"
+[[host_group]]
+name = "a"
+members = ["iqn.1994-05.com.example:a", "bad name"]
+[[view]]
+lu = "6000000000000001"
+lun = 0
+[[view]]
+lu = "6000000000000001"
+host_group = "nope"
+lun = 2
+[[view]]
+lu = "6000000000000001"
+host_group = "a"
+lun = 3
+[[view]]
+lu = "6000000000000001"
+lun = 3
+"#;
+        let err = Config::from_toml(text).unwrap_err().to_string();
+        for want in [
+            "lu[1] (zz): guid \"zz\" must be 16 hex digits",
+            "host_group[0] (a): member \"bad name\"",
+            "view[0] (LU 6000000000000001 LUN 0): target iqn.2026-11.dev.ironstar:t has LUN 0",
+            "view[1] (LU 6000000000000001 LUN 2): host group \"nope\" is not defined",
+            "view[3] (LU 6000000000000001 LUN 3): view[2] of LU 6000000000000001 already uses LUN 3",
+        ] {
+            assert!(err.contains(want), "missing {want:?} in {err}");
+        }
+    }
+
+    #[test]
+    fn free_lun_skips_what_overlapping_views_use() {
+        let mut c = Config::embedded_default();
+        c.lus.push(implicit_lu("x", &c.targets[0].luns[0].clone()));
+        c.lus[0].guid = "6000000000000009".into();
+        assert_eq!(
+            c.free_lun(None, None),
+            Some(1),
+            "LUN 0 is the target's shorthand"
+        );
+        c.views.push(ViewConfig {
+            lu: "6000000000000009".into(),
+            host_group: None,
+            target_group: None,
+            lun: 1,
+        });
+        assert_eq!(c.free_lun(None, None), Some(2));
+    }
+
+    #[test]
+    fn a_config_with_every_section_round_trips_through_toml() {
+        let mut c = Config::embedded_default();
+        c.lus
+            .push(implicit_lu("iqn.x", &c.targets[0].luns[0].clone()));
+        c.host_groups.push(GroupConfig {
+            name: "h".into(),
+            members: vec!["iqn.1994-05.com.example:a".into()],
+        });
+        c.views.push(ViewConfig {
+            lu: c.lus[0].guid.clone(),
+            host_group: Some("h".into()),
+            target_group: None,
+            lun: 4,
+        });
+        let text = toml::to_string(&c).unwrap();
+        assert_eq!(Config::from_toml(&text).unwrap(), c);
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let err = Config::from_toml("[discovery]\nauth = \"none\"\nbogus = 1\n").unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
