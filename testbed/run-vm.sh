@@ -32,8 +32,8 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 
-IMAGE= ACCEL=${TESTBED_ACCEL:-auto}
-SHARE= LOG= MEM=2G SMP=2 TIMEOUT=900 NIC=1 APPEND= QUIET=0 SHELL_MODE=0
+IMAGE='' ACCEL=${TESTBED_ACCEL:-auto}
+SHARE='' LOG='' MEM=2G SMP=2 TIMEOUT=900 NIC=1 APPEND='' QUIET=0 SHELL_MODE=0
 ENVS=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -72,7 +72,7 @@ if [ "$ACCEL" = auto ]; then
 fi
 case "$ACCEL" in
     kvm) ACCEL_ARGS=(-accel kvm -cpu host) ;;
-    tcg) ACCEL_ARGS=(-accel tcg,thread=multi,tb-size=512 -cpu max) ;;
+    tcg) ACCEL_ARGS=(-accel 'tcg,thread=multi,tb-size=512' -cpu max) ;;
     *) echo "run-vm: bad --accel $ACCEL" >&2; exit 2 ;;
 esac
 

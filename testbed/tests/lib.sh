@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034
 # lib.sh: helpers shared by the guest tests (sourced; runs inside the VM as root).
 #
 # The share (/mnt/host) holds bin/ (our release iscsitd and iscsi), tests/ and results/.
