@@ -84,6 +84,9 @@ step "rustfmt" cargo fmt --all -- --check
 step "clippy" cargo clippy --workspace --all-targets -- -D warnings
 step "release build" cargo build --release --bins
 step "cargo test" cargo_test
+# Fuzz smoke: every cargo-fuzz target for a fixed 20000 runs (fuzz/README.md; the longer
+# run is scripts/fuzz.sh --long 600).
+step "fuzz smoke" bash scripts/fuzz.sh --short
 step "vm tests" vm_tests
 
 # Test counts from every "test result:" line (unit, integration, interop, doc tests).

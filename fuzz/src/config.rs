@@ -46,7 +46,10 @@ pub fn run(data: &[u8]) {
     let Ok(cfg) = Config::from_toml(text) else {
         return;
     };
-    assert!(cfg.validate().is_ok(), "validate() disagrees with from_toml()");
+    assert!(
+        cfg.validate().is_ok(),
+        "validate() disagrees with from_toml()"
+    );
     // Config derives Serialize: what we would write back must read the same.
     match toml::to_string(&cfg) {
         Ok(again) => match Config::from_toml(&again) {
@@ -63,6 +66,10 @@ pub fn run(data: &[u8]) {
         Err(e) => panic!("a validated configuration does not build: {e}\n{text}"),
     };
     for t in &cfg.targets {
-        assert!(registry.target(&t.iqn).is_some(), "target {} missing from the registry", t.iqn);
+        assert!(
+            registry.target(&t.iqn).is_some(),
+            "target {} missing from the registry",
+            t.iqn
+        );
     }
 }

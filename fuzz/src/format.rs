@@ -101,7 +101,10 @@ pub const REC_AUTO_CHAP: u8 = 0x40;
 pub const REC_NEW_CID: u8 = 0x80;
 
 pub fn login_flags(csg: u8, nsg: u8, transit: bool, cont: bool) -> u8 {
-    (csg & 3) | ((nsg & 3) << 2) | if transit { REC_TRANSIT } else { 0 } | if cont { REC_CONT } else { 0 }
+    (csg & 3)
+        | ((nsg & 3) << 2)
+        | if transit { REC_TRANSIT } else { 0 }
+        | if cont { REC_CONT } else { 0 }
 }
 
 pub struct LoginRecord<'a> {

@@ -6,8 +6,8 @@
 //! test broke an invariant: a panic inside the code under test, or a result
 //! that contradicts another path (split vs whole stream, encode/decode).
 
+pub mod config;
 pub mod format;
 pub mod login;
 pub mod pdu;
 pub mod scsi;
-pub mod config;

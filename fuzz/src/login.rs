@@ -80,7 +80,11 @@ impl LoginAuthority for FakeAuthority {
             return Err(login_status::SESSION_DOES_NOT_EXIST);
         }
         Ok(Binding {
-            tsih: if outcome.identity.tsih == 0 { 7 } else { outcome.identity.tsih },
+            tsih: if outcome.identity.tsih == 0 {
+                7
+            } else {
+                outcome.identity.tsih
+            },
             exp_cmd_sn: outcome.cmd_sn,
             max_cmd_sn: outcome.cmd_sn.wrapping_add(63),
         })
@@ -152,7 +156,11 @@ fn negotiate_texts(mode: u8, records: &[LoginRecord<'_>]) {
 
 /// Replaces the CHAP answer keys of `data` with a correct answer to the
 /// challenge in `last_reply`, so the fuzzer can get past authentication.
-fn auto_chap(data: &[u8], responder: &mut ChapResponder, last_reply: &[(String, String)]) -> Vec<u8> {
+fn auto_chap(
+    data: &[u8],
+    responder: &mut ChapResponder,
+    last_reply: &[(String, String)],
+) -> Vec<u8> {
     let mut pairs = text::parse_list(data).unwrap_or_default();
     pairs.retain(|(k, _)| !matches!(k.as_str(), "CHAP_N" | "CHAP_R" | "CHAP_I" | "CHAP_C"));
     if let Ok(mut answer) = responder.handle_challenge(last_reply) {
@@ -167,10 +175,14 @@ fn auto_chap(data: &[u8], responder: &mut ChapResponder, last_reply: &[(String, 
 fn login(mode: u8, records: &[LoginRecord<'_>]) {
     let authority = FakeAuthority { mode };
     let mut machine = TargetLogin::new(1);
-    let mutual = (mode & MODE_MUTUAL != 0)
-        .then(|| (TARGET_USER.to_string(), TARGET_SECRET.to_vec()));
-    let mut responder =
-        ChapResponder::new(INITIATOR_USER, INITIATOR_SECRET.to_vec(), mutual, ALL_CHAP.to_vec());
+    let mutual =
+        (mode & MODE_MUTUAL != 0).then(|| (TARGET_USER.to_string(), TARGET_SECRET.to_vec()));
+    let mut responder = ChapResponder::new(
+        INITIATOR_USER,
+        INITIATOR_SECRET.to_vec(),
+        mutual,
+        ALL_CHAP.to_vec(),
+    );
     let _ = responder.offer_algorithms();
     let mut last_reply: Vec<(String, String)> = Vec::new();
     let mut exp_stat_sn = 0u32;
@@ -227,7 +239,11 @@ fn check_login_response(pdu: &Pdu, resp_text: &mut Vec<u8>) -> Option<Vec<(Strin
         "login answered with {:?}",
         pdu.header
     );
-    assert!(pdu.data.len() <= 8192, "login response of {} bytes", pdu.data.len());
+    assert!(
+        pdu.data.len() <= 8192,
+        "login response of {} bytes",
+        pdu.data.len()
+    );
     let mut wire = BytesMut::new();
     pdu.encode(false, false, &mut wire);
     let mut dec = PduDecoder::default();

@@ -75,7 +75,11 @@ fn round_trip(pdu: &Pdu, flags: u8) {
         Ok(Some(raw)) => raw,
         other => panic!("our own encoding of {pdu:?} does not decode: {other:?}"),
     };
-    assert!(wire.is_empty(), "our encoding of {pdu:?} left {} bytes", wire.len());
+    assert!(
+        wire.is_empty(),
+        "our encoding of {pdu:?} left {} bytes",
+        wire.len()
+    );
     match raw.parse() {
         Ok(mut again) => {
             let mut pdu = pdu.clone();
@@ -126,7 +130,11 @@ pub fn run(data: &[u8]) {
             let opcode = raw.opcode_byte();
             let itt = raw.itt();
             if let Ok(pdu) = raw.parse() {
-                assert_eq!(pdu.opcode() as u8, opcode & 0x3f, "opcode changed by parsing");
+                assert_eq!(
+                    pdu.opcode() as u8,
+                    opcode & 0x3f,
+                    "opcode changed by parsing"
+                );
                 if let Some(parsed_itt) = pdu.header.itt() {
                     assert_eq!(parsed_itt, itt, "ITT changed by parsing");
                 }

@@ -10,8 +10,7 @@ use scsi_target::{
 };
 
 use crate::format::{
-    read_scsi_record, Reader, SCSI_MODE_4K, SCSI_MODE_READ_ONLY, SCSI_MODE_THICK,
-    SCSI_MODE_WCE_OFF,
+    read_scsi_record, Reader, SCSI_MODE_4K, SCSI_MODE_READ_ONLY, SCSI_MODE_THICK, SCSI_MODE_WCE_OFF,
 };
 
 /// Small enough to be cheap per input, big enough for many LBAs.
@@ -22,7 +21,8 @@ const MAX_DATA_IN: usize = 4 << 20;
 fn nexus(id: u8) -> Nexus {
     Nexus {
         id: u64::from(id),
-        initiator_port_name: format!("iqn.2026-11.dev.ironstar:init{id},i,0x80123456789{id:x}").into(),
+        initiator_port_name: format!("iqn.2026-11.dev.ironstar:init{id},i,0x80123456789{id:x}")
+            .into(),
         target_port_name: "iqn.2026-11.dev.ironstar:target0,t,0x0001".into(),
         relative_target_port_id: 1,
         target_port_group_id: 1,
@@ -37,7 +37,11 @@ fn logical_unit(mode: u8) -> Option<Arc<LogicalUnit>> {
         write_cache: mode & SCSI_MODE_WCE_OFF == 0,
         ..LuConfig::default()
     };
-    LogicalUnit::new(config, Box::new(MemoryBackend::with_chunk_shift(LU_SIZE, 12))).ok()
+    LogicalUnit::new(
+        config,
+        Box::new(MemoryBackend::with_chunk_shift(LU_SIZE, 12)),
+    )
+    .ok()
 }
 
 pub fn run(data: &[u8]) {
@@ -70,7 +74,11 @@ pub fn run(data: &[u8]) {
             cdb: rec.cdb,
             data_out: rec.data,
             expected_in_len: rec.expected_in_len,
-            attr: if rec.ordered { TaskAttr::Ordered } else { TaskAttr::Simple },
+            attr: if rec.ordered {
+                TaskAttr::Ordered
+            } else {
+                TaskAttr::Simple
+            },
             tag: count,
         });
         match resp.status {
@@ -79,7 +87,11 @@ pub fn run(data: &[u8]) {
                     panic!("CHECK CONDITION without sense for CDB {:02x?}", rec.cdb)
                 });
                 assert!(
-                    sense.len() >= 18 && matches!(sense.first().map(|b| b & 0x7f), Some(0x70 | 0x71 | 0x72 | 0x73)),
+                    sense.len() >= 18
+                        && matches!(
+                            sense.first().map(|b| b & 0x7f),
+                            Some(0x70 | 0x71 | 0x72 | 0x73)
+                        ),
                     "malformed sense {sense:02x?} for CDB {:02x?}",
                     rec.cdb
                 );
@@ -90,8 +102,11 @@ pub fn run(data: &[u8]) {
                 resp.status,
                 rec.cdb
             ),
-            status::RESERVATION_CONFLICT | status::BUSY | status::TASK_SET_FULL
-            | status::TASK_ABORTED | status::ACA_ACTIVE => {}
+            status::RESERVATION_CONFLICT
+            | status::BUSY
+            | status::TASK_SET_FULL
+            | status::TASK_ABORTED
+            | status::ACA_ACTIVE => {}
             other => panic!("unknown status {other:#x} for CDB {:02x?}", rec.cdb),
         }
         assert!(

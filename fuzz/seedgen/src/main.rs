@@ -78,7 +78,10 @@ fn proxy(listen: &str, upstream: &str, dir: &Path) -> io::Result<()> {
     let listener = TcpListener::bind(listen)?;
     listener.set_nonblocking(true)?;
     let next = Arc::new(AtomicUsize::new(0));
-    eprintln!("seedgen: recording {listen} -> {upstream} into {}", dir.display());
+    eprintln!(
+        "seedgen: recording {listen} -> {upstream} into {}",
+        dir.display()
+    );
     while !dir.join("stop").exists() {
         match listener.accept() {
             Ok((client, _)) => {
@@ -177,7 +180,10 @@ impl Corpus {
         if !self.seen.insert(hash) {
             return Ok(());
         }
-        let n = self.per_kind.entry((target.into(), kind.into())).or_insert(0);
+        let n = self
+            .per_kind
+            .entry((target.into(), kind.into()))
+            .or_insert(0);
         if *n >= cap {
             return Ok(());
         }
@@ -231,7 +237,12 @@ fn seeds(dir: &Path, corpus: &Path) -> io::Result<()> {
             let both = format::PDU_HEADER_DIGEST | format::PDU_DATA_DIGEST;
             let redone = pdu.to_bytes(true, true);
             let seed = format::encode_pdu_input(both | (3 << 2), &[7, 48, 1], &redone);
-            c.write("pdu_decoder", &format!("{kind}-digests"), &seed, PER_KIND / 2)?;
+            c.write(
+                "pdu_decoder",
+                &format!("{kind}-digests"),
+                &seed,
+                PER_KIND / 2,
+            )?;
         }
         // ... and the start of the connection as one stream, in odd pieces.
         if conn_seeds < MAX_CONN_SEEDS {
@@ -272,7 +283,11 @@ fn seeds(dir: &Path, corpus: &Path) -> io::Result<()> {
         if !login.is_empty() {
             let mut modes = vec![0u8, format::MODE_DIGESTS];
             if chap {
-                let m = if mutual { format::MODE_CHAP | format::MODE_MUTUAL } else { format::MODE_CHAP };
+                let m = if mutual {
+                    format::MODE_CHAP | format::MODE_MUTUAL
+                } else {
+                    format::MODE_CHAP
+                };
                 modes = vec![m, m | format::MODE_DIGESTS];
             }
             for mode in modes {
@@ -306,7 +321,9 @@ fn seeds(dir: &Path, corpus: &Path) -> io::Result<()> {
         let mut sequence = vec![0u8];
         let mut in_sequence = 0;
         for (_, _, pdu) in &from_initiator {
-            let Header::ScsiCommand(h) = &pdu.header else { continue };
+            let Header::ScsiCommand(h) = &pdu.header else {
+                continue;
+            };
             let cdb = h.full_cdb();
             // The BHS holds 16 bytes whatever the CDB: keep the CDB's own
             // length (by group code) unless an extended CDB made it longer.
