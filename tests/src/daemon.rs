@@ -123,6 +123,8 @@ impl Daemon {
             let mut child = Command::new(&bin)
                 .arg("--config")
                 .arg(&conf)
+                .arg("--socket")
+                .arg(dir.path().join("iscsitd.sock"))
                 .env(
                     "RUST_LOG",
                     env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

@@ -37,6 +37,8 @@ impl Daemon {
         Command::new(bin)
             .arg("--config")
             .arg(cfg)
+            .arg("--socket")
+            .arg(cfg.with_extension("sock"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

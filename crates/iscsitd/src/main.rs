@@ -121,8 +121,11 @@ async fn serve(args: Args, config: Config, path: PathBuf, embedded: bool) -> any
                 args.socket.clone(),
             )))
         }
-        Err(e) if embedded && !socket_explicit => {
-            tracing::warn!(error = %e, "no administration socket");
+        Err(e) if !socket_explicit => {
+            // Several daemons on one host (tests, or a second instance
+            // with its own --config) must not refuse to serve because the
+            // default socket is taken; only an explicit --socket is fatal.
+            tracing::warn!(error = %e, "no administration socket (pass --socket PATH for one)");
             None
         }
         Err(e) => return Err(e),
