@@ -229,13 +229,22 @@ impl Authority {
             .registry
             .initiator(initiator)
             .ok_or(login_status::AUTHENTICATION_FAILURE)?;
+        // The administrator's choice (itadm modify-defaults), in preference order.
+        let algorithms = self
+            .registry
+            .defaults()
+            .chap_algorithms
+            .iter()
+            .filter_map(|a| match a.as_str() {
+                "sha3-256" => Some(ChapAlgorithm::Sha3_256),
+                "sha256" => Some(ChapAlgorithm::Sha256),
+                "sha1" => Some(ChapAlgorithm::Sha1),
+                "md5" => Some(ChapAlgorithm::Md5),
+                _ => None,
+            })
+            .collect();
         Ok(ChapRequirement {
-            algorithms: vec![
-                ChapAlgorithm::Sha3_256,
-                ChapAlgorithm::Sha256,
-                ChapAlgorithm::Sha1,
-                ChapAlgorithm::Md5,
-            ],
+            algorithms,
             initiator_user: ini.chap_user.clone(),
             initiator_secret: ini.chap_secret.as_bytes().to_vec(),
             target_credentials: mutual,
