@@ -78,6 +78,13 @@ if [ -n "$fio_files" ]; then
     # shellcheck disable=SC2086
     cat $fio_files | sed 's/^/  /'
 fi
+rt_files=$(ls "$RUNS"/results/*/roundtrip.txt 2>/dev/null || true)
+if [ -n "$rt_files" ]; then
+    echo
+    echo "our iscsi CLI, 64 MiB round trips (TCG):"
+    # shellcheck disable=SC2086
+    cat $rt_files | sed 's/^/  /'
+fi
 echo
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
