@@ -245,6 +245,23 @@ impl Default for Policy {
     }
 }
 
+/// Operational keys an initiator always offers in a Normal session.
+const ALWAYS_OFFERED: &[&str] = &[
+    "HeaderDigest",
+    "DataDigest",
+    "InitialR2T",
+    "ImmediateData",
+    "MaxBurstLength",
+    "FirstBurstLength",
+    "DefaultTime2Wait",
+    "DefaultTime2Retain",
+    "MaxOutstandingR2T",
+    "ErrorRecoveryLevel",
+    "DataPDUInOrder",
+    "DataSequenceInOrder",
+    "MaxConnections",
+];
+
 /// What to send back after reading the peer's pairs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Response {
@@ -1149,7 +1166,11 @@ impl Negotiator {
             return false;
         };
         match self.role {
-            Role::Initiator => own != default,
+            // Offer the RFC 3720 operational keys even at their defaults,
+            // as open-iscsi does: a target that proposes a key we left out
+            // (LIO does) expects an answer we could only give after it has
+            // already ended the stage. Newer keys only when changed.
+            Role::Initiator => own != default || ALWAYS_OFFERED.contains(&def.name),
             // A target only speaks up when the default would bind it to
             // something it cannot do.
             Role::Target => match def.kind {
@@ -2005,6 +2026,23 @@ mod tests {
     }
 
     #[test]
+    fn initiator_offers_the_classic_operational_keys_even_at_defaults() {
+        let mut i = Negotiator::new(
+            Role::Initiator,
+            Policy {
+                initiator_name: Some("iqn.2024-01.org.ironstar:init".into()),
+                target_name: Some("iqn.2024-01.org.ironstar:disk0".into()),
+                ..Policy::default()
+            },
+            true,
+        );
+        let offers = i.offers(Stage::Operational);
+        for key in ALWAYS_OFFERED {
+            assert!(get(&offers, key).is_some(), "{key} not offered: {offers:?}");
+        }
+    }
+
+    #[test]
     fn inadmissible_answers_are_errors() {
         let mut i = Negotiator::new(
             Role::Initiator,
@@ -2028,7 +2066,7 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, NegotiationError::InvalidAnswer { .. }));
         let e = i
-            .absorb_answers(Stage::Operational, &kv(&[("MaxConnections", "Reject")]))
+            .absorb_answers(Stage::Operational, &kv(&[("TaskReporting", "Reject")]))
             .unwrap_err();
         assert!(matches!(e, NegotiationError::UnexpectedAnswer { .. }));
     }
@@ -2047,7 +2085,6 @@ mod tests {
         i.offers(Stage::Operational);
         i.absorb_answers(Stage::Operational, &kv(&[("MaxBurstLength", "Reject")]))
             .unwrap();
-        assert!(!i.outstanding());
         assert_eq!(i.params().max_burst_length, 262_144);
         let mut i = Negotiator::new(
             Role::Initiator,
