@@ -114,9 +114,10 @@ impl WriteCollector {
             c.whole = Some(immediate);
             return Ok(c);
         }
+        // Grown as data arrives (in order, normally): zero-filling the whole
+        // transfer up front cost a memset and page faults per large write.
         c.buf = Vec::with_capacity(edtl as usize);
         c.buf.extend_from_slice(&immediate);
-        c.buf.resize(edtl as usize, 0);
         let unsolicited_end = limits.first_burst_length.min(edtl);
         if !command_final && !limits.initial_r2t && unsolicited_end > imm_len {
             let end = unsolicited_end;
@@ -178,8 +179,19 @@ impl WriteCollector {
             });
         }
         let start = hdr.buffer_offset as usize;
-        if let Some(dst) = self.buf.get_mut(start..start + data.len()) {
-            dst.copy_from_slice(data);
+        let end = start + data.len();
+        if start > self.buf.len() {
+            self.buf.resize(start, 0);
+        }
+        let overlap = end.min(self.buf.len()).saturating_sub(start);
+        if let (Some(dst), Some(src)) = (
+            self.buf.get_mut(start..start + overlap),
+            data.get(..overlap),
+        ) {
+            dst.copy_from_slice(src);
+        }
+        if let Some(rest) = data.get(overlap..) {
+            self.buf.extend_from_slice(rest);
         }
         seq.next_offset = hdr.buffer_offset + len;
         seq.next_data_sn += 1;
@@ -239,7 +251,11 @@ impl WriteCollector {
     pub fn into_data(self) -> Bytes {
         match self.whole {
             Some(b) => b,
-            None => Bytes::from(self.buf),
+            None => {
+                let mut buf = self.buf;
+                buf.resize(self.edtl as usize, 0);
+                Bytes::from(buf)
+            }
         }
     }
 }
@@ -371,6 +387,26 @@ mod tests {
         c.handle_data_out(&dout(7, 1, 8192, true), &[0; 8192])
             .unwrap();
         assert!(c.is_complete());
+    }
+
+    #[test]
+    fn out_of_order_data_lands_at_its_offsets() {
+        let mut lim = limits(true);
+        lim.data_pdu_in_order = false;
+        let mut c = WriteCollector::new(1, 0, 3072, Bytes::new(), true, lim).unwrap();
+        let _ = c.next_r2ts(|| 7);
+        c.handle_data_out(&dout(7, 0, 2048, false), &[3; 1024])
+            .unwrap();
+        c.handle_data_out(&dout(7, 1, 0, false), &[1; 1024])
+            .unwrap();
+        c.handle_data_out(&dout(7, 2, 1024, true), &[2; 1024])
+            .unwrap();
+        assert!(c.is_complete());
+        let d = c.into_data();
+        assert_eq!(
+            (d.len(), d[0], d[1023], d[1024], d[2047], d[2048], d[3071]),
+            (3072, 1, 1, 2, 2, 3, 3)
+        );
     }
 
     #[test]
