@@ -3,13 +3,16 @@
 //! Thin clients of iscsitd's JSON-RPC 2.0 API (Unix socket; see
 //! `ARCHITECTURE.md`, "Daemon ↔ tools"): each verb is one request; the
 //! answer is printed as a table like COMSTAR's, or as JSON with `--json`.
-//! Errors are one readable line and a non-zero exit.
+//! Errors are one readable line and a non-zero exit. [`cli`] holds the
+//! scaffolding both tools share.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use serde_json::{json, Value};
+
+pub mod cli;
 
 pub const DEFAULT_SOCKET: &str = "/run/ironstar/iscsitd.sock";
 

@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use ironstar_admin::{call, cell, detail, print_json, read_secret, run, table, tag_list, Failure};
+use ironstar_admin::cli::{arr, arr_at, quiet, run_verb, Global, Show};
+use ironstar_admin::{cell, detail, read_secret, table, tag_list, Failure};
 use serde_json::{json, Map, Value};
 
 #[derive(Parser)]
@@ -15,12 +16,8 @@ use serde_json::{json, Map, Value};
     after_help = "Examples:\n  itadm create-tpg 1 192.168.1.10 192.168.1.11:3261\n  itadm create-target -n iqn.2026-11.dev.ironstar:db -t 1 -l db\n  itadm create-initiator -s iqn.1994-05.com.redhat:client   # prompts for its CHAP secret\n  itadm modify-target -a chap iqn.2026-11.dev.ironstar:db\n  itadm list-target -v\n  itadm list-session -v\n  itadm inspect"
 )]
 struct Cli {
-    /// iscsitd's administration socket.
-    #[arg(long, global = true, env = "IRONSTAR_SOCKET", default_value = ironstar_admin::DEFAULT_SOCKET)]
-    socket: PathBuf,
-    /// Print the daemon's answer as JSON (for scripts).
-    #[arg(long, global = true)]
-    json: bool,
+    #[command(flatten)]
+    global: Global,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -191,14 +188,9 @@ fn initiator_params(o: &InitiatorOpts, name: String) -> Result<Value, Failure> {
     Ok(Value::Object(p))
 }
 
-/// How a verb prints its answer.
-type Show = Box<dyn Fn(&Value)>;
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    run("itadm", || {
-        let sock = cli.socket.clone();
-        let c = |m: &str, p: Value| call(&sock, m, p);
+    run_verb("itadm", &cli.global, |c| {
         let (result, show): (Value, Show) = match cli.cmd {
             Cmd::CreateTarget { name, o } => {
                 let r = c("create-target", target_params(&o, name)?)?;
@@ -238,25 +230,22 @@ fn main() -> std::process::ExitCode {
             }
             Cmd::CreateTpg { tag, portals } => {
                 let r = c("create-tpg", json!({"tag": tag, "portals": portals}))?;
-                (r, Box::new(|_| {}))
+                (r, quiet())
             }
-            Cmd::DeleteTpg { tag } => (c("delete-tpg", json!({"tag": tag}))?, Box::new(|_| {})),
+            Cmd::DeleteTpg { tag } => (c("delete-tpg", json!({"tag": tag}))?, quiet()),
             Cmd::ListTpg { verbose, tag } => {
                 let r = c("list-tpg", json!({"tag": tag}))?;
                 (r, Box::new(move |r| list_tpg(r, verbose)))
             }
-            Cmd::CreateInitiator { o, name } => (
-                c("create-initiator", initiator_params(&o, name)?)?,
-                Box::new(|_| {}),
-            ),
-            Cmd::ModifyInitiator { o, name } => (
-                c("modify-initiator", initiator_params(&o, name)?)?,
-                Box::new(|_| {}),
-            ),
-            Cmd::DeleteInitiator { name } => (
-                c("delete-initiator", json!({"name": name}))?,
-                Box::new(|_| {}),
-            ),
+            Cmd::CreateInitiator { o, name } => {
+                (c("create-initiator", initiator_params(&o, name)?)?, quiet())
+            }
+            Cmd::ModifyInitiator { o, name } => {
+                (c("modify-initiator", initiator_params(&o, name)?)?, quiet())
+            }
+            Cmd::DeleteInitiator { name } => {
+                (c("delete-initiator", json!({"name": name}))?, quiet())
+            }
             Cmd::ListInitiator { verbose, name } => {
                 let r = c("list-initiator", json!({"name": name}))?;
                 (
@@ -310,7 +299,7 @@ fn main() -> std::process::ExitCode {
                         "nothing to change: give -a, --chap-algorithms, -i or --isns-server".into(),
                     ));
                 }
-                (c("modify-defaults", Value::Object(p))?, Box::new(|_| {}))
+                (c("modify-defaults", Value::Object(p))?, quiet())
             }
             Cmd::ListDefaults => (c("list-defaults", json!({}))?, Box::new(list_defaults)),
             Cmd::ListSession { verbose, target } => {
@@ -321,17 +310,8 @@ fn main() -> std::process::ExitCode {
                 (c("inspect", json!({"target": target}))?, Box::new(inspect))
             }
         };
-        if cli.json {
-            print_json(&result);
-        } else {
-            show(&result);
-        }
-        Ok(())
+        Ok((result, show))
     })
-}
-
-fn arr(v: &Value) -> Vec<Value> {
-    v.as_array().cloned().unwrap_or_default()
 }
 
 fn list_target(r: &Value, verbose: bool) {
@@ -377,19 +357,14 @@ fn list_target(r: &Value, verbose: bool) {
 }
 
 fn list_tpg(r: &Value, verbose: bool) {
-    let rows: Vec<Vec<String>> = arr(r)
-        .iter()
-        .map(|g| vec![cell(g.get("tag")), cell(g.get("portal_count"))])
-        .collect();
+    let row = |g: &Value| vec![cell(g.get("tag")), cell(g.get("portal_count"))];
+    let header = ["TARGET PORTAL GROUP", "PORTAL COUNT"];
     if !verbose {
-        table(&["TARGET PORTAL GROUP", "PORTAL COUNT"], &rows);
+        table(&header, &arr(r).iter().map(row).collect::<Vec<_>>());
         return;
     }
     for g in arr(r) {
-        table(
-            &["TARGET PORTAL GROUP", "PORTAL COUNT"],
-            &[vec![cell(g.get("tag")), cell(g.get("portal_count"))]],
-        );
+        table(&header, &[row(&g)]);
         detail(
             8,
             &[
@@ -475,7 +450,7 @@ fn list_session(r: &Value, verbose: bool) {
                 ("held by", format!("{} reference(s)", cell(s.get("refs")))),
             ],
         );
-        for c in arr(s.get("connections").unwrap_or(&Value::Null)) {
+        for c in arr_at(&s, "connections") {
             println!(
                 "        Connection CID {}: {} -> {}",
                 cell(c.get("cid")),
@@ -494,7 +469,7 @@ fn list_session(r: &Value, verbose: bool) {
 
 fn inspect(r: &Value) {
     println!("model generation {}", cell(r.get("generation")));
-    for t in arr(r.get("targets").unwrap_or(&Value::Null)) {
+    for t in arr_at(r, "targets") {
         if let Some(ds) = t.get("discovery_sessions") {
             for s in arr(ds) {
                 println!(
@@ -512,13 +487,13 @@ fn inspect(r: &Value) {
             cell(t.get("auth")),
             cell(t.get("refs"))
         );
-        for g in arr(t.get("tpgs").unwrap_or(&Value::Null)) {
+        for g in arr_at(&t, "tpgs") {
             println!(
                 "  tpg {}  portals {}",
                 cell(g.get("tag")),
                 cell(g.get("portals"))
             );
-            for s in arr(g.get("sessions").unwrap_or(&Value::Null)) {
+            for s in arr_at(&g, "sessions") {
                 println!(
                     "    session TSIH {} ISID {} {}  {}  CmdSN {}..{}  refs={}",
                     cell(s.get("tsih")),
@@ -529,7 +504,7 @@ fn inspect(r: &Value) {
                     cell(s.get("max_cmd_sn")),
                     cell(s.get("refs"))
                 );
-                for c in arr(s.get("connections").unwrap_or(&Value::Null)) {
+                for c in arr_at(&s, "connections") {
                     println!(
                         "      connection CID {}  {} -> {}",
                         cell(c.get("cid")),
@@ -537,7 +512,7 @@ fn inspect(r: &Value) {
                         cell(c.get("local"))
                     );
                 }
-                for l in arr(s.get("luns").unwrap_or(&Value::Null)) {
+                for l in arr_at(&s, "luns") {
                     println!(
                         "      LUN {}  LU {}  {} blocks  LU refs={}",
                         cell(l.get("lun")),
@@ -549,7 +524,7 @@ fn inspect(r: &Value) {
             }
         }
     }
-    for l in arr(r.get("lus").unwrap_or(&Value::Null)) {
+    for l in arr_at(r, "lus") {
         let s = l.get("stats").cloned().unwrap_or(Value::Null);
         println!(
             "LU {}  {}  refs={}  reads={} ({} B) writes={} ({} B) other={} errors={} UAs={}",

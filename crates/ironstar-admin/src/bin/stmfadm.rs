@@ -1,10 +1,9 @@
 //! stmfadm: the SCSI side of Ironstar — logical units, host groups,
 //! target groups and the views that decide who sees which LU at which LUN.
 
-use std::path::PathBuf;
-
 use clap::{Parser, Subcommand};
-use ironstar_admin::{call, cell, detail, human_size, print_json, run, Failure};
+use ironstar_admin::cli::{arr, arr_at, quiet, run_verb, Global, Show};
+use ironstar_admin::{cell, detail, human_size, Failure};
 use serde_json::{json, Map, Value};
 
 #[derive(Parser)]
@@ -15,12 +14,8 @@ use serde_json::{json, Map, Value};
     after_help = "Examples:\n  stmfadm create-lu -s 10G -p alias=db /srv/lu/db.img\n  stmfadm create-lu -s 1G memory\n  stmfadm create-hg web && stmfadm add-hg-member -g web iqn.1994-05.com.example:web1\n  stmfadm add-view -h web -n 3 db\n  stmfadm list-view -l db\n  stmfadm modify-lu -s 20G db      # initiators get CAPACITY DATA HAS CHANGED\n  stmfadm list-lu -v"
 )]
 struct Cli {
-    /// iscsitd's administration socket.
-    #[arg(long, global = true, env = "IRONSTAR_SOCKET", default_value = ironstar_admin::DEFAULT_SOCKET)]
-    socket: PathBuf,
-    /// Print the daemon's answer as JSON (for scripts).
-    #[arg(long, global = true)]
-    json: bool,
+    #[command(flatten)]
+    global: Global,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -157,20 +152,10 @@ fn props(list: &[String]) -> Result<Value, Failure> {
     Ok(Value::Object(m))
 }
 
-fn arr(v: &Value) -> Vec<Value> {
-    v.as_array().cloned().unwrap_or_default()
-}
-
-/// How a verb prints its answer.
-type Show = Box<dyn Fn(&Value)>;
-
 fn main() -> std::process::ExitCode {
     // -h is add-view's host group, as in COMSTAR; --help still works.
     let cli = Cli::parse();
-    run("stmfadm", || {
-        let sock = cli.socket.clone();
-        let c = |m: &str, p: Value| call(&sock, m, p);
-        let quiet: Box<dyn Fn(&Value)> = Box::new(|_| {});
+    run_verb("stmfadm", &cli.global, |c| {
         let (result, show): (Value, Show) = match cli.cmd {
             Cmd::CreateLu {
                 props: p,
@@ -205,45 +190,45 @@ fn main() -> std::process::ExitCode {
                         "modify-lu",
                         json!({"lu": lu, "size": size, "props": props(&p)?}),
                     )?,
-                    quiet,
+                    quiet(),
                 )
             }
-            Cmd::DeleteLu { lu } => (c("delete-lu", json!({"lu": lu}))?, quiet),
+            Cmd::DeleteLu { lu } => (c("delete-lu", json!({"lu": lu}))?, quiet()),
             Cmd::ListLu { verbose, lu } => {
                 let r = c("list-lu", json!({"lu": lu}))?;
                 (r, Box::new(move |r| list_lu(r, verbose)))
             }
-            Cmd::OnlineLu { lu } => (c("online-lu", json!({"lu": lu}))?, quiet),
-            Cmd::OfflineLu { lu } => (c("offline-lu", json!({"lu": lu}))?, quiet),
-            Cmd::CreateHg { name } => (c("create-hg", json!({"name": name}))?, quiet),
-            Cmd::DeleteHg { name } => (c("delete-hg", json!({"name": name}))?, quiet),
+            Cmd::OnlineLu { lu } => (c("online-lu", json!({"lu": lu}))?, quiet()),
+            Cmd::OfflineLu { lu } => (c("offline-lu", json!({"lu": lu}))?, quiet()),
+            Cmd::CreateHg { name } => (c("create-hg", json!({"name": name}))?, quiet()),
+            Cmd::DeleteHg { name } => (c("delete-hg", json!({"name": name}))?, quiet()),
             Cmd::AddHgMember { group, members } => (
                 c("add-hg-member", json!({"name": group, "members": members}))?,
-                quiet,
+                quiet(),
             ),
             Cmd::RemoveHgMember { group, members } => (
                 c(
                     "remove-hg-member",
                     json!({"name": group, "members": members}),
                 )?,
-                quiet,
+                quiet(),
             ),
             Cmd::ListHg { verbose, name } => {
                 let r = c("list-hg", json!({"name": name}))?;
                 (r, Box::new(move |r| list_groups(r, "Host Group", verbose)))
             }
-            Cmd::CreateTg { name } => (c("create-tg", json!({"name": name}))?, quiet),
-            Cmd::DeleteTg { name } => (c("delete-tg", json!({"name": name}))?, quiet),
+            Cmd::CreateTg { name } => (c("create-tg", json!({"name": name}))?, quiet()),
+            Cmd::DeleteTg { name } => (c("delete-tg", json!({"name": name}))?, quiet()),
             Cmd::AddTgMember { group, members } => (
                 c("add-tg-member", json!({"name": group, "members": members}))?,
-                quiet,
+                quiet(),
             ),
             Cmd::RemoveTgMember { group, members } => (
                 c(
                     "remove-tg-member",
                     json!({"name": group, "members": members}),
                 )?,
-                quiet,
+                quiet(),
             ),
             Cmd::ListTg { verbose, name } => {
                 let r = c("list-tg", json!({"name": name}))?;
@@ -263,7 +248,7 @@ fn main() -> std::process::ExitCode {
                     "add-view",
                     json!({"lu": lu, "host_group": host_group, "target_group": target_group, "lun": lun}),
                 )?;
-                (r, quiet)
+                (r, quiet())
             }
             Cmd::RemoveView { lu, all, entries } => {
                 let entries = (!all).then_some(entries);
@@ -272,7 +257,7 @@ fn main() -> std::process::ExitCode {
                         "remove-view",
                         json!({"lu": lu, "all": all, "entries": entries}),
                     )?,
-                    quiet,
+                    quiet(),
                 )
             }
             Cmd::ListView { lu } => (c("list-view", json!({"lu": lu}))?, Box::new(list_view)),
@@ -294,7 +279,7 @@ fn main() -> std::process::ExitCode {
                                         ("Sessions", cell(t.get("sessions"))),
                                     ],
                                 );
-                                for i in arr(t.get("initiators").unwrap_or(&Value::Null)) {
+                                for i in arr_at(&t, "initiators") {
                                     println!("        Initiator: {}", cell(Some(&i)));
                                 }
                             }
@@ -316,12 +301,7 @@ fn main() -> std::process::ExitCode {
                 }),
             ),
         };
-        if cli.json {
-            print_json(&result);
-        } else {
-            show(&result);
-        }
-        Ok(())
+        Ok((result, show))
     })
 }
 
@@ -392,7 +372,7 @@ fn list_groups(r: &Value, label: &str, verbose: bool) {
     for g in arr(r) {
         println!("{label}: {}", cell(g.get("name")));
         if verbose {
-            for m in arr(g.get("members").unwrap_or(&Value::Null)) {
+            for m in arr_at(&g, "members") {
                 println!("        Member: {}", cell(Some(&m)));
             }
         }
