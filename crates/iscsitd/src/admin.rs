@@ -254,11 +254,11 @@ impl Admin {
             )));
         }
         self.change(|c| {
-            let before = c.targets.len();
-            c.targets.retain(|t| !t.iqn.eq_ignore_ascii_case(&name));
-            if c.targets.len() == before {
-                return Err(RpcError::refused(format!("no target {name}")));
-            }
+            remove_or_refuse(
+                &mut c.targets,
+                |t| t.iqn.eq_ignore_ascii_case(&name),
+                format!("no target {name}"),
+            )?;
             Ok(Value::Null)
         })
         .await?;
@@ -271,11 +271,7 @@ impl Admin {
             .sessions
             .all()
             .into_iter()
-            .filter(|s| {
-                s.target_name
-                    .as_deref()
-                    .is_some_and(|t| t.eq_ignore_ascii_case(target))
-            })
+            .filter(|s| serves(s, target))
             .collect()
     }
 
@@ -320,14 +316,7 @@ impl Admin {
             {
                 continue;
             }
-            let ss: Vec<&Arc<Session>> = sessions
-                .iter()
-                .filter(|s| {
-                    s.target_name
-                        .as_deref()
-                        .is_some_and(|n| n.eq_ignore_ascii_case(&t.iqn))
-                })
-                .collect();
+            let ss: Vec<&Arc<Session>> = sessions.iter().filter(|s| serves(s, &t.iqn)).collect();
             let luns = m.lun_map(None, &t.iqn);
             out.push(json!({
                 "name": t.iqn,
@@ -344,10 +333,7 @@ impl Admin {
                 "luns_for_all_hosts": luns.luns().collect::<Vec<_>>(),
             }));
         }
-        if let (Some(o), true) = (&only, out.is_empty()) {
-            return Err(RpcError::refused(format!("no target {o}")));
-        }
-        Ok(Value::Array(out))
+        listed(out, only, "target")
     }
 
     // ----- target portal groups -----
@@ -400,11 +386,11 @@ impl Admin {
                     users.join(", ")
                 )));
             }
-            let before = c.portal_groups.len();
-            c.portal_groups.retain(|g| g.tag != tag);
-            if before == c.portal_groups.len() {
-                return Err(RpcError::refused(format!("no TPG {tag}")));
-            }
+            remove_or_refuse(
+                &mut c.portal_groups,
+                |g| g.tag == tag,
+                format!("no TPG {tag}"),
+            )?;
             Ok(json!({"tag": tag}))
         })
         .await
@@ -423,10 +409,7 @@ impl Admin {
                 "targets": m.config.targets.iter().filter(|t| t.portal_groups.contains(&g.tag)).map(|t| t.iqn.clone()).collect::<Vec<_>>()})
             })
             .collect();
-        if let (Some(t), true) = (only, out.is_empty()) {
-            return Err(RpcError::refused(format!("no TPG {t}")));
-        }
-        Ok(Value::Array(out))
+        listed(out, only, "TPG")
     }
 
     // ----- initiators -----
@@ -481,11 +464,11 @@ impl Admin {
     async fn delete_initiator(&self, p: Params<'_>) -> R {
         let name = p.str("name")?;
         self.change(|c| {
-            let before = c.initiators.len();
-            c.initiators.retain(|i| !i.name.eq_ignore_ascii_case(&name));
-            if before == c.initiators.len() {
-                return Err(RpcError::refused(format!("no initiator {name}")));
-            }
+            remove_or_refuse(
+                &mut c.initiators,
+                |i| i.name.eq_ignore_ascii_case(&name),
+                format!("no initiator {name}"),
+            )?;
             Ok(json!({"initiator": name}))
         })
         .await
@@ -504,10 +487,7 @@ impl Admin {
             })
             .map(|i| json!({"name": i.name, "chap_user": i.chap_user, "chap_secret_set": true}))
             .collect();
-        if let (Some(o), true) = (&only, out.is_empty()) {
-            return Err(RpcError::refused(format!("no initiator {o}")));
-        }
-        Ok(Value::Array(out))
+        listed(out, only, "initiator")
     }
 
     // ----- defaults -----
@@ -557,13 +537,7 @@ impl Admin {
         Ok(Value::Array(
             sessions
                 .iter()
-                .filter(|s| {
-                    only.as_deref().is_none_or(|o| {
-                        s.target_name
-                            .as_deref()
-                            .is_some_and(|t| t.eq_ignore_ascii_case(o))
-                    })
-                })
+                .filter(|s| only.as_deref().is_none_or(|o| serves(s, o)))
                 .map(session_json)
                 .collect(),
         ))
@@ -783,12 +757,7 @@ impl Admin {
 
     fn lu_entry(&self, name: &str) -> Result<Arc<LuEntry>, RpcError> {
         let m = self.registry.snapshot();
-        let guid = m
-            .config
-            .find_lu(name)
-            .and_then(|i| m.config.lus.get(i))
-            .map(|d| d.guid.clone())
-            .unwrap_or_else(|| name.to_string());
+        let guid = lu_guid(&m, name);
         let e = m
             .lu(&guid)
             .cloned()
@@ -844,10 +813,7 @@ impl Admin {
             })
             .map(|e| lu_json(e, &m))
             .collect();
-        if let (Some(o), true) = (&only, out.is_empty()) {
-            return Err(RpcError::refused(format!("no LU {o}")));
-        }
-        Ok(Value::Array(out))
+        listed(out, only, "LU")
     }
 
     // ----- host and target groups -----
@@ -885,12 +851,11 @@ impl Admin {
                     kind.label()
                 )));
             }
-            let groups = kind.groups(c);
-            let before = groups.len();
-            groups.retain(|g| g.name != name);
-            if before == groups.len() {
-                return Err(RpcError::refused(format!("no {} {name}", kind.label())));
-            }
+            remove_or_refuse(
+                kind.groups(c),
+                |g| g.name == name,
+                format!("no {} {name}", kind.label()),
+            )?;
             Ok(json!({"name": name}))
         })
         .await
@@ -946,10 +911,7 @@ impl Admin {
             .filter(|g| only.as_deref().is_none_or(|o| o == g.name))
             .map(|g| json!({"name": g.name, "members": g.members}))
             .collect();
-        if let (Some(o), true) = (&only, out.is_empty()) {
-            return Err(RpcError::refused(format!("no {} {o}", kind.label())));
-        }
-        Ok(Value::Array(out))
+        listed(out, only, kind.label())
     }
 
     // ----- views -----
@@ -1048,15 +1010,50 @@ impl Admin {
         let lu = p.str("lu")?;
         let m = self.registry.snapshot();
         let e = m
-            .config
-            .find_lu(&lu)
-            .and_then(|i| m.config.lus.get(i))
-            .map(|d| d.guid.clone())
-            .or_else(|| m.lu(&lu).map(|e| e.def.guid.clone()))
-            .and_then(|g| m.lu(&g).cloned())
+            .lu(&lu_guid(&m, &lu))
+            .cloned()
             .ok_or_else(|| RpcError::refused(format!("no LU {lu}")))?;
         Ok(Value::Array(views_of(&e, &m)))
     }
+}
+
+/// A list answer; asking for one item (`only`) that is not there is refused.
+fn listed(out: Vec<Value>, only: Option<impl std::fmt::Display>, what: &str) -> R {
+    match only {
+        Some(o) if out.is_empty() => Err(RpcError::refused(format!("no {what} {o}"))),
+        _ => Ok(Value::Array(out)),
+    }
+}
+
+/// Removes the items `gone` picks; refuses with `missing` if there were none.
+fn remove_or_refuse<T>(
+    items: &mut Vec<T>,
+    gone: impl Fn(&T) -> bool,
+    missing: String,
+) -> Result<(), RpcError> {
+    let before = items.len();
+    items.retain(|x| !gone(x));
+    if items.len() == before {
+        return Err(RpcError::refused(missing));
+    }
+    Ok(())
+}
+
+/// Whether `s` is a session of target `target` (names compare caselessly).
+fn serves(s: &Session, target: &str) -> bool {
+    s.target_name
+        .as_deref()
+        .is_some_and(|t| t.eq_ignore_ascii_case(target))
+}
+
+/// The GUID an LU name (GUID or alias in the document) stands for; a name
+/// the document does not know is taken as a GUID.
+fn lu_guid(m: &Model, name: &str) -> String {
+    m.config
+        .find_lu(name)
+        .and_then(|i| m.config.lus.get(i))
+        .map(|d| d.guid.clone())
+        .unwrap_or_else(|| name.to_string())
 }
 
 fn c_lu_is(d: &LuDef, name: &str) -> bool {
