@@ -228,7 +228,7 @@ impl Default for Defaults {
         Defaults {
             max_recv_data_segment_length: 262_144,
             max_burst_length: 1_048_576,
-            first_burst_length: 65_536,
+            first_burst_length: 262_144,
             max_outstanding_r2t: 8,
             max_connections: 8,
             initial_r2t: false,
