@@ -88,10 +88,7 @@ pub fn run(data: &[u8]) {
                 });
                 assert!(
                     sense.len() >= 18
-                        && matches!(
-                            sense.first().map(|b| b & 0x7f),
-                            Some(0x70 | 0x71 | 0x72 | 0x73)
-                        ),
+                        && matches!(sense.first().map(|b| b & 0x7f), Some(0x70..=0x73)),
                     "malformed sense {sense:02x?} for CDB {:02x?}",
                     rec.cdb
                 );
