@@ -12,28 +12,13 @@ use iscsi_proto::pdu::{
     RESERVED_TAG,
 };
 
-/// Logs in a second connection (CID 2) into `a`'s session.
-async fn join(t: &TestTarget, a: &Client, opts: &LoginOpts) -> Client {
-    let mut b = Client::connect(t.addr).await;
-    b.cmd_sn = a.cmd_sn;
-    let r = b
-        .login(&LoginOpts {
-            tsih: a.tsih,
-            cid: 2,
-            ..opts.clone()
-        })
-        .await;
-    assert_eq!((r.status_class, r.status_detail), (0, 0), "{r:?}");
-    b
-}
-
 #[tokio::test]
 async fn mcs_commands_execute_in_cmdsn_order_across_connections() {
     let t = start("").await;
     let opts = LoginOpts::normal(1).key("MaxConnections", "2");
     let mut a = Client::login_to(t.addr, opts.clone()).await;
     a.clear_ua().await;
-    let mut b = join(&t, &a, &opts).await;
+    let mut b = join(t.addr, &a, &opts, 2).await;
     let n = a.cmd_sn;
     assert_eq!(b.cmd_sn, n);
 
@@ -407,7 +392,7 @@ async fn a_connection_beyond_max_connections_is_refused() {
     let t = start("").await;
     let opts = LoginOpts::normal(15).key("MaxConnections", "2");
     let a = Client::login_to(t.addr, opts.clone()).await;
-    let _b = join(&t, &a, &opts).await;
+    let _b = join(t.addr, &a, &opts, 2).await;
     let mut c = Client::connect(t.addr).await;
     let r = c
         .login(&LoginOpts {
@@ -424,7 +409,7 @@ async fn logout_close_session_closes_every_connection_of_the_session() {
     let t = start("").await;
     let opts = LoginOpts::normal(16).key("MaxConnections", "2");
     let mut a = Client::login_to(t.addr, opts.clone()).await;
-    let mut b = join(&t, &a, &opts).await;
+    let mut b = join(t.addr, &a, &opts, 2).await;
     assert_eq!(
         a.logout(iscsi_proto::pdu::logout::CLOSE_SESSION, a.cid)
             .await,

@@ -35,23 +35,10 @@ async fn connection_reinstatement_closes_the_old_connection_and_keeps_the_sessio
     assert_eq!(a.param_u32("MaxConnections", 1), 4);
     a.clear_ua().await;
 
-    let join = |cid: u16| LoginOpts {
-        tsih: a.tsih,
-        cid,
-        ..opts.clone()
-    };
-    let mut b = Client::connect(t.addr).await;
-    b.cmd_sn = a.cmd_sn;
-    let r = b.login(&join(2)).await;
-    assert_eq!((r.status_class, r.status_detail), (0, 0), "{r:?}");
-    assert_eq!(r.tsih, a.tsih);
+    let mut b = join(t.addr, &a, &opts, 2).await;
 
     // A third login reusing CID 1: connection reinstatement.
-    let mut c = Client::connect(t.addr).await;
-    c.cmd_sn = a.cmd_sn;
-    let r = c.login(&join(1)).await;
-    assert_eq!((r.status_class, r.status_detail), (0, 0), "{r:?}");
-    assert_eq!(r.tsih, a.tsih);
+    let mut c = join(t.addr, &a, &opts, 1).await;
     a.expect_eof(CLOSE_WAIT).await;
 
     // The session survives on the second connection (and the new first).
@@ -100,16 +87,7 @@ async fn logout_close_connection_of_another_cid_closes_only_that_connection() {
     let opts = LoginOpts::normal(4).key("MaxConnections", "2");
     let mut a = Client::login_to(t.addr, opts.clone()).await;
     a.clear_ua().await;
-    let mut b = Client::connect(t.addr).await;
-    b.cmd_sn = a.cmd_sn;
-    let r = b
-        .login(&LoginOpts {
-            tsih: a.tsih,
-            cid: 2,
-            ..opts.clone()
-        })
-        .await;
-    assert_eq!((r.status_class, r.status_detail), (0, 0), "{r:?}");
+    let mut b = join(t.addr, &a, &opts, 2).await;
 
     assert_eq!(a.logout(logout::CLOSE_CONNECTION, 2).await, logout::SUCCESS);
     b.expect_eof(CLOSE_WAIT).await;

@@ -118,6 +118,23 @@ pub async fn start(defaults: &str) -> TestTarget {
     start_toml(&basic_toml(defaults)).await
 }
 
+/// Logs in another connection (`cid`) into `a`'s session at `addr`, from
+/// `a`'s CmdSN on; the login must succeed into that same session.
+pub async fn join(addr: SocketAddr, a: &Client, opts: &LoginOpts, cid: u16) -> Client {
+    let mut b = Client::connect(addr).await;
+    b.cmd_sn = a.cmd_sn;
+    let r = b
+        .login(&LoginOpts {
+            tsih: a.tsih,
+            cid,
+            ..opts.clone()
+        })
+        .await;
+    assert_eq!((r.status_class, r.status_detail), (0, 0), "{r:?}");
+    assert_eq!(r.tsih, a.tsih);
+    b
+}
+
 /// How to log in.
 #[derive(Clone, Debug)]
 pub struct LoginOpts {
