@@ -223,6 +223,31 @@ mod tests {
         assert!(buf.capacity() < 1 << 20);
     }
 
+    /// Fuzz finding F1: a Data-In with S=0 carried its reserved Status byte
+    /// through parsing, so parse -> encode -> parse was not the identity.
+    #[test]
+    fn data_in_without_status_round_trips() {
+        let mut wire = BytesMut::from(
+            &b"\x25\x80\x00\x32\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\
+\x00\x00\x00\x01\xff\xff\xff\xff\x00\x00\x00\x00\x00\x00\x00\x00\
+\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"[..],
+        );
+        let pdu = PduDecoder::default()
+            .decode(&mut wire)
+            .unwrap()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut again = BytesMut::from(&pdu.to_bytes(false, false)[..]);
+        let back = PduDecoder::default()
+            .decode(&mut again)
+            .unwrap()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(back, pdu);
+    }
+
     #[test]
     fn bad_header_digest_is_fatal() {
         let mut wire = BytesMut::from(&sample_pdus()[0].to_bytes(true, false)[..]);

@@ -812,7 +812,8 @@ impl Header {
                 overflow: bit(f, 0x04),
                 underflow: bit(f, 0x02),
                 status_present: bit(f, 0x01),
-                status: b[3],
+                // Reserved unless S is set (RFC 7143 §11.7.4).
+                status: if bit(f, 0x01) { b[3] } else { 0 },
                 lun: be64(b, 8),
                 itt: be32(b, 16),
                 ttt: be32(b, 20),
