@@ -3,10 +3,10 @@
 //! Beside `iscsi-target` on the map (`ARCHITECTURE.md`), on top of the same
 //! `idm` and `iscsi-proto`: discovery (SendTargets), login (None, CHAP
 //! one-way and mutual, redirection), sessions with a CmdSN window, many
-//! commands in flight and several connections (MC/S), recovery by session
-//! reinstatement, and an async SCSI API ([`Session`], [`Lun`]). [`nbd`]
-//! exports a LUN to NBD clients; [`vpd`] decodes VPD pages. The `iscsi`
-//! binary is a thin CLI over it.
+//! commands in flight and several connections (MC/S), recovery by connection
+//! or session reinstatement, and an async SCSI API ([`Session`], [`Lun`]).
+//! [`nbd`] exports a LUN to NBD clients; [`vpd`] decodes VPD pages. The
+//! `iscsi` binary is a thin CLI over it.
 //!
 //! Protocol logic is sans-IO and shared with the target through `idm`
 //! (`idm::initiator_login`, `idm::initiator_data`, `idm::send_targets`);

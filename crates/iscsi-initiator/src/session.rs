@@ -15,14 +15,21 @@
 //! unsolicited Data-Out as negotiated and answer R2Ts; reads are reassembled
 //! from Data-In by `idm::initiator_data`.
 //!
-//! Recovery (ERL 0): when a connection drops, or a timed-out command cannot
-//! even be aborted, the session is reinstated — a new login with the same
-//! ISID and TSIH 0, so the target ends the old one — with backoff for up to
+//! Recovery (ERL 0). When one connection of an MC/S session fails (EOF,
+//! reset, an unanswered ping or ABORT TASK) while others live, only that
+//! connection is reinstated: a login with the session's TSIH and the lost
+//! connection's CID, so the target logs the old one out and ends its tasks
+//! (RFC 7143 §6.3.4). Its unfinished commands are reissued at once on the
+//! live connections as new tasks (new ITT, next CmdSN), and the CmdSNs they
+//! held are closed with ABORT TASK so no hole stalls the others. When the
+//! last connection fails, or the target refuses the connection's login, the
+//! session is reinstated — a new login with the same ISID and TSIH 0, so
+//! the target ends the old one — with backoff for up to
 //! [`SessionOptions::replacement_timeout`]; then every command that had not
-//! completed is reissued in its original CmdSN order, each at most
-//! [`SessionOptions::max_reissues`] times. If no replacement comes in time,
-//! every waiter gets one clear error. Every wait has a deadline, so nothing
-//! hangs forever.
+//! completed is reissued in its original CmdSN order. Each command is
+//! reissued at most [`SessionOptions::max_reissues`] times. If no
+//! replacement comes in time, every waiter gets one clear error. Every wait
+//! has a deadline, so nothing hangs forever.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -45,7 +52,7 @@ pub use idm::initiator_data::Residual;
 
 use crate::conn;
 use crate::error::Error;
-use crate::login::{default_policy, Auth, LoginConfig};
+use crate::login::{default_policy, Auth, LoginConfig, LoginError};
 use crate::portal::Portal;
 use crate::scsi::{self, Capacity, InquiryData, ScsiError, Sense};
 
@@ -155,11 +162,38 @@ struct ScsiTask {
     done: oneshot::Sender<Result<Reply, Error>>,
 }
 
+/// What an ITT stands for. Non-SCSI waiters remember the connection (by
+/// id) their request went on: if it fails, nobody will answer them.
 enum Pending {
     Scsi(ScsiTask),
-    Nop(oneshot::Sender<()>),
-    Tmf(oneshot::Sender<u8>),
-    Logout(oneshot::Sender<u8>),
+    Nop(oneshot::Sender<()>, u64),
+    Tmf(oneshot::Sender<u8>, u64),
+    Logout(oneshot::Sender<u8>, u64),
+}
+
+impl Pending {
+    fn immediate_on(&self) -> Option<u64> {
+        match self {
+            Pending::Scsi(_) => None,
+            Pending::Nop(_, c) | Pending::Tmf(_, c) | Pending::Logout(_, c) => Some(*c),
+        }
+    }
+}
+
+/// A connection reinstatement to do: which CID, what its old connection
+/// had acknowledged, and the commands it took down with it.
+struct ConnJob {
+    cid: u16,
+    exp_stat_sn: u32,
+    epoch: u64,
+    orphans: Vec<Orphan>,
+}
+
+/// A command lost with its connection, as the target may know it.
+struct Orphan {
+    wire_lun: u64,
+    itt: u32,
+    cmd_sn: u32,
 }
 
 /// One connection of the current session incarnation.
@@ -199,6 +233,12 @@ struct State {
     /// A replacement session is being logged in.
     recovering: bool,
     reconnects: u64,
+    /// Bumped by every session reinstatement: a connection reinstatement
+    /// begun in an older incarnation must not install its login.
+    epoch: u64,
+    /// CIDs whose connection is being reinstated.
+    reinstating: Vec<u16>,
+    conn_reinstatements: u64,
     /// A Logout Request went out: a connection closing is expected.
     logging_out: bool,
     /// Why the session ended for good, once it has.
@@ -232,6 +272,14 @@ impl State {
         false
     }
 
+    /// The ITT a command (by submission number) has now.
+    fn itt_of(&self, seq: u64) -> Option<u32> {
+        self.pending.iter().find_map(|(itt, p)| match p {
+            Pending::Scsi(t) if t.seq == seq => Some(*itt),
+            _ => None,
+        })
+    }
+
     fn conn_index(&self, id: u64) -> Option<usize> {
         self.conns.iter().position(|c| c.id == id)
     }
@@ -260,22 +308,28 @@ impl State {
             self.portal = first.portal.clone();
         }
         for c in logged {
-            // Later logins may have opened the window further.
-            self.update_window(c.result.exp_cmd_sn, c.result.max_cmd_sn);
-            let id = self.next_conn_id;
-            self.next_conn_id += 1;
-            let (out, chan) = mpsc::unbounded_channel();
-            tokio::spawn(writer(chan, c.tx, id, Arc::downgrade(inner)));
-            let reader = tokio::spawn(reader(c.rx, id, Arc::downgrade(inner))).abort_handle();
-            self.conns.push(Conn {
-                id,
-                cid: c.result.cid,
-                out,
-                exp_stat_sn: c.result.exp_stat_sn,
-                commands: 0,
-                reader,
-            });
+            self.add_conn(c, inner);
         }
+    }
+
+    /// Starts the reader and writer of one logged-in connection and puts it
+    /// in the round-robin.
+    fn add_conn(&mut self, c: conn::LoggedIn, inner: &Arc<Inner>) {
+        // Later logins may have opened the window further.
+        self.update_window(c.result.exp_cmd_sn, c.result.max_cmd_sn);
+        let id = self.next_conn_id;
+        self.next_conn_id += 1;
+        let (out, chan) = mpsc::unbounded_channel();
+        tokio::spawn(writer(chan, c.tx, id, Arc::downgrade(inner)));
+        let reader = tokio::spawn(reader(c.rx, id, Arc::downgrade(inner))).abort_handle();
+        self.conns.push(Conn {
+            id,
+            cid: c.result.cid,
+            out,
+            exp_stat_sn: c.result.exp_stat_sn,
+            commands: 0,
+            reader,
+        });
     }
 }
 
@@ -377,6 +431,9 @@ impl Session {
             portal: portal.clone(),
             recovering: false,
             reconnects: 0,
+            epoch: 0,
+            reinstating: Vec::new(),
+            conn_reinstatements: 0,
             logging_out: false,
             closed: None,
         };
@@ -418,6 +475,12 @@ impl Session {
         self.inner.lock().reconnects
     }
 
+    /// How many times one connection of the session was replaced by
+    /// connection reinstatement (MC/S), the session living on.
+    pub fn connection_reinstatements(&self) -> u64 {
+        self.inner.lock().conn_reinstatements
+    }
+
     /// Each live connection's CID and how many SCSI commands it carried.
     pub fn connection_commands(&self) -> Vec<(u16, u64)> {
         let st = self.inner.lock();
@@ -457,10 +520,15 @@ impl Session {
     }
 
     async fn ping_within(&self, t: Duration) -> Result<Duration, Error> {
+        self.ping_on(None, t).await
+    }
+
+    /// A ping on connection `on` (by id), or on the first one.
+    async fn ping_on(&self, on: Option<u64>, t: Duration) -> Result<Duration, Error> {
         let (tx, rx) = oneshot::channel();
         let start = Instant::now();
-        self.inner.send_immediate(|st, itt, conn| {
-            st.pending.insert(itt, Pending::Nop(tx));
+        self.inner.send_immediate(on, |st, itt, conn| {
+            st.pending.insert(itt, Pending::Nop(tx, conn.2));
             Header::NopOut(NopOut {
                 immediate: true,
                 lun: 0,
@@ -481,8 +549,8 @@ impl Session {
     /// target's answer.
     pub async fn logout(&self) -> Result<(), Error> {
         let (tx, rx) = oneshot::channel();
-        self.inner.send_immediate(|st, itt, conn| {
-            st.pending.insert(itt, Pending::Logout(tx));
+        self.inner.send_immediate(None, |st, itt, conn| {
+            st.pending.insert(itt, Pending::Logout(tx, conn.2));
             st.logging_out = true;
             Header::LogoutRequest(LogoutRequest {
                 immediate: true,
@@ -504,16 +572,29 @@ impl Session {
         result
     }
 
-    /// ABORT TASK for one of our commands (RFC 7143 §11.5).
-    async fn abort_task(&self, lun: u64, itt: u32, cmd_sn: u32) -> Result<u8, Error> {
-        self.task_management(tmf::ABORT_TASK, lun, itt, cmd_sn)
-            .await
+    /// ABORT TASK for one of our commands (RFC 7143 §11.5), on the
+    /// connection it is allegiant to (`on`) while that one lives.
+    async fn abort_task(&self, lun: u64, itt: u32, cmd_sn: u32, on: u64) -> Result<u8, Error> {
+        self.task_management(
+            tmf::ABORT_TASK,
+            pdu::lun_to_wire(lun),
+            itt,
+            cmd_sn,
+            Some(on),
+        )
+        .await
     }
 
     /// LOGICAL UNIT RESET.
     pub async fn lun_reset(&self, lun: u64) -> Result<(), Error> {
         match self
-            .task_management(tmf::LOGICAL_UNIT_RESET, lun, RESERVED_TAG, 0)
+            .task_management(
+                tmf::LOGICAL_UNIT_RESET,
+                pdu::lun_to_wire(lun),
+                RESERVED_TAG,
+                0,
+                None,
+            )
             .await?
         {
             tmf::FUNCTION_COMPLETE => Ok(()),
@@ -521,28 +602,18 @@ impl Session {
         }
     }
 
+    /// `wire_lun` is in its wire form.
     async fn task_management(
         &self,
         function: u8,
-        lun: u64,
+        wire_lun: u64,
         referenced: u32,
         ref_cmd_sn: u32,
+        on: Option<u64>,
     ) -> Result<u8, Error> {
-        let (tx, rx) = oneshot::channel();
-        self.inner.send_immediate(|st, itt, conn| {
-            st.pending.insert(itt, Pending::Tmf(tx));
-            Header::TaskMgmtRequest(TaskMgmtRequest {
-                immediate: true,
-                function,
-                lun: pdu::lun_to_wire(lun),
-                itt,
-                referenced_task_tag: referenced,
-                cmd_sn: st.cmd_sn,
-                exp_stat_sn: conn.1,
-                ref_cmd_sn,
-                exp_data_sn: 0,
-            })
-        })?;
+        let rx = self
+            .inner
+            .send_tmf(on, function, wire_lun, referenced, ref_cmd_sn)?;
         let t = self.inner.opts.command_timeout;
         match tokio::time::timeout(t, rx).await {
             Ok(Ok(r)) => Ok(r),
@@ -588,7 +659,7 @@ impl Session {
             data_out,
             expected_in,
         });
-        let itt = {
+        let seq = {
             let mut st = self.inner.lock();
             if let Some(reason) = &st.closed {
                 return Err(Error::SessionClosed(reason.clone()));
@@ -609,7 +680,7 @@ impl Session {
             );
             st.queue.push_back(itt);
             self.inner.pump(&mut st);
-            itt
+            seq
         };
         let mut deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -627,26 +698,29 @@ impl Session {
                     deadline = tokio::time::Instant::now() + timeout;
                     continue;
                 }
-                match st.pending.get(&itt) {
-                    Some(Pending::Scsi(t)) => {
-                        let sent = t.sent;
-                        st.pending.remove(&itt);
-                        st.queue.retain(|q| *q != itt);
-                        sent
-                    }
+                // A connection reinstatement gives a command a new ITT.
+                let Some(itt) = st.itt_of(seq) else {
                     // Completed just now.
-                    _ => continue,
-                }
+                    continue;
+                };
+                let sent = match st.pending.remove(&itt) {
+                    Some(Pending::Scsi(t)) => t.sent,
+                    _ => None,
+                };
+                st.queue.retain(|q| *q != itt);
+                sent.map(|(conn, cmd_sn)| (itt, conn, cmd_sn))
             };
-            if let Some((_, cmd_sn)) = sent {
+            if let Some((itt, conn, cmd_sn)) = sent {
                 tracing::warn!(itt, "command timed out; aborting it");
                 let s = self.clone();
                 tokio::spawn(async move {
-                    match s.abort_task(lun, itt, cmd_sn).await {
+                    match s.abort_task(lun, itt, cmd_sn, conn).await {
                         Ok(_) => {}
                         Err(Error::Timeout { .. }) => {
-                            // The target answers nothing: replace the session.
-                            s.inner.fail_all_connections(
+                            // Its connection answers nothing: replace it
+                            // (or the session, if it was the last one).
+                            s.inner.connection_failed(
+                                Some(conn),
                                 "the target did not answer an ABORT TASK".into(),
                             );
                         }
@@ -733,8 +807,21 @@ impl Inner {
                 self.close(reason);
                 return;
             }
+            if let Some(k) = id.and_then(|id| st.conn_index(id)) {
+                if st.params.max_connections > 1 && st.conns.len() > 1 {
+                    let gone = st.conns.remove(k);
+                    let job = self.orphan_connection(&mut st, &gone, &reason);
+                    drop(st);
+                    drop(gone);
+                    let me = Arc::clone(self);
+                    tokio::spawn(async move { me.reinstate_connection(job).await });
+                    return;
+                }
+            }
             tracing::warn!(%reason, "connection lost; reinstating the session");
             st.recovering = true;
+            st.epoch = st.epoch.wrapping_add(1);
+            st.reinstating.clear();
             // ERL 0: the old session's tasks are gone with it. Non-SCSI
             // waiters fail (their channels close); SCSI commands are
             // requeued in submission order for the replacement.
@@ -757,6 +844,214 @@ impl Inner {
 
     fn fail_all_connections(self: &Arc<Self>, reason: String) {
         self.connection_failed(None, reason);
+    }
+
+    /// Takes the work of a failed connection (already out of `st.conns`)
+    /// away from it while the others carry on: its immediate requests'
+    /// waiters fail, and its SCSI commands go back to the head of the queue
+    /// as new tasks (new ITT, a fresh CmdSN when they go out, RFC 7143
+    /// §6.3.4 at ERL 0), at most `max_reissues` times each.
+    fn orphan_connection(&self, st: &mut State, gone: &Conn, reason: &str) -> ConnJob {
+        tracing::warn!(cid = gone.cid, %reason, "connection lost; reinstating the connection");
+        st.pending.retain(|_, p| p.immediate_on() != Some(gone.id));
+        let mut lost: Vec<(u64, u32)> = st
+            .pending
+            .iter()
+            .filter_map(|(itt, p)| match p {
+                Pending::Scsi(t) if t.sent.is_some_and(|(c, _)| c == gone.id) => {
+                    Some((t.seq, *itt))
+                }
+                _ => None,
+            })
+            .collect();
+        lost.sort_unstable();
+        let max = self.opts.max_reissues;
+        let mut orphans = Vec::new();
+        let mut requeue = Vec::new();
+        for (_, old) in lost {
+            let Some(Pending::Scsi(mut t)) = st.pending.remove(&old) else {
+                continue;
+            };
+            if let Some((_, cmd_sn)) = t.sent.take() {
+                orphans.push(Orphan {
+                    wire_lun: t.req.lun,
+                    itt: old,
+                    cmd_sn,
+                });
+            }
+            t.reissues += 1;
+            if t.reissues > max {
+                let _ = t.done.send(Err(Error::SessionClosed(format!(
+                    "command reissued {max} times after reconnects; giving up"
+                ))));
+                continue;
+            }
+            t.data_in = DataInBuffer::new(t.req.expected_in);
+            let itt = st.alloc_itt();
+            st.pending.insert(itt, Pending::Scsi(t));
+            requeue.push(itt);
+        }
+        tracing::debug!(
+            cid = gone.cid,
+            reissued = requeue.len(),
+            "commands of the lost connection requeued"
+        );
+        for itt in requeue.into_iter().rev() {
+            st.queue.push_front(itt);
+        }
+        st.reinstating.push(gone.cid);
+        self.pump(st);
+        ConnJob {
+            cid: gone.cid,
+            exp_stat_sn: gone.exp_stat_sn,
+            epoch: st.epoch,
+            orphans,
+        }
+    }
+
+    /// Connection reinstatement (RFC 7143 §6.3.4): logs in a connection
+    /// with the session's TSIH and the lost connection's CID, so the target
+    /// logs the old one out and ends its tasks. A refusal (status class 2
+    /// or 3) falls back to session reinstatement; a target that cannot be
+    /// reached is retried with backoff until `replacement_timeout`, then
+    /// the session goes on with fewer connections.
+    async fn reinstate_connection(self: Arc<Self>, mut job: ConnJob) {
+        let started = Instant::now();
+        let limit = self.opts.replacement_timeout;
+        let mut delay = Duration::from_millis(100);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let (cfg, portal) = {
+                let st = self.lock();
+                if st.closed.is_some() || st.epoch != job.epoch {
+                    return;
+                }
+                let mut cfg = self.login.clone();
+                cfg.tsih = st.tsih;
+                cfg.cid = job.cid;
+                cfg.cmd_sn = st.cmd_sn;
+                cfg.exp_stat_sn = job.exp_stat_sn;
+                (cfg, st.portal.clone())
+            };
+            let result = conn::login(&portal, &cfg, self.opts.login_timeout).await;
+            // The old connection is logged out now (or the target is not
+            // there to care): its commands may be aborted elsewhere.
+            let orphans = std::mem::take(&mut job.orphans);
+            if !orphans.is_empty() {
+                self.abort_orphans(orphans);
+            }
+            let last = match result {
+                Ok(c) => {
+                    let mut st = self.lock();
+                    if st.closed.is_some() || st.epoch != job.epoch {
+                        // The session was reinstated meanwhile; this login
+                        // belongs to the old one and goes with `c`.
+                        return;
+                    }
+                    st.reinstating.retain(|x| *x != job.cid);
+                    st.add_conn(c, &self);
+                    st.conn_reinstatements += 1;
+                    tracing::info!(
+                        cid = job.cid,
+                        attempt,
+                        tsih = st.tsih,
+                        connections = st.conns.len(),
+                        "connection reinstated"
+                    );
+                    self.pump(&mut st);
+                    return;
+                }
+                Err(Error::Login(LoginError::Refused { class, detail })) => {
+                    tracing::warn!(
+                        cid = job.cid,
+                        class,
+                        detail,
+                        "connection reinstatement refused; reinstating the session"
+                    );
+                    let current = {
+                        let mut st = self.lock();
+                        st.reinstating.retain(|x| *x != job.cid);
+                        st.epoch == job.epoch
+                    };
+                    if current {
+                        self.fail_all_connections(format!(
+                            "the target refused to reinstate connection {} (status {class:#04x}/{detail:#04x})",
+                            job.cid
+                        ));
+                    }
+                    return;
+                }
+                Err(e) => e.to_string(),
+            };
+            tracing::debug!(cid = job.cid, attempt, error = %last, "connection reinstatement failed");
+            if started.elapsed() + delay > limit || attempt >= MAX_RECONNECT_ATTEMPTS {
+                tracing::warn!(
+                    cid = job.cid,
+                    error = %last,
+                    "could not reinstate the connection; continuing with fewer"
+                );
+                self.lock().reinstating.retain(|x| *x != job.cid);
+                return;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// ABORT TASK, on a live connection, for every command the lost
+    /// connection carried: one the target never received has its CmdSN
+    /// counted as received (RFC 7143 §11.5.1), so the commands behind it
+    /// on other connections are not held up by the hole; one the target
+    /// holds waiting for its turn is dropped rather than run late.
+    fn abort_orphans(&self, orphans: Vec<Orphan>) {
+        let mut waits = Vec::new();
+        for o in &orphans {
+            match self.send_tmf(None, tmf::ABORT_TASK, o.wire_lun, o.itt, o.cmd_sn) {
+                Ok(rx) => waits.push((o.itt, rx)),
+                Err(e) => {
+                    tracing::debug!(itt = o.itt, error = %e, "could not abort a lost command");
+                    return;
+                }
+            }
+        }
+        let t = self.opts.command_timeout;
+        tokio::spawn(async move {
+            for (itt, rx) in waits {
+                match tokio::time::timeout(t, rx).await {
+                    Ok(Ok(r)) => tracing::debug!(itt, response = r, "lost command aborted"),
+                    _ => tracing::debug!(itt, "no answer to the ABORT TASK of a lost command"),
+                }
+            }
+        });
+    }
+
+    /// Sends a task management request as an immediate PDU and returns
+    /// where its response will arrive.
+    fn send_tmf(
+        &self,
+        on: Option<u64>,
+        function: u8,
+        wire_lun: u64,
+        referenced: u32,
+        ref_cmd_sn: u32,
+    ) -> Result<oneshot::Receiver<u8>, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.send_immediate(on, |st, itt, conn| {
+            st.pending.insert(itt, Pending::Tmf(tx, conn.2));
+            Header::TaskMgmtRequest(TaskMgmtRequest {
+                immediate: true,
+                function,
+                lun: wire_lun,
+                itt,
+                referenced_task_tag: referenced,
+                cmd_sn: st.cmd_sn,
+                exp_stat_sn: conn.1,
+                ref_cmd_sn,
+                exp_data_sn: 0,
+            })
+        })?;
+        Ok(rx)
     }
 
     /// Logs in a replacement session (same ISID, TSIH 0) with backoff until
@@ -835,16 +1130,18 @@ impl Inner {
     /// first connection; `build` gets (CID, ExpStatSN) of it.
     fn send_immediate(
         &self,
-        build: impl FnOnce(&mut State, u32, (u16, u32)) -> Header,
+        on: Option<u64>,
+        build: impl FnOnce(&mut State, u32, (u16, u32, u64)) -> Header,
     ) -> Result<(), Error> {
         let mut st = self.lock();
         if let Some(reason) = &st.closed {
             return Err(Error::SessionClosed(reason.clone()));
         }
-        let Some(c) = st.conns.first() else {
+        let chosen = on.and_then(|id| st.conn_index(id)).unwrap_or(0);
+        let Some(c) = st.conns.get(chosen) else {
             return Err(Error::SessionClosed("reconnecting".into()));
         };
-        let conn = (c.cid, c.exp_stat_sn);
+        let conn = (c.cid, c.exp_stat_sn, c.id);
         let out = c.out.clone();
         let itt = st.alloc_itt();
         let h = build(&mut st, itt, conn);
@@ -1010,7 +1307,7 @@ impl Inner {
             Header::NopIn(h) => {
                 if h.itt != RESERVED_TAG {
                     st.saw_stat_sn(k, h.stat_sn);
-                    if let Some(Pending::Nop(tx)) = st.pending.remove(&h.itt) {
+                    if let Some(Pending::Nop(tx, _)) = take_immediate(&mut st, h.itt) {
                         let _ = tx.send(());
                     }
                 }
@@ -1032,13 +1329,13 @@ impl Inner {
             }
             Header::TaskMgmtResponse(h) => {
                 st.saw_stat_sn(k, h.stat_sn);
-                if let Some(Pending::Tmf(tx)) = st.pending.remove(&h.itt) {
+                if let Some(Pending::Tmf(tx, _)) = take_immediate(&mut st, h.itt) {
                     let _ = tx.send(h.response);
                 }
             }
             Header::LogoutResponse(h) => {
                 st.saw_stat_sn(k, h.stat_sn);
-                if let Some(Pending::Logout(tx)) = st.pending.remove(&h.itt) {
+                if let Some(Pending::Logout(tx, _)) = take_immediate(&mut st, h.itt) {
                     let _ = tx.send(h.response);
                 }
             }
@@ -1087,6 +1384,15 @@ fn window_of(h: &Header) -> Option<(u32, u32)> {
         Header::Reject(h) => (h.exp_cmd_sn, h.max_cmd_sn),
         _ => return None,
     })
+}
+
+/// Takes the waiter of an answer to an immediate request; a SCSI task that
+/// happens to hold the ITT stays.
+fn take_immediate(st: &mut State, itt: u32) -> Option<Pending> {
+    match st.pending.get(&itt) {
+        Some(p) if p.immediate_on().is_some() => st.pending.remove(&itt),
+        _ => None,
+    }
 }
 
 fn take_scsi(st: &mut State, itt: u32) -> Option<Pending> {
@@ -1154,8 +1460,10 @@ fn scsi_result(
     })
 }
 
-/// Pings the target every `nop_interval`; an unanswered ping replaces the
-/// session. Ends with the session.
+/// Pings the target on every connection every `nop_interval`; a
+/// connection whose ping goes unanswered is replaced (connection
+/// reinstatement, or the session's when it was the last). Ends with the
+/// session.
 async fn keepalive(inner: Weak<Inner>) {
     loop {
         let Some(interval) = inner.upgrade().map(|i| i.opts.nop_interval) else {
@@ -1173,10 +1481,19 @@ async fn keepalive(inner: Weak<Inner>) {
         if recovering {
             continue;
         }
+        let ids: Vec<u64> = i.lock().conns.iter().map(|c| c.id).collect();
         let s = Session { inner: i };
-        if let Err(Error::Timeout { .. }) = s.ping_within(s.inner.opts.nop_timeout).await {
-            s.inner
-                .fail_all_connections("the target did not answer a NOP-Out ping".into());
+        let t = s.inner.opts.nop_timeout;
+        let mut pings = JoinSet::new();
+        for id in ids {
+            let s = s.clone();
+            pings.spawn(async move { (id, s.ping_on(Some(id), t).await) });
+        }
+        while let Some(done) = pings.join_next().await {
+            if let Ok((id, Err(Error::Timeout { .. }))) = done {
+                s.inner
+                    .connection_failed(Some(id), "the target did not answer a NOP-Out ping".into());
+            }
         }
     }
 }
