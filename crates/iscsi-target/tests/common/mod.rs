@@ -683,7 +683,27 @@ impl Client {
     pub async fn ping(&mut self) {
         let (itt, pdu) = self.nop_out(b"ping");
         self.send(&pdu).await;
-        let p = self.recv().await;
+        let mut p = self.recv().await;
+        // The target may ping an idle connection at the same moment: answer
+        // its NOP-In (reserved ITT) and keep waiting for our echo.
+        while let Header::NopIn(h) = &p.header {
+            if h.itt != RESERVED_TAG {
+                break;
+            }
+            let answer = Pdu::new(
+                Header::NopOut(NopOut {
+                    immediate: true,
+                    itt: RESERVED_TAG,
+                    ttt: h.ttt,
+                    cmd_sn: self.cmd_sn,
+                    exp_stat_sn: self.exp_stat_sn,
+                    ..Default::default()
+                }),
+                Bytes::new(),
+            );
+            self.send(&answer).await;
+            p = self.recv().await;
+        }
         match p.header {
             Header::NopIn(h) => {
                 assert_eq!(h.itt, itt);
