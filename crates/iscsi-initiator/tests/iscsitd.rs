@@ -7,8 +7,6 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -228,23 +226,8 @@ async fn daemon_restart_mid_write_reconnects_and_the_copy_completes() {
     let lun = s.lun(0);
     assert_eq!(lun.read_capacity().await.unwrap().bytes(), FILE_LU_BYTES);
     let data = Bytes::from(random_bytes(FILE_LU_BYTES as usize, 11));
-    let progress = Arc::new(AtomicU64::new(0));
-    let writer = {
-        let (lun, data, progress) = (lun.clone(), data.clone(), Arc::clone(&progress));
-        tokio::spawn(async move {
-            let step = 1usize << 20;
-            for at in (0..data.len()).step_by(step) {
-                lun.write((at / 512) as u64, data.slice(at..at + step))
-                    .await?;
-                progress.store((at + step) as u64, Ordering::SeqCst);
-            }
-            Ok::<(), iscsi_initiator::Error>(())
-        })
-    };
+    let writer = common::write_in_background(&lun, data.clone()).await;
     // Kill the daemon a quarter of the way through the copy.
-    while progress.load(Ordering::SeqCst) < FILE_LU_BYTES / 4 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
     tokio::task::block_in_place(|| d.restart());
     writer.await.unwrap().unwrap();
     assert!(s.reconnects() >= 1, "no reconnect happened");
@@ -315,22 +298,7 @@ async fn mcs_session_survives_a_killed_connection_mid_write() {
     let lun = s.lun(0);
     let len = 32usize << 20;
     let data = Bytes::from(random_bytes(len, 13));
-    let progress = Arc::new(AtomicU64::new(0));
-    let writer = {
-        let (lun, data, progress) = (lun.clone(), data.clone(), Arc::clone(&progress));
-        tokio::spawn(async move {
-            let step = 1usize << 20;
-            for at in (0..len).step_by(step) {
-                lun.write((at / 512) as u64, data.slice(at..at + step))
-                    .await?;
-                progress.store((at + step) as u64, Ordering::SeqCst);
-            }
-            Ok::<(), iscsi_initiator::Error>(())
-        })
-    };
-    while progress.load(Ordering::SeqCst) < len as u64 / 4 {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let writer = common::write_in_background(&lun, data.clone()).await;
     // Our side of one connection: its local port is the target's peer port.
     let listing = Command::new("ss")
         .args([

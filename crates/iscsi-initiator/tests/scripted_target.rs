@@ -11,10 +11,11 @@ use idm::login::{
 use idm::tcp::{TcpRx, TcpTransport, TcpTx};
 use idm::transport::{PduRx, PduTx, Transport};
 use iscsi_initiator::portal::Portal;
+use iscsi_initiator::session::Reply;
 use iscsi_initiator::{Error, Session, SessionOptions};
 use iscsi_proto::negotiation::Policy;
 use iscsi_proto::pdu::{
-    tmf, DataIn, Header, NopIn, Pdu, ScsiResponse, TaskMgmtResponse, RESERVED_TAG,
+    tmf, DataIn, Header, NopIn, Pdu, ScsiCommand, ScsiResponse, TaskMgmtResponse, RESERVED_TAG,
 };
 use tokio::net::TcpListener;
 
@@ -94,6 +95,41 @@ fn good(itt: u32, stat_sn: u32, exp: u32, max: u32) -> Pdu {
     )
 }
 
+const TEST_UNIT_READY: [u8; 6] = [0; 6];
+/// READ(10) of LBA 0, one block.
+const READ_ONE_BLOCK: [u8; 10] = [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+
+/// Starts `cdb` on LUN 0 and returns the pending call with the SCSI
+/// Command the target received for it.
+async fn issue(
+    s: &Session,
+    rx: &mut TcpRx,
+    cdb: &'static [u8],
+    expected_in_len: u32,
+) -> (tokio::task::JoinHandle<Result<Reply, Error>>, ScsiCommand) {
+    let lun = s.lun(0);
+    let call = tokio::spawn(async move { lun.execute(cdb, None, expected_in_len).await });
+    let pdu = recv(rx).await;
+    let Header::ScsiCommand(c) = pdu.header else {
+        panic!("expected a command")
+    };
+    (call, c)
+}
+
+/// `h` as the final Data-In of its command, with status, carrying 512
+/// zero bytes.
+fn last_data_in(h: DataIn) -> Pdu {
+    Pdu::new(
+        Header::DataIn(DataIn {
+            final_: true,
+            status_present: true,
+            ttt: RESERVED_TAG,
+            ..h
+        }),
+        Bytes::from(vec![0u8; 512]),
+    )
+}
+
 #[tokio::test]
 async fn cmd_sn_window_is_respected_until_max_cmd_sn_opens() {
     let (target, s) = setup(1, Duration::from_secs(5)).await;
@@ -149,12 +185,7 @@ async fn target_nop_in_ping_is_echoed() {
 async fn command_timeout_fails_the_command_and_aborts_it() {
     let (target, s) = setup(8, Duration::from_millis(300)).await;
     let (mut rx, mut tx) = target.await.unwrap();
-    let lun = s.lun(0);
-    let call = tokio::spawn(async move { lun.execute(&[0, 0, 0, 0, 0, 0], None, 0).await });
-    let pdu = recv(&mut rx).await;
-    let Header::ScsiCommand(c) = &pdu.header else {
-        panic!("expected a command")
-    };
+    let (call, c) = issue(&s, &mut rx, &TEST_UNIT_READY, 0).await;
     let err = call.await.unwrap().unwrap_err();
     assert!(matches!(err, Error::Timeout { .. }), "{err}");
     let pdu = recv(&mut rx).await;
@@ -175,12 +206,7 @@ async fn command_timeout_fails_the_command_and_aborts_it() {
     );
     tx.send(&[resp]).await.unwrap();
     // The session is still usable.
-    let lun = s.lun(0);
-    let call = tokio::spawn(async move { lun.execute(&[0, 0, 0, 0, 0, 0], None, 0).await });
-    let pdu = recv(&mut rx).await;
-    let Header::ScsiCommand(c) = &pdu.header else {
-        panic!("expected a command")
-    };
+    let (call, c) = issue(&s, &mut rx, &TEST_UNIT_READY, 0).await;
     tx.send(&[good(c.itt, 2, 3, 10)]).await.unwrap();
     call.await.unwrap().unwrap();
 }
@@ -189,56 +215,28 @@ async fn command_timeout_fails_the_command_and_aborts_it() {
 async fn data_in_with_a_data_sn_gap_fails_only_that_command() {
     let (target, s) = setup(8, Duration::from_secs(5)).await;
     let (mut rx, mut tx) = target.await.unwrap();
-    let lun = s.lun(0);
-    let call = tokio::spawn(async move {
-        lun.execute(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], None, 512)
-            .await
+    let (call, c) = issue(&s, &mut rx, &READ_ONE_BLOCK, 512).await;
+    let bad = last_data_in(DataIn {
+        itt: c.itt,
+        stat_sn: 1,
+        exp_cmd_sn: 2,
+        max_cmd_sn: 9,
+        data_sn: 1,
+        ..Default::default()
     });
-    let pdu = recv(&mut rx).await;
-    let Header::ScsiCommand(c) = &pdu.header else {
-        panic!("expected a command")
-    };
-    let bad = Pdu::new(
-        Header::DataIn(DataIn {
-            final_: true,
-            status_present: true,
-            itt: c.itt,
-            ttt: RESERVED_TAG,
-            stat_sn: 1,
-            exp_cmd_sn: 2,
-            max_cmd_sn: 9,
-            data_sn: 1,
-            ..Default::default()
-        }),
-        Bytes::from(vec![0u8; 512]),
-    );
     tx.send(&[bad]).await.unwrap();
     let err = call.await.unwrap().unwrap_err();
     assert!(err.to_string().contains("DataSN"), "{err}");
     // A Data-In past the buffer fails the next one the same way, no panic.
-    let lun = s.lun(0);
-    let call = tokio::spawn(async move {
-        lun.execute(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], None, 512)
-            .await
+    let (call, c) = issue(&s, &mut rx, &READ_ONE_BLOCK, 512).await;
+    let over = last_data_in(DataIn {
+        itt: c.itt,
+        stat_sn: 2,
+        exp_cmd_sn: 3,
+        max_cmd_sn: 10,
+        buffer_offset: 256,
+        ..Default::default()
     });
-    let pdu = recv(&mut rx).await;
-    let Header::ScsiCommand(c) = &pdu.header else {
-        panic!("expected a command")
-    };
-    let over = Pdu::new(
-        Header::DataIn(DataIn {
-            final_: true,
-            status_present: true,
-            itt: c.itt,
-            ttt: RESERVED_TAG,
-            stat_sn: 2,
-            exp_cmd_sn: 3,
-            max_cmd_sn: 10,
-            buffer_offset: 256,
-            ..Default::default()
-        }),
-        Bytes::from(vec![0u8; 512]),
-    );
     tx.send(&[over]).await.unwrap();
     let err = call.await.unwrap().unwrap_err();
     assert!(err.to_string().contains("beyond"), "{err}");

@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -234,22 +232,7 @@ async fn killed_connection_mid_write_is_recovered() {
     let lun = s.lun(1);
     let len = 32usize << 20;
     let data = Bytes::from(random_bytes(len, 0x5eed));
-    let progress = Arc::new(AtomicUsize::new(0));
-    let writer = {
-        let (lun, data, progress) = (lun.clone(), data.clone(), Arc::clone(&progress));
-        tokio::spawn(async move {
-            let step = 1usize << 20;
-            for at in (0..len).step_by(step) {
-                lun.write((at / 512) as u64, data.slice(at..at + step))
-                    .await?;
-                progress.store(at + step, Ordering::SeqCst);
-            }
-            Ok::<(), Error>(())
-        })
-    };
-    while progress.load(Ordering::SeqCst) < len / 4 {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let writer = common::write_in_background(&lun, data.clone()).await;
     let filter = format!("sport = :{}", t.port);
     let killed = std::process::Command::new("ss")
         .args(["-K", "-t", &filter])

@@ -7,9 +7,13 @@
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use iscsi_initiator::{Error, Lun};
+use tokio::task::JoinHandle;
 
 pub const IQN: &str = "iqn.2026-11.dev.ironstar.test:tgt";
 pub const INITIATOR: &str = "iqn.2026-11.dev.ironstar.test:initiator";
@@ -134,26 +138,7 @@ impl Tgt {
             name,
         ]);
         self.tids.push(tid);
-        let file = PathBuf::from(format!(
-            "/dev/shm/ironstar-ini-{}-{}-{tid}.img",
-            std::process::id(),
-            self.port
-        ));
-        let f = std::fs::File::create(&file).expect("create backing file");
-        f.set_len(LU_BYTES).expect("size backing file");
-        self.files.push(file.clone());
-        self.adm(&[
-            "--mode",
-            "logicalunit",
-            "--op",
-            "new",
-            "--tid",
-            &tid_s,
-            "--lun",
-            "1",
-            "--backing-store",
-            file.to_str().expect("utf-8 path"),
-        ]);
+        self.add_lun(tid, 1);
         self.adm(&[
             "--mode",
             "target",
@@ -302,4 +287,28 @@ pub fn checksum(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+/// Writes `data` to `lun` from LBA 0 in 1 MiB commands on a task of its
+/// own, and returns once a quarter of it is written, so that the caller can
+/// break a connection mid-write. The task ends with the write's outcome.
+pub async fn write_in_background(lun: &Lun, data: Bytes) -> JoinHandle<Result<(), Error>> {
+    let len = data.len();
+    let progress = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (lun, progress) = (lun.clone(), Arc::clone(&progress));
+        tokio::spawn(async move {
+            let step = 1usize << 20;
+            for at in (0..len).step_by(step) {
+                lun.write((at / 512) as u64, data.slice(at..at + step))
+                    .await?;
+                progress.store(at + step, Ordering::SeqCst);
+            }
+            Ok(())
+        })
+    };
+    while progress.load(Ordering::SeqCst) < len / 4 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    writer
 }
