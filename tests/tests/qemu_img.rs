@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::io::Read;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -13,6 +14,41 @@ use ironstar_interop::{peers, MIB};
 
 const T: Duration = Duration::from_secs(180);
 
+/// Writes `size` random bytes to `path` and returns them.
+fn random_image(path: &Path, size: u64) -> Vec<u8> {
+    let mut data = vec![0u8; usize::try_from(size).unwrap()];
+    fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut data)
+        .unwrap();
+    fs::write(path, &data).unwrap();
+    data
+}
+
+/// Copies the raw image `src` onto the LU at `lu` (an iscsi:// URL or a
+/// json: spec). -n: the LU exists already; qemu must not try to create it.
+fn convert_onto_lu(src: &Path, lu: &str) {
+    run(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(src)
+            .arg(lu),
+        T,
+    )
+    .assert_success();
+}
+
+/// Copies the LU at `lu` into a new raw image `dst`.
+fn convert_from_lu(lu: &str, dst: &Path) {
+    run(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", lu])
+            .arg(dst),
+        T,
+    )
+    .assert_success();
+}
+
 #[test]
 fn convert_random_image_in_and_back_then_compare() {
     if !peers::require_qemu_iscsi() {
@@ -22,13 +58,7 @@ fn convert_random_image_in_and_back_then_compare() {
     let mut d = Daemon::start(&Config::single_memory_lu(size));
     let src = d.scratch().join("src.img");
     let back = d.scratch().join("back.img");
-    let mut data = vec![0u8; usize::try_from(size).unwrap()];
-    fs::File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut data)
-        .unwrap();
-    fs::write(&src, &data).unwrap();
-    drop(data);
+    random_image(&src, size);
     let url = d.lun_url(0);
 
     let info = run(
@@ -41,22 +71,8 @@ fn convert_random_image_in_and_back_then_compare() {
         "qemu-img sees the wrong size:\n{info}"
     );
 
-    // -n: the LU exists already; qemu must not try to create it.
-    run(
-        Command::new("qemu-img")
-            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-            .arg(&src)
-            .arg(&url),
-        T,
-    )
-    .assert_success();
-    run(
-        Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "raw", &url])
-            .arg(&back),
-        T,
-    )
-    .assert_success();
+    convert_onto_lu(&src, &url);
+    convert_from_lu(&url, &back);
     assert_eq!(fs::metadata(&back).unwrap().len(), size);
     // -s: strict, sizes must match too.
     run(
@@ -108,12 +124,7 @@ fn header_digest_crc32c_session_reads_back_what_was_written() {
     let mut d = Daemon::start(&Config::single_memory_lu(size));
     let src = d.scratch().join("src.img");
     let back = d.scratch().join("back.img");
-    let mut data = vec![0u8; usize::try_from(size).unwrap()];
-    fs::File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut data)
-        .unwrap();
-    fs::write(&src, &data).unwrap();
+    let data = random_image(&src, size);
     let addr = d.addr();
     let json = format!(
         r#"json:{{"driver":"raw","file":{{"driver":"iscsi","transport":"tcp","portal":"{}:{}","target":"{}","lun":{},"header-digest":"crc32c"}}}}"#,
@@ -122,21 +133,8 @@ fn header_digest_crc32c_session_reads_back_what_was_written() {
         ironstar_interop::TARGET_IQN,
         ironstar_interop::daemon::client_lun(0)
     );
-    run(
-        Command::new("qemu-img")
-            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-            .arg(&src)
-            .arg(&json),
-        T,
-    )
-    .assert_success();
-    run(
-        Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "raw", &json])
-            .arg(&back),
-        T,
-    )
-    .assert_success();
+    convert_onto_lu(&src, &json);
+    convert_from_lu(&json, &back);
     assert!(
         fs::read(&back).unwrap() == data,
         "data differs after the round trip"
@@ -162,20 +160,8 @@ fn file_backed_lu_stores_what_the_initiator_wrote() {
     cfg.targets[0].luns[0].backend = ironstar_interop::config::Backend::File { path: path.clone() };
     let mut d = Daemon::start(&cfg);
     let src = d.scratch().join("src.img");
-    let mut data = vec![0u8; usize::try_from(size).unwrap()];
-    fs::File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut data)
-        .unwrap();
-    fs::write(&src, &data).unwrap();
-    run(
-        Command::new("qemu-img")
-            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-            .arg(&src)
-            .arg(d.lun_url(0)),
-        T,
-    )
-    .assert_success();
+    let data = random_image(&src, size);
+    convert_onto_lu(&src, &d.lun_url(0));
     d.assert_alive();
     drop(d);
     assert!(fs::read(&path).unwrap() == data, "the backing file differs");
