@@ -162,12 +162,14 @@ mod tests {
     use iscsi_proto::pdu::RESERVED_TAG;
     use iscsi_proto::text;
 
-    fn resp(final_: bool, cont: bool, ttt: u32) -> TextResponse {
+    /// The last Text Response of exchange ITT 1; with `cont` a bad one
+    /// (F and C both set).
+    fn last(cont: bool) -> TextResponse {
         TextResponse {
-            final_,
+            final_: true,
             cont,
             itt: 1,
-            ttt,
+            ttt: RESERVED_TAG,
             ..Default::default()
         }
     }
@@ -195,15 +197,10 @@ mod tests {
     #[test]
     fn finished_answer_is_read_into_targets() {
         let mut st = SendTargets::new(1);
-        assert_eq!(&st.request(5, 6).data[..], b"SendTargets=All\0");
-        let step = st
-            .handle(
-                &resp(true, false, RESERVED_TAG),
-                b"TargetName=iqn.a:long\0TargetAddress=[::1]:3260,1\0",
-            )
-            .unwrap();
-        let SendTargetsStep::Done(t) = step else {
-            panic!()
+        st.request(5, 6);
+        let answer = b"TargetName=iqn.a:long\0TargetAddress=[::1]:3260,1\0";
+        let Ok(SendTargetsStep::Done(t)) = st.handle(&last(false), answer) else {
+            panic!("a finished answer is Done")
         };
         assert_eq!(t[0].name, "iqn.a:long");
         assert_eq!(t[0].portals, vec![(Portal::new("::1", 3260), Some(1))]);
@@ -218,7 +215,7 @@ mod tests {
         ));
         let mut st = SendTargets::new(1);
         assert!(matches!(
-            st.handle(&resp(true, true, 1), b""),
+            st.handle(&last(true), b""),
             Err(Error::Protocol(_))
         ));
     }
