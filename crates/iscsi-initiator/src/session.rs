@@ -239,6 +239,8 @@ struct State {
     /// CIDs whose connection is being reinstated.
     reinstating: Vec<u16>,
     conn_reinstatements: u64,
+    /// Commands put on the wire again after their connection failed.
+    reissued: u64,
     /// A Logout Request went out: a connection closing is expected.
     logging_out: bool,
     /// Why the session ended for good, once it has.
@@ -434,6 +436,7 @@ impl Session {
             epoch: 0,
             reinstating: Vec::new(),
             conn_reinstatements: 0,
+            reissued: 0,
             logging_out: false,
             closed: None,
         };
@@ -479,6 +482,12 @@ impl Session {
     /// connection reinstatement (MC/S), the session living on.
     pub fn connection_reinstatements(&self) -> u64 {
         self.inner.lock().conn_reinstatements
+    }
+
+    /// How many commands were reissued because their connection (or the
+    /// whole session) failed before they completed.
+    pub fn reissued_commands(&self) -> u64 {
+        self.inner.lock().reissued
     }
 
     /// Each live connection's CID and how many SCSI commands it carried.
@@ -889,6 +898,7 @@ impl Inner {
             t.data_in = DataInBuffer::new(t.req.expected_in);
             let itt = st.alloc_itt();
             st.pending.insert(itt, Pending::Scsi(t));
+            st.reissued += 1;
             requeue.push(itt);
         }
         tracing::debug!(
@@ -1078,15 +1088,19 @@ impl Inner {
                     let max = self.opts.max_reissues;
                     let queued: Vec<u32> = st.queue.iter().copied().collect();
                     for itt in queued {
+                        let mut was_sent = false;
                         let give_up = match st.pending.get_mut(&itt) {
                             Some(Pending::Scsi(t)) => {
-                                t.sent = None;
+                                was_sent = t.sent.take().is_some();
                                 t.data_in = DataInBuffer::new(t.req.expected_in);
                                 t.reissues += 1;
                                 t.reissues > max
                             }
                             _ => false,
                         };
+                        if was_sent && !give_up {
+                            st.reissued += 1;
+                        }
                         if give_up {
                             st.queue.retain(|q| *q != itt);
                             fail_task(
