@@ -77,7 +77,19 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
     let Some(session) = authority.bound.lock().ok().and_then(|mut b| b.take()) else {
         return;
     };
-    let params = outcome.params.clone();
+    // Session-wide keys (burst lengths, InitialR2T, ImmediateData, ...) are
+    // negotiated on the leading connection only (RFC 7143 §13: LO keys); a
+    // connection joining the session takes them from the session and keeps
+    // its own connection-only keys (digests, MaxRecvDataSegmentLength).
+    let params = {
+        let own = &outcome.params;
+        let mut p = session.params.clone();
+        p.header_digest = own.header_digest;
+        p.data_digest = own.data_digest;
+        p.max_recv_data_segment_length = own.max_recv_data_segment_length;
+        p.max_xmit_data_segment_length = own.max_xmit_data_segment_length;
+        p
+    };
     rx.set_digests(params.header_digest, params.data_digest);
     tx.set_digests(params.header_digest, params.data_digest);
     rx.set_max_recv_data_segment_length(params.max_recv_data_segment_length);
