@@ -2,6 +2,8 @@
 //! against a scripted target: idm's own `TargetLogin` for the login, then a
 //! script that answers (or withholds) PDUs over a real loopback socket.
 
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -241,4 +243,137 @@ async fn data_in_with_a_data_sn_gap_fails_only_that_command() {
     let err = call.await.unwrap().unwrap_err();
     assert!(err.to_string().contains("beyond"), "{err}");
     assert!(s.closed_reason().is_none());
+}
+
+/// An MC/S target that hands out TSIH 3, 4, ... and refuses any login that
+/// would reinstate a connection (a CID it has seen in that session), as a
+/// target without connection reinstatement does.
+#[derive(Default)]
+struct NoConnectionReinstatement {
+    sessions: AtomicU16,
+    seen: Mutex<Vec<(u16, u16)>>,
+}
+
+impl LoginAuthority for NoConnectionReinstatement {
+    fn admit(&self, _who: &LoginIdentity) -> Result<Admission, (u8, u8)> {
+        Ok(Admission {
+            chap: None,
+            policy: Policy {
+                max_connections: 4,
+                ..Policy::default()
+            },
+        })
+    }
+    fn bind(&self, outcome: &LoginOutcome) -> Result<Binding, (u8, u8)> {
+        let who = &outcome.identity;
+        let tsih = match who.tsih {
+            0 => 3 + self.sessions.fetch_add(1, Ordering::SeqCst),
+            t => t,
+        };
+        let mut seen = self.seen.lock().unwrap();
+        if seen.contains(&(tsih, who.cid)) {
+            // 0x0208: cannot include in session.
+            return Err((2, 8));
+        }
+        seen.push((tsih, who.cid));
+        Ok(Binding {
+            tsih,
+            exp_cmd_sn: outcome.cmd_sn,
+            max_cmd_sn: outcome.cmd_sn.wrapping_add(7),
+        })
+    }
+}
+
+/// Logs in every connection that comes and hands the logged-in ones to the
+/// test as (TSIH, CID, halves); refused logins are reported as `None`.
+fn mcs_acceptor(
+    listener: TcpListener,
+    authority: Arc<NoConnectionReinstatement>,
+) -> tokio::sync::mpsc::UnboundedReceiver<Option<(u16, u16, TcpRx, TcpTx)>> {
+    let (out, logins) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else {
+                return;
+            };
+            let (mut rx, mut tx) = TcpTransport::new(sock).unwrap().into_split();
+            let (authority, out) = (authority.clone(), out.clone());
+            tokio::spawn(async move {
+                let mut login = TargetLogin::new(1);
+                loop {
+                    let Ok(Some(raw)) = rx.recv().await else {
+                        return;
+                    };
+                    let pdu = raw.parse().unwrap();
+                    let Header::LoginRequest(req) = &pdu.header else {
+                        return;
+                    };
+                    match login.handle(req, &pdu.data, authority.as_ref()) {
+                        LoginStep::Continue(p) => tx.send(&[p]).await.unwrap(),
+                        LoginStep::Complete(p, outcome) => {
+                            tx.send(&[p]).await.unwrap();
+                            // The outcome does not say; bind() just recorded it.
+                            let tsih = authority
+                                .seen
+                                .lock()
+                                .unwrap()
+                                .iter()
+                                .rev()
+                                .find(|(_, cid)| *cid == outcome.identity.cid)
+                                .map_or(0, |(t, _)| *t);
+                            let _ = out.send(Some((tsih, outcome.identity.cid, rx, tx)));
+                            return;
+                        }
+                        LoginStep::Fail(p, _) => {
+                            let _ = tx.send(&[p]).await;
+                            let _ = out.send(None);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    logins
+}
+
+#[tokio::test]
+async fn refused_connection_reinstatement_falls_back_to_session_reinstatement() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut logins = mcs_acceptor(listener, Default::default());
+    let mut o = SessionOptions::new("iqn.2026-11.dev.ironstar.test:ini");
+    o.connections = 2;
+    o.replacement_timeout = Duration::from_secs(10);
+    let s = Session::login(&Portal::new("127.0.0.1", port), IQN, o)
+        .await
+        .unwrap();
+    let (first, second) = (logins.recv().await.unwrap(), logins.recv().await.unwrap());
+    let (Some((3, 0, ..)), Some((3, 1, rx, tx))) = (&first, second) else {
+        panic!("expected CIDs 0 and 1 of TSIH 3");
+    };
+    assert_eq!(s.connection_commands().len(), 2);
+    // The target drops CID 1; the initiator tries to reinstate it, is
+    // refused, and reinstates the session instead.
+    drop((rx, tx));
+    assert!(logins.recv().await.unwrap().is_none(), "no refused login");
+    let mut again = Vec::new();
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let Some((tsih, cid, rx, tx)) = logins.recv().await.unwrap() else {
+            panic!("a login of the new session was refused");
+        };
+        again.push((tsih, cid));
+        open.push((rx, tx));
+    }
+    assert_eq!(again, [(4, 0), (4, 1)]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while s.connection_commands().len() < 2 || s.reconnects() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no recovery");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(s.reconnects(), 1);
+    assert_eq!(s.connection_reinstatements(), 0);
+    assert_eq!(s.tsih(), 4);
+    drop((first, open));
 }
