@@ -246,3 +246,29 @@ async fn killed_connection_mid_write_is_recovered() {
     eprintln!("reconnects: {}", s.reconnects());
     s.logout().await.unwrap();
 }
+
+/// Several sessions to several targets at once, each with its own I/O in
+/// flight at the same time, and a second session to the first target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_sessions_to_several_targets_at_once() {
+    let mut t = Tgt::start();
+    let second = format!("{IQN}-second");
+    t.add_target(1, IQN);
+    t.add_target(2, &second);
+    let p = portal(&t);
+    let a = Session::login(&p, IQN, opts()).await.unwrap();
+    let b = Session::login(&p, &second, opts()).await.unwrap();
+    let a2 = Session::login(&p, IQN, opts()).await.unwrap();
+    tokio::join!(
+        round_trip(&a, 4 << 20, 11),
+        round_trip(&b, 4 << 20, 22),
+        async {
+            let lun = a2.lun(1);
+            lun.test_unit_ready().await.ok();
+            lun.read_capacity().await.unwrap();
+        }
+    );
+    for s in [a, b, a2] {
+        s.logout().await.unwrap();
+    }
+}
