@@ -163,6 +163,11 @@ impl Daemon {
         panic!("iscsitd did not come up: {last_err}\nconfig was:\n{last_conf}");
     }
 
+    /// The daemon's process id (for reading its memory from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }

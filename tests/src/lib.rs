@@ -8,13 +8,15 @@
 //!   and show its log when the test failed;
 //! - [`command`]: run an external tool with a timeout and capture its output;
 //! - [`peers`]: find a peer tool, and decide whether its absence skips or fails a test;
-//! - [`cunit`]: read iscsi-test-cu's CUnit output into per-test outcomes.
+//! - [`cunit`]: read iscsi-test-cu's CUnit output into per-test outcomes;
+//! - [`raw`]: a raw-PDU client for the hostile-initiator tests.
 
 pub mod command;
 pub mod config;
 pub mod cunit;
 pub mod daemon;
 pub mod peers;
+pub mod raw;
 
 /// The IQN of the target the tests configure (the daemon's default one too).
 pub const TARGET_IQN: &str = "iqn.2026-11.dev.ironstar:target0";
