@@ -491,7 +491,7 @@ fn duplicate_itt_in_flight_keeps_the_session_working() {
 /// second task with the tag of one in flight must be refused — Reject, CHECK CONDITION with
 /// OVERLAPPED COMMANDS ATTEMPTED (ASC 0x4E), or the connection dropped — not executed.
 #[test]
-#[ignore = "bug: a READ reusing the ITT of a WRITE waiting for its Data-Out is executed (GOOD + data)"]
+
 fn duplicate_itt_is_refused() {
     let Some(s) = Scene::start() else { return };
     let mut c = RawConn::login(s.addr(), &hostile_iqn("dupitt2"), false);
@@ -763,7 +763,7 @@ fn text_negotiation_that_never_ends_is_bounded() {
 /// empty, non-final Text Response; the text is complete only with the last PDU, and a final
 /// response to a non-final request is a protocol error.
 #[test]
-#[ignore = "bug: a Text Request with C=1 is answered at once with F=1 and its partial text dropped"]
+
 fn text_request_continued_over_two_pdus_is_answered_once() {
     let Some(s) = Scene::start() else { return };
     let mut c = RawConn::login(s.addr(), &hostile_iqn("textsplit"), false);

@@ -143,6 +143,7 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
         next_ttt: 1,
         local,
         text_pending: None,
+        text_in: None,
         ping: None,
         closing: false,
         logout_session: false,
@@ -500,6 +501,9 @@ struct Conn {
     local: Option<SocketAddr>,
     /// A long text response being pulled by the initiator: (TTT, rest).
     text_pending: Option<(u32, Vec<u8>)>,
+    /// A Text Request the initiator is sending over several PDUs (C bit):
+    /// (the TTT we gave it, what came so far, capped).
+    text_in: Option<(u32, iscsi_proto::text::TextAccumulator)>,
     /// Our outstanding NOP-In ping: (TTT, sent at).
     ping: Option<(u32, Instant)>,
     closing: bool,
@@ -650,6 +654,15 @@ impl Conn {
         let (immediate, cmd_sn) = match &pdu.header {
             Header::ScsiCommand(h) => {
                 if discovery {
+                    self.reject(reject_reason::PROTOCOL_ERROR, &bhs);
+                    return;
+                }
+                // An ITT must be unique among the tasks in flight (RFC 7143
+                // §11.1.4 / SAM overlapped commands): refuse the newcomer.
+                let itt = h.itt;
+                if self.tasks.contains_key(&itt)
+                    || self.session.has_pending(|p| p.header.itt() == Some(itt))
+                {
                     self.reject(reject_reason::PROTOCOL_ERROR, &bhs);
                     return;
                 }
@@ -1107,13 +1120,47 @@ impl Conn {
 
     fn text(&mut self, h: TextRequest, data: Bytes) {
         let max = (self.params.max_xmit_data_segment_length as usize).max(512);
+        let mut bhs = [0u8; BHS_LEN];
+        Header::TextRequest(h.clone()).write_bhs(&mut bhs);
+        // A request continued over several PDUs (RFC 7143 §11.10.2): gather
+        // it, answering each part with an empty response that carries our TTT.
+        if h.cont || self.text_in.is_some() {
+            let (ttt, mut acc) = match self.text_in.take() {
+                Some((ttt, acc)) if ttt == h.ttt => (ttt, acc),
+                Some(_) => {
+                    self.reject(reject_reason::PROTOCOL_ERROR, &bhs);
+                    return;
+                }
+                None => (self.alloc_ttt(), iscsi_proto::text::TextAccumulator::new()),
+            };
+            match acc.push_raw(&data, h.cont) {
+                Err(_) => {
+                    // Beyond the cap: refuse rather than grow.
+                    self.reject(reject_reason::PROTOCOL_ERROR, &bhs);
+                }
+                Ok(None) => {
+                    self.text_in = Some((ttt, acc));
+                    self.send(vec![status_pdu(Pdu::new(
+                        Header::TextResponse(TextResponse {
+                            final_: false,
+                            cont: false,
+                            lun: h.lun,
+                            itt: h.itt,
+                            ttt,
+                            ..Default::default()
+                        }),
+                        Bytes::new(),
+                    ))]);
+                }
+                Ok(Some(all)) => self.answer_text(&h, &all, max),
+            }
+            return;
+        }
         // Continuing a long answer of ours.
         if h.ttt != RESERVED_TAG {
             let rest = match self.text_pending.take() {
                 Some((ttt, rest)) if ttt == h.ttt => rest,
                 _ => {
-                    let mut bhs = [0u8; BHS_LEN];
-                    Header::TextRequest(h.clone()).write_bhs(&mut bhs);
                     self.reject(reject_reason::INVALID_PDU_FIELD, &bhs);
                     return;
                 }
@@ -1121,7 +1168,11 @@ impl Conn {
             self.send_text(&h, rest, max);
             return;
         }
-        let pairs = iscsi_proto::text::parse(&data).unwrap_or_default();
+        self.answer_text(&h, &data, max);
+    }
+
+    fn answer_text(&mut self, h: &TextRequest, data: &[u8], max: usize) {
+        let pairs = iscsi_proto::text::parse(data).unwrap_or_default();
         let mut reply = Vec::new();
         for (k, v) in &pairs {
             if k == "SendTargets" {
@@ -1130,7 +1181,7 @@ impl Conn {
                 iscsi_proto::text::encode(&[(k.as_str(), "NotUnderstood")], &mut reply);
             }
         }
-        self.send_text(&h, reply, max);
+        self.send_text(h, reply, max);
     }
 
     fn send_text(&mut self, h: &TextRequest, text: Vec<u8>, max: usize) {
