@@ -153,7 +153,7 @@ head -c $((64 * 1024 * 1024)) /dev/urandom >"$TMP/rand64.img"
 for t in A B; do
     if [[ $t == A ]]; then url=$URL_A; port=$PORT_A; iqn=$IQN_A; lun=0; else url=$URL_B; port=$PORT_B; iqn=$IQN_B; lun=1; fi
     log "target $t: touching the whole LU (1 GiB of 0x5a writes)"
-    qemu-img bench -f raw -t none -w -P 0x5a -d 8 -s 1M -c 1024 "$url" >/dev/null
+    qemu-img bench -f raw -t none -w --pattern 0x5a -d 8 -s 1M -c 1024 "$url" >/dev/null
     log "target $t: verified pass (random 64 MiB in, back out, compared)"
     qemu-img convert -n -f raw -O raw -t none "$TMP/rand64.img" "$url"
     rm -f "$TMP/back64.img"
@@ -227,10 +227,10 @@ workloads() {
     row "4k rand read QD1"   iscsi-perf 4096   -m 1 -b 8 -r
     row "4k rand read QD32"  iscsi-perf 4096   -m 32 -b 8 -r
     row "128k seq read QD8"  iscsi-perf 131072 -m 8 -b 256
-    row "4k seq read QD32"   qemu-img   4096   -d 32 -s 4k -c 150000
-    row "4k seq write QD32"  qemu-img   4096   -d 32 -s 4k -c 150000 -w
-    row "128k seq read QD8"  qemu-img   131072 -d 8 -s 128k -c 30000
-    row "128k seq write QD8" qemu-img   131072 -d 8 -s 128k -c 15000 -w
+    row "4k seq read QD32"   qemu-img   4096   -d 32 -s 4k -c 200000
+    row "4k seq write QD32"  qemu-img   4096   -d 32 -s 4k -c 200000 -w
+    row "128k seq read QD8"  qemu-img   131072 -d 8 -s 128k -c 60000
+    row "128k seq write QD8" qemu-img   131072 -d 8 -s 128k -c 30000 -w
     row "4k rand read QD1"   iscsi-bench 4096   --rw randread --bs 4k --qd 1
     row "4k rand read QD32"  iscsi-bench 4096   --rw randread --bs 4k --qd 32
     row "4k rand write QD32" iscsi-bench 4096   --rw randwrite --bs 4k --qd 32
