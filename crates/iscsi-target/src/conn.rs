@@ -1172,7 +1172,17 @@ impl Conn {
     }
 
     fn answer_text(&mut self, h: &TextRequest, data: &[u8], max: usize) {
-        let pairs = iscsi_proto::text::parse(data).unwrap_or_default();
+        let pairs = match iscsi_proto::text::parse(data) {
+            Ok(p) => p,
+            Err(e) => {
+                // Malformed key=value text: say so rather than answer as if empty.
+                tracing::debug!(error = %e, "malformed Text Request");
+                let mut bhs = [0u8; BHS_LEN];
+                Header::TextRequest(h.clone()).write_bhs(&mut bhs);
+                self.reject(reject_reason::PROTOCOL_ERROR, &bhs);
+                return;
+            }
+        };
         let mut reply = Vec::new();
         for (k, v) in &pairs {
             if k == "SendTargets" {

@@ -438,3 +438,30 @@ async fn nop_out_with_reserved_itt_gets_no_answer() {
     c.expect_silence(Duration::from_millis(500)).await;
     c.ping().await;
 }
+
+#[tokio::test]
+async fn malformed_text_request_is_rejected_and_the_connection_goes_on() {
+    let t = start("").await;
+    let mut c = Client::login_to(t.addr, LoginOpts::normal(40)).await;
+    let itt = c.itt();
+    let pdu = Pdu::new(
+        Header::TextRequest(iscsi_proto::pdu::TextRequest {
+            immediate: true,
+            final_: true,
+            lun: 0,
+            itt,
+            ttt: RESERVED_TAG,
+            cmd_sn: c.cmd_sn,
+            exp_stat_sn: c.exp_stat_sn,
+            ..Default::default()
+        }),
+        Bytes::from_static(b"no-equals-sign-here\0"),
+    );
+    c.send(&pdu).await;
+    let p = c.recv().await;
+    let Header::Reject(h) = p.header else {
+        panic!("expected a Reject, got {:?}", p.header);
+    };
+    assert_eq!(h.reason, reject_reason::PROTOCOL_ERROR);
+    c.ping().await;
+}
