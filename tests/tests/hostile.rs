@@ -879,3 +879,210 @@ fn two_hundred_connections_opened_and_closed_quickly() {
     }
     s.finish();
 }
+
+/// The R2T's TTT from its header.
+fn r2t_ttt(r2t: &RawPdu) -> u32 {
+    u32::from_be_bytes([r2t.bhs[20], r2t.bhs[21], r2t.bhs[22], r2t.bhs[23]])
+}
+
+fn data_out(c: &RawConn, itt: u32, ttt: u32, offset: u32, final_: bool, data: Vec<u8>) -> Pdu {
+    Pdu::new(
+        Header::DataOut(DataOut {
+            final_,
+            lun: 0,
+            itt,
+            ttt,
+            exp_stat_sn: c.exp_stat_sn,
+            data_sn: 0,
+            buffer_offset: offset,
+        }),
+        Bytes::from(data),
+    )
+}
+
+/// Reads `blocks` 512-byte blocks at `lba` with READ(10) and returns the data.
+fn read_blocks(c: &mut RawConn, lba: u32, blocks: u16) -> Vec<u8> {
+    let itt = c.itt();
+    let r = scsi(
+        c,
+        itt,
+        &rw10(0x28, lba, blocks),
+        true,
+        false,
+        u32::from(blocks) * 512,
+    );
+    assert!(c.send(&r));
+    let mut data = Vec::new();
+    loop {
+        let p = recv_until(c, |p| p.itt() == itt).pdu();
+        if p.opcode_byte() == 0x25 {
+            data.extend_from_slice(&p.data);
+            // S bit: status rode on the last Data-In.
+            if p.bhs[1] & 0x01 != 0 {
+                assert_eq!(p.bhs[3], 0, "READ ended with status {:#x}", p.bhs[3]);
+                return data;
+            }
+        } else {
+            assert_eq!(p.opcode_byte(), 0x21, "unexpected answer to a READ");
+            assert_eq!((p.bhs[2], p.bhs[3]), (0, 0), "READ failed");
+            return data;
+        }
+    }
+}
+
+/// Whether the answers hold a GOOD SCSI Response for `itt`.
+fn good_response(got: &[RawPdu], itt: u32) -> bool {
+    got.iter()
+        .any(|p| p.opcode_byte() == 0x21 && p.itt() == itt && p.bhs[2] == 0 && p.bhs[3] == 0)
+}
+
+/// Data-Out past the end of what the R2T asked for (and past the command's expected
+/// length): the target must refuse it (Reject, a failed command, or the connection
+/// dropped) and must never write the surplus beyond the command's blocks.
+#[test]
+fn data_out_beyond_the_burst_is_refused_and_writes_nothing_beyond() {
+    let Some(s) = Scene::start() else { return };
+    let mut c = RawConn::login(s.addr(), &hostile_iqn("burst"), false);
+    clear_unit_attention(&mut c);
+    let itt = c.itt();
+    let r2t = write_until_r2t(&mut c, itt, 8); // 4 KiB at LBA 0
+    let desired = u32::from_be_bytes([r2t.bhs[44], r2t.bhs[45], r2t.bhs[46], r2t.bhs[47]]);
+    assert_eq!(desired, 4096, "R2T asks for the whole 4 KiB");
+    // 8 KiB in one Data-Out: twice what was asked.
+    let d = data_out(&c, itt, r2t_ttt(&r2t), 0, true, vec![0xeeu8; 8192]);
+    assert!(c.send(&d));
+    let (got, closed) = drain(&mut c);
+    println!(
+        "Data-Out beyond the burst: answers {:?}, closed {closed}",
+        opcodes(&got)
+    );
+    assert!(
+        !good_response(&got, itt),
+        "an overrunning WRITE completed with GOOD"
+    );
+    let mut c = if closed {
+        RawConn::login(s.addr(), &hostile_iqn("burst-check"), false)
+    } else {
+        c
+    };
+    clear_unit_attention(&mut c);
+    let beyond = read_blocks(&mut c, 8, 8);
+    assert!(
+        beyond.iter().all(|&b| b == 0),
+        "bytes past the command's blocks were written"
+    );
+    assert!(c.ping());
+    s.finish();
+}
+
+/// Two Data-Outs for one R2T whose offsets run past its window (an R2T overrun): refused,
+/// never a GOOD status, and the session survives or only this connection drops.
+#[test]
+fn data_out_past_the_r2t_window_is_refused() {
+    let Some(s) = Scene::start() else { return };
+    let mut c = RawConn::login(s.addr(), &hostile_iqn("r2tover"), false);
+    clear_unit_attention(&mut c);
+    let itt = c.itt();
+    let r2t = write_until_r2t(&mut c, itt, 8);
+    let ttt = r2t_ttt(&r2t);
+    assert!(c.send(&data_out(&c, itt, ttt, 0, false, vec![0x11u8; 2048])));
+    // Offset 4096 is the first byte after the window.
+    assert!(c.send(&data_out(&c, itt, ttt, 4096, true, vec![0x22u8; 2048])));
+    let (got, closed) = drain(&mut c);
+    println!(
+        "Data-Out past the R2T window: answers {:?}, closed {closed}",
+        opcodes(&got)
+    );
+    assert!(
+        !good_response(&got, itt),
+        "a WRITE with data outside its R2T completed with GOOD"
+    );
+    if !closed {
+        assert!(c.ping(), "the connection stopped answering");
+    }
+    s.finish();
+}
+
+fn tmf(
+    c: &mut RawConn,
+    function: u8,
+    lun: u64,
+    referenced_task_tag: u32,
+    ref_cmd_sn: u32,
+) -> (u32, Pdu) {
+    let itt = c.itt();
+    let p = Pdu::new(
+        Header::TaskMgmtRequest(iscsi_proto::pdu::TaskMgmtRequest {
+            immediate: true,
+            function,
+            lun,
+            itt,
+            referenced_task_tag,
+            cmd_sn: c.cmd_sn,
+            exp_stat_sn: c.exp_stat_sn,
+            ref_cmd_sn,
+            exp_data_sn: 0,
+        }),
+        Bytes::new(),
+    );
+    (itt, p)
+}
+
+/// The TMF Response code for `itt` (or a panic naming what came instead).
+fn tmf_response(c: &mut RawConn, itt: u32) -> u8 {
+    match recv_until(c, |p| p.itt() == itt) {
+        Recv::Pdu(p) => {
+            assert_eq!(p.opcode_byte(), 0x22, "expected a TMF Response");
+            p.bhs[2]
+        }
+        other => panic!("no TMF Response: {other:?}"),
+    }
+}
+
+/// Task management naming things that do not exist (RFC 7143 §11.5.1, §11.6.1): an
+/// unknown task whose RefCmdSN is outside the window → "Task does not exist"; a LUN that
+/// is not mapped → "LUN does not exist"; an undefined function → "not supported" (or a
+/// Reject). The session goes on.
+#[test]
+fn task_management_for_unknown_tasks_and_luns() {
+    use iscsi_proto::pdu::tmf;
+    let Some(s) = Scene::start() else { return };
+    let mut c = RawConn::login(s.addr(), &hostile_iqn("tmf"), false);
+    let outside = c.cmd_sn.wrapping_add(100_000);
+    let (itt, p) = tmf(&mut c, tmf::ABORT_TASK, 0, 0x00de_ad01, outside);
+    assert!(c.send(&p));
+    assert_eq!(tmf_response(&mut c, itt), tmf::TASK_DOES_NOT_EXIST);
+
+    // Within the window and before the TMF's own CmdSN: "function complete".
+    let before = c.cmd_sn.wrapping_sub(1);
+    let (itt, p) = tmf(&mut c, tmf::ABORT_TASK, 0, 0x00de_ad02, before);
+    assert!(c.send(&p));
+    let r = tmf_response(&mut c, itt);
+    assert!(
+        r == tmf::FUNCTION_COMPLETE || r == tmf::TASK_DOES_NOT_EXIST,
+        "ABORT TASK of a task never seen: response {r}"
+    );
+
+    let lun77 = iscsi_proto::pdu::lun_to_wire(77);
+    let (itt, p) = tmf(&mut c, tmf::LOGICAL_UNIT_RESET, lun77, 0xffff_ffff, 0);
+    assert!(c.send(&p));
+    assert_eq!(tmf_response(&mut c, itt), tmf::LUN_DOES_NOT_EXIST);
+
+    let (itt, p) = tmf(&mut c, tmf::ABORT_TASK_SET, lun77, 0xffff_ffff, 0);
+    assert!(c.send(&p));
+    assert_eq!(tmf_response(&mut c, itt), tmf::LUN_DOES_NOT_EXIST);
+
+    let (itt, p) = tmf(&mut c, 0x7e, 0, 0xffff_ffff, 0);
+    assert!(c.send(&p));
+    match recv_until(&mut c, |p| p.itt() == itt || p.opcode_byte() == 0x3f) {
+        Recv::Pdu(p) if p.opcode_byte() == 0x22 => assert!(
+            p.bhs[2] == tmf::FUNCTION_NOT_SUPPORTED || p.bhs[2] == tmf::FUNCTION_REJECTED,
+            "an undefined TMF function got response {}",
+            p.bhs[2]
+        ),
+        Recv::Pdu(p) => assert!(reason(&p).is_some()),
+        other => panic!("no answer to an undefined TMF function: {other:?}"),
+    }
+    assert!(c.ping(), "the connection stopped answering after the TMFs");
+    s.finish();
+}
