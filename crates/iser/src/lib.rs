@@ -1,0 +1,15 @@
+//! # iser — the iSER transport (RFC 7145) beneath IDM
+//!
+//! On the map (`ARCHITECTURE.md`) this crate sits under `idm`, beside its
+//! TCP transport: it carries iSCSI control PDUs in RDMA SENDs and moves data
+//! with RDMA WRITE (Data-In) and RDMA READ (Data-Out), so the target and the
+//! initiator above the Transport seam are written once for both transports.
+//!
+//! - [`verbs`]: the verbs contract (CM, queue pairs, memory registration,
+//!   completions) that every RDMA backend implements; the real one over
+//!   rdma-core lives in `rdma` behind a cargo feature.
+//! - `emulation`: an in-process **test double** of that contract, so the
+//!   protocol is tested on every CI run without RDMA hardware. It is not
+//!   RDMA support.
+
+pub mod verbs;
