@@ -94,11 +94,31 @@ fn run(args: Args) -> anyhow::Result<()> {
         ),
         None => (Config::embedded_default(), DEFAULT_CONFIG.into(), true),
     };
+    raise_open_file_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     runtime.block_on(serve(args, config, path, embedded))
+}
+
+/// Each connection is a socket: lift the soft open-file limit to the hard one (what
+/// systemd's LimitNOFILE would set), so a shell's default of 1024 does not cap sessions.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let soft = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!(soft, "could not raise the open-file limit");
+            }
+        }
+    }
 }
 
 fn load(path: &Path) -> anyhow::Result<Config> {

@@ -1,0 +1,264 @@
+//! Scale and memory: a thousand idle sessions on one daemon, and a thousand commands
+//! outstanding at once. Each reports the daemon's memory per session / per command and its
+//! file descriptors, and asserts the budgets of the robustness and performance issues
+//! (under 64 KiB per idle session; outstanding commands bounded), with every session still
+//! answering afterwards.
+
+use std::fs;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ironstar_interop::config::Config;
+use ironstar_interop::daemon::Daemon;
+use ironstar_interop::raw::{rss_bytes, RawConn, Recv};
+use ironstar_interop::MIB;
+use iscsi_proto::pdu::{DataOut, Header, Pdu, ScsiCommand};
+
+const IDLE_SESSIONS: usize = 1000;
+/// The performance issue's budget for an idle session.
+const IDLE_SESSION_BUDGET: u64 = 64 * 1024;
+const OUTSTANDING_SESSIONS: usize = 8;
+const COMMANDS_PER_SESSION: usize = 125;
+/// What 1,000 commands waiting for their data may cost (they hold no data buffer yet).
+const OUTSTANDING_BUDGET: u64 = 16 * MIB;
+
+/// Lifts this process's soft open-file limit to the hard one (the daemon, our child,
+/// inherits it and also lifts its own); returns the new soft limit.
+fn raise_open_file_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+    }
+    lim.rlim_cur
+}
+
+fn open_fds(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn settle() {
+    thread::sleep(Duration::from_millis(500));
+}
+
+#[test]
+fn a_thousand_idle_sessions_cost_under_64_kib_each_and_all_answer() {
+    let limit = raise_open_file_limit();
+    assert!(
+        limit >= (IDLE_SESSIONS as u64) * 2 + 256,
+        "open-file hard limit {limit} is too low for {IDLE_SESSIONS} sessions"
+    );
+    let mut cfg = Config::single_memory_lu(16 * MIB);
+    // Idle means idle: no target NOP-In pings while we count.
+    cfg.nop_in_interval = Some(0);
+    let d = Daemon::start(&cfg);
+    settle();
+    let (rss0, fds0) = (rss_bytes(d.pid()), open_fds(d.pid()));
+    let t0 = Instant::now();
+    let mut conns: Vec<RawConn> = (0..IDLE_SESSIONS)
+        .map(|i| {
+            RawConn::login(
+                d.addr(),
+                &format!("iqn.2026-11.dev.ironstar:idle-{i}"),
+                false,
+            )
+        })
+        .collect();
+    let login_time = t0.elapsed();
+    settle();
+    let (rss1, fds1) = (rss_bytes(d.pid()), open_fds(d.pid()));
+    let per_session = rss1.saturating_sub(rss0) / IDLE_SESSIONS as u64;
+    println!(
+        "{IDLE_SESSIONS} idle sessions: logged in in {login_time:.2?}; daemon RSS {} KiB -> {} KiB \
+         ({per_session} bytes per session); fds {fds0} -> {fds1}",
+        rss0 / 1024,
+        rss1 / 1024
+    );
+    assert!(
+        fds1 >= fds0 + IDLE_SESSIONS,
+        "the daemon holds {fds1} fds: some sessions are gone"
+    );
+    assert!(
+        per_session < IDLE_SESSION_BUDGET,
+        "an idle session costs {per_session} bytes (budget {IDLE_SESSION_BUDGET})"
+    );
+    let t0 = Instant::now();
+    for (i, c) in conns.iter_mut().enumerate() {
+        assert!(c.ping(), "idle session {i} does not answer a NOP-Out");
+    }
+    println!("every session answered a ping in {:.2?}", t0.elapsed());
+    for c in conns {
+        c.close();
+    }
+    // Every connection's resources go when its socket closes.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while open_fds(d.pid()) > fds0 + 8 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let fds2 = open_fds(d.pid());
+    println!("after closing them: fds {fds2}");
+    assert!(
+        fds2 <= fds0 + 8,
+        "{fds2} fds still open after every session closed"
+    );
+}
+
+fn write10(c: &mut RawConn, itt: u32, lba: u32, blocks: u16) -> Pdu {
+    let mut cdb = [0u8; 16];
+    cdb[0] = 0x2a;
+    cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+    cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
+    let p = Pdu::new(
+        Header::ScsiCommand(ScsiCommand {
+            immediate: false,
+            final_: true,
+            read: false,
+            write: true,
+            attr: 1,
+            lun: 0,
+            itt,
+            expected_data_transfer_length: u32::from(blocks) * 512,
+            cmd_sn: c.cmd_sn,
+            exp_stat_sn: c.exp_stat_sn,
+            cdb,
+            extended_cdb: None,
+            bidi_read_length: None,
+        }),
+        Bytes::new(),
+    );
+    c.cmd_sn = c.cmd_sn.wrapping_add(1);
+    p
+}
+
+/// 8 sessions × 125 WRITEs, each waiting for its data (R2T sent, no Data-Out yet): the
+/// daemon's memory per 1,000 outstanding commands. Then the data goes out and every one
+/// must complete GOOD.
+#[test]
+fn a_thousand_outstanding_commands_are_bounded_and_all_complete() {
+    raise_open_file_limit();
+    let mut cfg = Config::single_memory_lu(64 * MIB);
+    cfg.nop_in_interval = Some(0);
+    let d = Daemon::start(&cfg);
+    let mut conns: Vec<RawConn> = (0..OUTSTANDING_SESSIONS)
+        .map(|i| {
+            RawConn::login(
+                d.addr(),
+                &format!("iqn.2026-11.dev.ironstar:busy-{i}"),
+                false,
+            )
+        })
+        .collect();
+    // Clear the power-on unit attention of each nexus first.
+    for c in &mut conns {
+        for _ in 0..2 {
+            let itt = c.itt();
+            let mut tur = write10(c, itt, 0, 0);
+            if let Header::ScsiCommand(h) = &mut tur.header {
+                h.cdb = [0; 16];
+                h.write = false;
+                h.expected_data_transfer_length = 0;
+            }
+            assert!(c.send(&tur));
+            loop {
+                match c.recv() {
+                    Recv::Pdu(p) if p.itt() == itt => break,
+                    Recv::Pdu(_) => {}
+                    other => panic!("no answer to TEST UNIT READY: {other:?}"),
+                }
+            }
+        }
+    }
+    settle();
+    let rss0 = rss_bytes(d.pid());
+    // itt -> (ttt, lba) for each session.
+    let mut pending: Vec<Vec<(u32, u32, u32)>> = vec![Vec::new(); OUTSTANDING_SESSIONS];
+    for (s, c) in conns.iter_mut().enumerate() {
+        let mut itts = Vec::new();
+        for k in 0..COMMANDS_PER_SESSION {
+            let itt = c.itt();
+            let lba = ((s * COMMANDS_PER_SESSION + k) * 8) as u32;
+            let w = write10(c, itt, lba, 8);
+            assert!(c.send(&w));
+            itts.push((itt, lba));
+        }
+        // Collect the R2Ts.
+        let mut ttts = std::collections::HashMap::new();
+        while ttts.len() < itts.len() {
+            match c.recv() {
+                Recv::Pdu(p) if p.opcode_byte() == 0x31 => {
+                    let ttt = u32::from_be_bytes([p.bhs[20], p.bhs[21], p.bhs[22], p.bhs[23]]);
+                    ttts.insert(p.itt(), ttt);
+                }
+                Recv::Pdu(p) => panic!(
+                    "session {s}: expected R2Ts, got opcode {:#x} status {:#x}",
+                    p.opcode_byte(),
+                    p.bhs[3]
+                ),
+                other => panic!("session {s}: only {} R2Ts: {other:?}", ttts.len()),
+            }
+        }
+        pending[s] = itts
+            .iter()
+            .map(|&(itt, lba)| (itt, ttts[&itt], lba))
+            .collect();
+    }
+    settle();
+    let rss1 = rss_bytes(d.pid());
+    let total = OUTSTANDING_SESSIONS * COMMANDS_PER_SESSION;
+    let grew = rss1.saturating_sub(rss0);
+    println!(
+        "{total} outstanding WRITEs: daemon RSS {} KiB -> {} KiB ({} KiB per 1,000 commands)",
+        rss0 / 1024,
+        rss1 / 1024,
+        grew * 1000 / total as u64 / 1024
+    );
+    assert!(
+        grew * 1000 / (total as u64) < OUTSTANDING_BUDGET,
+        "1,000 outstanding commands cost {grew} bytes"
+    );
+    for (s, c) in conns.iter_mut().enumerate() {
+        for &(itt, ttt, lba) in &pending[s] {
+            let d = Pdu::new(
+                Header::DataOut(DataOut {
+                    final_: true,
+                    lun: 0,
+                    itt,
+                    ttt,
+                    exp_stat_sn: c.exp_stat_sn,
+                    data_sn: 0,
+                    buffer_offset: 0,
+                }),
+                Bytes::from(vec![(lba % 251) as u8; 4096]),
+            );
+            assert!(c.send(&d));
+        }
+        let mut done = 0;
+        while done < pending[s].len() {
+            match c.recv() {
+                Recv::Pdu(p) if p.opcode_byte() == 0x21 => {
+                    assert_eq!((p.bhs[2], p.bhs[3]), (0, 0), "session {s}: a WRITE failed");
+                    done += 1;
+                }
+                Recv::Pdu(_) => {}
+                other => panic!(
+                    "session {s}: {done} of {} done: {other:?}",
+                    pending[s].len()
+                ),
+            }
+        }
+    }
+    for c in &mut conns {
+        assert!(c.ping());
+    }
+}
