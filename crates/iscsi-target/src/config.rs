@@ -215,7 +215,8 @@ pub struct Defaults {
     pub auth: AuthConfig,
     /// CHAP algorithms offered, in order of preference: sha3-256, sha256, sha1, md5.
     pub chap_algorithms: Vec<String>,
-    /// iSNS registration (recorded; the iSNS client is not built yet).
+    /// iSNS registration on/off, and the servers (IP[:port], port 3205
+    /// by default) iscsitd registers its entity, targets and portals with.
     pub isns: bool,
     pub isns_servers: Vec<String>,
 }

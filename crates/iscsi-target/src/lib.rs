@@ -3,12 +3,14 @@
 //! On the map (`ARCHITECTURE.md`) it sits between the daemon and the SCSI
 //! core: portals and portal groups ([`portal`]), targets and their LUN maps
 //! ([`registry`]), login policy and CHAP secrets (the `LoginAuthority` in
-//! [`conn`]), SendTargets ([`discovery`]), and sessions bound to the SCSI
-//! core ([`session`]). The protocol machinery it drives lives in `idm`.
+//! [`conn`]), SendTargets ([`discovery`]), iSNS registration messages
+//! ([`isns`]), and sessions bound to the SCSI core ([`session`]). The
+//! protocol machinery it drives lives in `idm`.
 
 pub mod config;
 pub mod conn;
 pub mod discovery;
+pub mod isns;
 pub mod portal;
 pub mod registry;
 pub mod session;

@@ -4,9 +4,11 @@
 //! builds the live registry (targets, LUs, views), binds the portals,
 //! serves the JSON-RPC administration API on a Unix socket ([`rpc`],
 //! [`admin`]) and writes every change back atomically ([`store`]) before
-//! answering. Runs until SIGINT/SIGTERM.
+//! answering, and keeps the configured iSNS servers informed ([`isns`]).
+//! Runs until SIGINT/SIGTERM.
 
 mod admin;
+mod isns;
 mod rpc;
 mod store;
 
@@ -131,6 +133,7 @@ async fn serve(args: Args, config: Config, path: PathBuf, embedded: bool) -> any
     for t in &registry.snapshot().targets {
         tracing::info!(target = %t.iqn, luns = t.luns.len(), "target ready");
     }
+    let isns = isns::IsnsClient::spawn(registry.clone(), &path);
     let socket_explicit = args.socket != Path::new(DEFAULT_SOCKET);
     let rpc_task = match rpc::bind(&args.socket).await {
         Ok(l) => {
@@ -168,6 +171,7 @@ async fn serve(args: Args, config: Config, path: PathBuf, embedded: bool) -> any
         let _ = std::fs::remove_file(&args.socket);
     }
     admin.stop_portals().await;
+    isns.shutdown().await;
     // RFC 7143 §11.9: Async Message "logout requested" lets initiators
     // finish in-flight I/O and log out cleanly; whoever is left after the
     // grace period is disconnected.
