@@ -95,6 +95,8 @@ pub struct Daemon {
     addr: SocketAddr,
     log: PathBuf,
     dir: TempDir,
+    /// Set by [`Daemon::kill`]: the exit was ours.
+    killed: bool,
 }
 
 impl Daemon {
@@ -146,6 +148,7 @@ impl Daemon {
                         addr,
                         log,
                         dir,
+                        killed: false,
                     };
                 }
                 Err(e) => {
@@ -203,6 +206,13 @@ impl Daemon {
     /// A scratch directory that lives as long as the daemon.
     pub fn scratch(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Kills the daemon with SIGKILL (no goodbye to anyone) and reaps it.
+    pub fn kill(&mut self) {
+        self.killed = true;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// True while the process runs.
@@ -272,7 +282,7 @@ fn tail(log: &Path) -> String {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let died = matches!(self.child.try_wait(), Ok(Some(_)));
+        let died = !self.killed && matches!(self.child.try_wait(), Ok(Some(_)));
         let _ = self.child.kill();
         let _ = self.child.wait();
         if thread::panicking() {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use iscsi_proto::codec::PduDecoder;
-use iscsi_proto::pdu::{Header, LoginRequest, NopOut, Pdu, RawPdu};
+use iscsi_proto::pdu::{DataOut, Header, LoginRequest, NopOut, Pdu, RawPdu, ScsiCommand};
 
 use crate::TARGET_IQN;
 
@@ -273,6 +273,188 @@ impl RawConn {
 
     pub fn close(self) {
         let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+/// A READ(10) (0x28) or WRITE(10) (0x2a) CDB.
+pub fn rw10(op: u8, lba: u32, blocks: u16) -> [u8; 10] {
+    let l = lba.to_be_bytes();
+    let n = blocks.to_be_bytes();
+    [op, 0, l[0], l[1], l[2], l[3], 0, n[0], n[1], 0]
+}
+
+/// The status of a SCSI Response and, for CHECK CONDITION, its (key, ASC, ASCQ).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScsiStatus {
+    pub response: u8,
+    pub status: u8,
+    pub sense: Option<(u8, u8, u8)>,
+}
+
+impl ScsiStatus {
+    pub fn of(p: &RawPdu) -> ScsiStatus {
+        // Data segment: 2-byte SenseLength, then fixed-format sense data.
+        let sense = (p.bhs[3] == 0x02 && p.data.len() >= 2 + 14).then(|| {
+            let s = &p.data[2..];
+            (s[2] & 0x0f, s[12], s[13])
+        });
+        ScsiStatus {
+            response: p.bhs[2],
+            status: p.bhs[3],
+            sense,
+        }
+    }
+
+    pub fn good(&self) -> bool {
+        self.response == 0 && self.status == 0
+    }
+}
+
+/// SCSI commands on LUN 0 over a [`RawConn`] logged in by [`RawConn::login`]
+/// (InitialR2T=Yes, ImmediateData=No: all write data goes after an R2T).
+impl RawConn {
+    /// A SCSI Command PDU with this connection's sequence numbers (CmdSN advances).
+    pub fn scsi_command(
+        &mut self,
+        itt: u32,
+        cdb: &[u8],
+        read: bool,
+        write: bool,
+        edtl: u32,
+    ) -> Pdu {
+        let mut cdb16 = [0u8; 16];
+        cdb16[..cdb.len()].copy_from_slice(cdb);
+        let p = Pdu::new(
+            Header::ScsiCommand(ScsiCommand {
+                immediate: false,
+                final_: true,
+                read,
+                write,
+                attr: 1,
+                lun: 0,
+                itt,
+                expected_data_transfer_length: edtl,
+                cmd_sn: self.cmd_sn,
+                exp_stat_sn: self.exp_stat_sn,
+                cdb: cdb16,
+                extended_cdb: None,
+                bidi_read_length: None,
+            }),
+            Bytes::new(),
+        );
+        self.cmd_sn = self.cmd_sn.wrapping_add(1);
+        p
+    }
+
+    /// A Data-Out PDU for `itt`/`ttt` at `offset`.
+    pub fn data_out(&self, itt: u32, ttt: u32, offset: u32, final_: bool, data: Bytes) -> Pdu {
+        Pdu::new(
+            Header::DataOut(DataOut {
+                final_,
+                lun: 0,
+                itt,
+                ttt,
+                exp_stat_sn: self.exp_stat_sn,
+                data_sn: 0,
+                buffer_offset: offset,
+            }),
+            data,
+        )
+    }
+
+    /// Reads PDUs until one satisfies `want`, the connection closes, or nothing comes.
+    pub fn recv_until(&mut self, want: impl Fn(&RawPdu) -> bool) -> Recv {
+        loop {
+            match self.recv() {
+                Recv::Pdu(p) if want(&p) => return Recv::Pdu(p),
+                Recv::Pdu(_) => {}
+                other => return other,
+            }
+        }
+    }
+
+    /// Runs TEST UNIT READY until it is GOOD, so a pending unit attention does not mask
+    /// what a later command shows.
+    pub fn clear_unit_attention(&mut self) {
+        for _ in 0..3 {
+            let itt = self.itt();
+            let t = self.scsi_command(itt, &[0; 6], false, false, 0);
+            assert!(self.send(&t));
+            let p = self.recv_until(|p| p.itt() == itt).pdu();
+            if p.bhs[3] == 0 {
+                return;
+            }
+        }
+        panic!("TEST UNIT READY never returned GOOD");
+    }
+
+    /// READ(10) of `blocks` 512-byte blocks at `lba`; the data, or a panic if it failed.
+    pub fn read_blocks(&mut self, lba: u32, blocks: u16) -> Vec<u8> {
+        let itt = self.itt();
+        let edtl = u32::from(blocks) * 512;
+        let r = self.scsi_command(itt, &rw10(0x28, lba, blocks), true, false, edtl);
+        assert!(self.send(&r));
+        let mut data = Vec::new();
+        loop {
+            let p = self.recv_until(|p| p.itt() == itt).pdu();
+            if p.opcode_byte() == 0x25 {
+                data.extend_from_slice(&p.data);
+                // S bit: status rode on the last Data-In.
+                if p.bhs[1] & 0x01 != 0 {
+                    assert_eq!(p.bhs[3], 0, "READ ended with status {:#x}", p.bhs[3]);
+                    return data;
+                }
+            } else {
+                assert_eq!(p.opcode_byte(), 0x21, "unexpected answer to a READ");
+                let st = ScsiStatus::of(&p);
+                assert!(st.good(), "READ failed: {st:?}");
+                return data;
+            }
+        }
+    }
+
+    /// WRITE(10) of `data` (whole 512-byte blocks) at `lba`, FUA if asked, answering each
+    /// R2T; the command's status.
+    pub fn write_blocks(&mut self, lba: u32, data: &[u8], fua: bool) -> ScsiStatus {
+        let itt = self.itt();
+        let blocks = u16::try_from(data.len() / 512).expect("too many blocks for WRITE(10)");
+        let mut cdb = rw10(0x2a, lba, blocks);
+        if fua {
+            cdb[1] |= 0x08;
+        }
+        let w = self.scsi_command(itt, &cdb, false, true, data.len() as u32);
+        assert!(self.send(&w));
+        loop {
+            let p = self.recv_until(|p| p.itt() == itt).pdu();
+            match p.opcode_byte() {
+                0x31 => {
+                    let word = |i: usize| {
+                        u32::from_be_bytes([p.bhs[i], p.bhs[i + 1], p.bhs[i + 2], p.bhs[i + 3]])
+                    };
+                    let (ttt, offset, len) = (word(20), word(40), word(44));
+                    // One Data-Out per 64 KiB: under any MaxRecvDataSegmentLength we offer.
+                    let end = offset + len;
+                    let mut at = offset;
+                    while at < end {
+                        let n = (end - at).min(65536);
+                        let chunk = Bytes::copy_from_slice(&data[at as usize..(at + n) as usize]);
+                        let d = self.data_out(itt, ttt, at, at + n == end, chunk);
+                        assert!(self.send(&d));
+                        at += n;
+                    }
+                }
+                0x21 => return ScsiStatus::of(&p),
+                op => panic!("unexpected opcode {op:#x} during a WRITE"),
+            }
+        }
+    }
+
+    /// SYNCHRONIZE CACHE(10) of the whole LU; its status.
+    pub fn synchronize_cache(&mut self) -> ScsiStatus {
+        let itt = self.itt();
+        let c = self.scsi_command(itt, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], false, false, 0);
+        assert!(self.send(&c));
+        ScsiStatus::of(&self.recv_until(|p| p.itt() == itt).pdu())
     }
 }
 

@@ -16,11 +16,11 @@ use ironstar_interop::command::run;
 use ironstar_interop::config::Config;
 use ironstar_interop::daemon::Daemon;
 use ironstar_interop::raw::{isid_for, login_response, reject_reason as reason, rss_bytes};
-use ironstar_interop::raw::{RawConn, Recv};
+use ironstar_interop::raw::{rw10, RawConn, Recv};
 use ironstar_interop::{peers, INITIATOR_IQN, MIB};
 use iscsi_proto::pdu::{
-    reject_reason, DataOut, Header, LoginRequest, LogoutRequest, NopOut, Pdu, RawPdu, ScsiCommand,
-    TextRequest, BHS_LEN,
+    reject_reason, DataOut, Header, LoginRequest, LogoutRequest, NopOut, Pdu, RawPdu, TextRequest,
+    BHS_LEN,
 };
 
 /// The LU the tests serve from memory.
@@ -163,50 +163,8 @@ fn nop(c: &mut RawConn, immediate: bool, data: &'static [u8]) -> (u32, Pdu) {
     (itt, p)
 }
 
-fn scsi(c: &mut RawConn, itt: u32, cdb: &[u8], read: bool, write: bool, edtl: u32) -> Pdu {
-    let mut cdb16 = [0u8; 16];
-    cdb16[..cdb.len()].copy_from_slice(cdb);
-    let p = Pdu::new(
-        Header::ScsiCommand(ScsiCommand {
-            immediate: false,
-            final_: true,
-            read,
-            write,
-            attr: 1,
-            lun: 0,
-            itt,
-            expected_data_transfer_length: edtl,
-            cmd_sn: c.cmd_sn,
-            exp_stat_sn: c.exp_stat_sn,
-            cdb: cdb16,
-            extended_cdb: None,
-            bidi_read_length: None,
-        }),
-        Bytes::new(),
-    );
-    c.cmd_sn = c.cmd_sn.wrapping_add(1);
-    p
-}
-
-fn rw10(op: u8, lba: u32, blocks: u16) -> [u8; 10] {
-    let l = lba.to_be_bytes();
-    let n = blocks.to_be_bytes();
-    [op, 0, l[0], l[1], l[2], l[3], 0, n[0], n[1], 0]
-}
-
 fn opcodes(pdus: &[RawPdu]) -> Vec<u8> {
     pdus.iter().map(RawPdu::opcode_byte).collect()
-}
-
-/// Reads PDUs until one satisfies `want`, the connection closes, or nothing comes.
-fn recv_until(c: &mut RawConn, want: impl Fn(&RawPdu) -> bool) -> Recv {
-    loop {
-        match c.recv() {
-            Recv::Pdu(p) if want(&p) => return Recv::Pdu(p),
-            Recv::Pdu(_) => {}
-            other => return other,
-        }
-    }
 }
 
 #[test]
@@ -273,7 +231,7 @@ fn data_segment_length_16mib_is_rejected_and_dropped() {
 fn scsi_command_before_login_drops_the_connection() {
     let Some(s) = Scene::start() else { return };
     let mut c = RawConn::connect(s.addr());
-    let inquiry = scsi(&mut c, 7, &[0x12, 0, 0, 0, 96, 0], true, false, 96);
+    let inquiry = c.scsi_command(7, &[0x12, 0, 0, 0, 96, 0], true, false, 96);
     assert!(c.send(&inquiry));
     let got = c.expect_close(CLOSE_WITHIN);
     assert!(
@@ -407,18 +365,14 @@ fn cmdsn_outside_the_window_is_ignored() {
     let (itt, p) = nop(&mut c, false, b"");
     c.cmd_sn = c.cmd_sn.wrapping_add(1);
     assert!(c.send(&p));
-    assert!(matches!(
-        recv_until(&mut c, |p| p.itt() == itt),
-        Recv::Pdu(_)
-    ));
+    assert!(matches!(c.recv_until(|p| p.itt() == itt), Recv::Pdu(_)));
     assert!(c.ping());
     s.finish();
 }
 
 /// Sends WRITE(10) of `blocks` and returns the first R2T.
 fn write_until_r2t(c: &mut RawConn, itt: u32, blocks: u16) -> RawPdu {
-    let w = scsi(
-        c,
+    let w = c.scsi_command(
         itt,
         &rw10(0x2a, 0, blocks),
         false,
@@ -426,25 +380,10 @@ fn write_until_r2t(c: &mut RawConn, itt: u32, blocks: u16) -> RawPdu {
         u32::from(blocks) * 512,
     );
     assert!(c.send(&w));
-    match recv_until(c, |p| p.opcode_byte() == 0x31) {
+    match c.recv_until(|p| p.opcode_byte() == 0x31) {
         Recv::Pdu(p) => p,
         other => panic!("no R2T for a WRITE: {other:?}"),
     }
-}
-
-/// Runs TEST UNIT READY until it is GOOD, so a pending unit attention does not mask
-/// what a later command shows.
-fn clear_unit_attention(c: &mut RawConn) {
-    for _ in 0..3 {
-        let itt = c.itt();
-        let t = scsi(c, itt, &[0; 6], false, false, 0);
-        assert!(c.send(&t));
-        let p = recv_until(c, |p| p.itt() == itt).pdu();
-        if p.bhs[3] == 0 {
-            return;
-        }
-    }
-    panic!("TEST UNIT READY never returned GOOD");
 }
 
 /// What the target sends within two seconds, and whether it closed.
@@ -465,10 +404,10 @@ fn drain(c: &mut RawConn) -> (Vec<RawPdu>, bool) {
 fn duplicate_itt_in_flight_keeps_the_session_working() {
     let Some(s) = Scene::start() else { return };
     let mut c = RawConn::login(s.addr(), &hostile_iqn("dupitt"), false);
-    clear_unit_attention(&mut c);
+    c.clear_unit_attention();
     let itt = c.itt();
     let _r2t = write_until_r2t(&mut c, itt, 8);
-    let r = scsi(&mut c, itt, &rw10(0x28, 0, 8), true, false, 4096);
+    let r = c.scsi_command(itt, &rw10(0x28, 0, 8), true, false, 4096);
     assert!(c.send(&r));
     let (got, closed) = drain(&mut c);
     for p in &got {
@@ -495,10 +434,10 @@ fn duplicate_itt_in_flight_keeps_the_session_working() {
 fn duplicate_itt_is_refused() {
     let Some(s) = Scene::start() else { return };
     let mut c = RawConn::login(s.addr(), &hostile_iqn("dupitt2"), false);
-    clear_unit_attention(&mut c);
+    c.clear_unit_attention();
     let itt = c.itt();
     let _r2t = write_until_r2t(&mut c, itt, 8);
-    let r = scsi(&mut c, itt, &rw10(0x28, 0, 8), true, false, 4096);
+    let r = c.scsi_command(itt, &rw10(0x28, 0, 8), true, false, 4096);
     assert!(c.send(&r));
     let (got, closed) = drain(&mut c);
     let executed = got.iter().any(|p| {
@@ -885,51 +824,6 @@ fn r2t_ttt(r2t: &RawPdu) -> u32 {
     u32::from_be_bytes([r2t.bhs[20], r2t.bhs[21], r2t.bhs[22], r2t.bhs[23]])
 }
 
-fn data_out(c: &RawConn, itt: u32, ttt: u32, offset: u32, final_: bool, data: Vec<u8>) -> Pdu {
-    Pdu::new(
-        Header::DataOut(DataOut {
-            final_,
-            lun: 0,
-            itt,
-            ttt,
-            exp_stat_sn: c.exp_stat_sn,
-            data_sn: 0,
-            buffer_offset: offset,
-        }),
-        Bytes::from(data),
-    )
-}
-
-/// Reads `blocks` 512-byte blocks at `lba` with READ(10) and returns the data.
-fn read_blocks(c: &mut RawConn, lba: u32, blocks: u16) -> Vec<u8> {
-    let itt = c.itt();
-    let r = scsi(
-        c,
-        itt,
-        &rw10(0x28, lba, blocks),
-        true,
-        false,
-        u32::from(blocks) * 512,
-    );
-    assert!(c.send(&r));
-    let mut data = Vec::new();
-    loop {
-        let p = recv_until(c, |p| p.itt() == itt).pdu();
-        if p.opcode_byte() == 0x25 {
-            data.extend_from_slice(&p.data);
-            // S bit: status rode on the last Data-In.
-            if p.bhs[1] & 0x01 != 0 {
-                assert_eq!(p.bhs[3], 0, "READ ended with status {:#x}", p.bhs[3]);
-                return data;
-            }
-        } else {
-            assert_eq!(p.opcode_byte(), 0x21, "unexpected answer to a READ");
-            assert_eq!((p.bhs[2], p.bhs[3]), (0, 0), "READ failed");
-            return data;
-        }
-    }
-}
-
 /// Whether the answers hold a GOOD SCSI Response for `itt`.
 fn good_response(got: &[RawPdu], itt: u32) -> bool {
     got.iter()
@@ -943,13 +837,13 @@ fn good_response(got: &[RawPdu], itt: u32) -> bool {
 fn data_out_beyond_the_burst_is_refused_and_writes_nothing_beyond() {
     let Some(s) = Scene::start() else { return };
     let mut c = RawConn::login(s.addr(), &hostile_iqn("burst"), false);
-    clear_unit_attention(&mut c);
+    c.clear_unit_attention();
     let itt = c.itt();
     let r2t = write_until_r2t(&mut c, itt, 8); // 4 KiB at LBA 0
     let desired = u32::from_be_bytes([r2t.bhs[44], r2t.bhs[45], r2t.bhs[46], r2t.bhs[47]]);
     assert_eq!(desired, 4096, "R2T asks for the whole 4 KiB");
     // 8 KiB in one Data-Out: twice what was asked.
-    let d = data_out(&c, itt, r2t_ttt(&r2t), 0, true, vec![0xeeu8; 8192]);
+    let d = c.data_out(itt, r2t_ttt(&r2t), 0, true, Bytes::from(vec![0xeeu8; 8192]));
     assert!(c.send(&d));
     let (got, closed) = drain(&mut c);
     println!(
@@ -965,8 +859,8 @@ fn data_out_beyond_the_burst_is_refused_and_writes_nothing_beyond() {
     } else {
         c
     };
-    clear_unit_attention(&mut c);
-    let beyond = read_blocks(&mut c, 8, 8);
+    c.clear_unit_attention();
+    let beyond = c.read_blocks(8, 8);
     assert!(
         beyond.iter().all(|&b| b == 0),
         "bytes past the command's blocks were written"
@@ -981,13 +875,15 @@ fn data_out_beyond_the_burst_is_refused_and_writes_nothing_beyond() {
 fn data_out_past_the_r2t_window_is_refused() {
     let Some(s) = Scene::start() else { return };
     let mut c = RawConn::login(s.addr(), &hostile_iqn("r2tover"), false);
-    clear_unit_attention(&mut c);
+    c.clear_unit_attention();
     let itt = c.itt();
     let r2t = write_until_r2t(&mut c, itt, 8);
     let ttt = r2t_ttt(&r2t);
-    assert!(c.send(&data_out(&c, itt, ttt, 0, false, vec![0x11u8; 2048])));
+    let first = c.data_out(itt, ttt, 0, false, Bytes::from(vec![0x11u8; 2048]));
+    assert!(c.send(&first));
     // Offset 4096 is the first byte after the window.
-    assert!(c.send(&data_out(&c, itt, ttt, 4096, true, vec![0x22u8; 2048])));
+    let past = c.data_out(itt, ttt, 4096, true, Bytes::from(vec![0x22u8; 2048]));
+    assert!(c.send(&past));
     let (got, closed) = drain(&mut c);
     println!(
         "Data-Out past the R2T window: answers {:?}, closed {closed}",
@@ -1030,7 +926,7 @@ fn tmf(
 
 /// The TMF Response code for `itt` (or a panic naming what came instead).
 fn tmf_response(c: &mut RawConn, itt: u32) -> u8 {
-    match recv_until(c, |p| p.itt() == itt) {
+    match c.recv_until(|p| p.itt() == itt) {
         Recv::Pdu(p) => {
             assert_eq!(p.opcode_byte(), 0x22, "expected a TMF Response");
             p.bhs[2]
@@ -1074,7 +970,7 @@ fn task_management_for_unknown_tasks_and_luns() {
 
     let (itt, p) = tmf(&mut c, 0x7e, 0, 0xffff_ffff, 0);
     assert!(c.send(&p));
-    match recv_until(&mut c, |p| p.itt() == itt || p.opcode_byte() == 0x3f) {
+    match c.recv_until(|p| p.itt() == itt || p.opcode_byte() == 0x3f) {
         Recv::Pdu(p) if p.opcode_byte() == 0x22 => assert!(
             p.bhs[2] == tmf::FUNCTION_NOT_SUPPORTED || p.bhs[2] == tmf::FUNCTION_REJECTED,
             "an undefined TMF function got response {}",

@@ -11,9 +11,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ironstar_interop::config::Config;
 use ironstar_interop::daemon::Daemon;
-use ironstar_interop::raw::{rss_bytes, RawConn, Recv};
+use ironstar_interop::raw::{rss_bytes, rw10, RawConn, Recv};
 use ironstar_interop::MIB;
-use iscsi_proto::pdu::{DataOut, Header, Pdu, ScsiCommand};
 
 const IDLE_SESSIONS: usize = 1000;
 /// The performance issue's budget for an idle session.
@@ -114,33 +113,6 @@ fn a_thousand_idle_sessions_cost_under_64_kib_each_and_all_answer() {
     );
 }
 
-fn write10(c: &mut RawConn, itt: u32, lba: u32, blocks: u16) -> Pdu {
-    let mut cdb = [0u8; 16];
-    cdb[0] = 0x2a;
-    cdb[2..6].copy_from_slice(&lba.to_be_bytes());
-    cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
-    let p = Pdu::new(
-        Header::ScsiCommand(ScsiCommand {
-            immediate: false,
-            final_: true,
-            read: false,
-            write: true,
-            attr: 1,
-            lun: 0,
-            itt,
-            expected_data_transfer_length: u32::from(blocks) * 512,
-            cmd_sn: c.cmd_sn,
-            exp_stat_sn: c.exp_stat_sn,
-            cdb,
-            extended_cdb: None,
-            bidi_read_length: None,
-        }),
-        Bytes::new(),
-    );
-    c.cmd_sn = c.cmd_sn.wrapping_add(1);
-    p
-}
-
 /// 8 sessions × 125 WRITEs, each waiting for its data (R2T sent, no Data-Out yet): the
 /// daemon's memory per 1,000 outstanding commands. Then the data goes out and every one
 /// must complete GOOD.
@@ -161,23 +133,7 @@ fn a_thousand_outstanding_commands_are_bounded_and_all_complete() {
         .collect();
     // Clear the power-on unit attention of each nexus first.
     for c in &mut conns {
-        for _ in 0..2 {
-            let itt = c.itt();
-            let mut tur = write10(c, itt, 0, 0);
-            if let Header::ScsiCommand(h) = &mut tur.header {
-                h.cdb = [0; 16];
-                h.write = false;
-                h.expected_data_transfer_length = 0;
-            }
-            assert!(c.send(&tur));
-            loop {
-                match c.recv() {
-                    Recv::Pdu(p) if p.itt() == itt => break,
-                    Recv::Pdu(_) => {}
-                    other => panic!("no answer to TEST UNIT READY: {other:?}"),
-                }
-            }
-        }
+        c.clear_unit_attention();
     }
     settle();
     let rss0 = rss_bytes(d.pid());
@@ -188,7 +144,7 @@ fn a_thousand_outstanding_commands_are_bounded_and_all_complete() {
         for k in 0..COMMANDS_PER_SESSION {
             let itt = c.itt();
             let lba = ((s * COMMANDS_PER_SESSION + k) * 8) as u32;
-            let w = write10(c, itt, lba, 8);
+            let w = c.scsi_command(itt, &rw10(0x2a, lba, 8), false, true, 4096);
             assert!(c.send(&w));
             itts.push((itt, lba));
         }
@@ -229,16 +185,11 @@ fn a_thousand_outstanding_commands_are_bounded_and_all_complete() {
     );
     for (s, c) in conns.iter_mut().enumerate() {
         for &(itt, ttt, lba) in &pending[s] {
-            let d = Pdu::new(
-                Header::DataOut(DataOut {
-                    final_: true,
-                    lun: 0,
-                    itt,
-                    ttt,
-                    exp_stat_sn: c.exp_stat_sn,
-                    data_sn: 0,
-                    buffer_offset: 0,
-                }),
+            let d = c.data_out(
+                itt,
+                ttt,
+                0,
+                true,
                 Bytes::from(vec![(lba % 251) as u8; 4096]),
             );
             assert!(c.send(&d));
