@@ -12,4 +12,5 @@
 //!   protocol is tested on every CI run without RDMA hardware. It is not
 //!   RDMA support.
 
+pub mod emulation;
 pub mod verbs;
