@@ -211,6 +211,9 @@ pub struct Defaults {
     pub nop_in_interval: u64,
     /// Seconds to wait for the NOP-Out answer before dropping the connection.
     pub nop_in_timeout: u64,
+    /// Bytes of responses a connection may have queued and unsent before the
+    /// target stops reading its requests (what a client that stops reading can cost).
+    pub connection_buffer_limit: u64,
     /// Auth method of targets that do not name one.
     pub auth: AuthConfig,
     /// CHAP algorithms offered, in order of preference: sha3-256, sha256, sha1, md5.
@@ -237,6 +240,7 @@ impl Default for Defaults {
             queue_depth: 128,
             nop_in_interval: 10,
             nop_in_timeout: 30,
+            connection_buffer_limit: 8 << 20,
             auth: AuthConfig::None,
             chap_algorithms: CHAP_ALGORITHMS.iter().map(|s| s.to_string()).collect(),
             isns: false,
@@ -409,6 +413,9 @@ impl Config {
             || d.first_burst_length > d.max_burst_length
         {
             errs.push("defaults: burst lengths must be 512..16777215 with first <= max".into());
+        }
+        if !(1 << 20..=1 << 30).contains(&d.connection_buffer_limit) {
+            errs.push("defaults: connection_buffer_limit must be 1MiB..1GiB (in bytes)".into());
         }
         if d.queue_depth == 0 || d.queue_depth > 4096 || d.max_outstanding_r2t == 0 {
             errs.push("defaults: queue_depth must be 1..4096, max_outstanding_r2t >= 1".into());
