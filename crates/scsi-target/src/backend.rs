@@ -51,6 +51,35 @@ pub trait Backend: Send + Sync {
         let _ = (offset, max_len);
         None
     }
+    /// Writes the one-block `pattern` over `[offset, offset+len)` in the
+    /// store itself (`len` a multiple of the pattern). `Unsupported` makes
+    /// the core write the pattern out with `write_at`.
+    fn write_same(&self, offset: u64, len: u64, pattern: &[u8]) -> io::Result<()> {
+        let _ = (offset, len, pattern);
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+    /// Compares `compare` with the bytes at `offset` and writes `write`
+    /// there only if they are equal, atomically for every user of the store
+    /// (other gateways included). `Unsupported` makes the core do it under
+    /// its own lock, which is atomic only within this process.
+    fn compare_and_write(
+        &self,
+        offset: u64,
+        compare: &[u8],
+        write: &[u8],
+    ) -> io::Result<CompareAndWrite> {
+        let _ = (offset, compare, write);
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+}
+
+/// How an atomic compare-and-write ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompareAndWrite {
+    Written,
+    /// Nothing was written: the first differing byte is this many bytes
+    /// past the start of the range.
+    Miscompare(u64),
 }
 
 /// Whether every byte is zero. OR-folding a block at a time vectorizes (an

@@ -11,7 +11,8 @@
 //! One file per command family: [`spc`] (primary commands), `vpd` (INQUIRY
 //! pages), `mode` (MODE SENSE/SELECT), `sbc` (block commands), `opcodes`
 //! (REPORT SUPPORTED OPERATION CODES), `reservation` (RESERVE/RELEASE and
-//! persistent reservations), [`sense`] (sense data).
+//! persistent reservations), [`sense`] (sense data); [`backend`] and
+//! [`rbd`] (Ceph RBD images, loaded at run time) are the stores.
 //!
 //! What the port does for the core:
 //! - calls [`LunMap::nexus_established`] when a session (I_T nexus) reaches
@@ -37,6 +38,7 @@ mod lu;
 mod lunmap;
 mod mode;
 mod opcodes;
+pub mod rbd;
 mod reservation;
 mod sbc;
 pub mod sense;
@@ -47,9 +49,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-pub use backend::{Backend, BackendCaps, FileBackend, MemoryBackend, NullBackend};
+pub use backend::{Backend, BackendCaps, CompareAndWrite, FileBackend, MemoryBackend, NullBackend};
 pub use lu::{DataDirection, LogicalUnit, LuConfig, LuError, LuStats};
 pub use lunmap::LunMap;
+pub use rbd::{RbdBackend, RbdConfig, RbdError};
 pub use sense::{Sense, SenseCode};
 
 /// Unique per I_T nexus, assigned by the port.

@@ -329,6 +329,19 @@ impl LogicalUnit {
         Ok(blocks)
     }
 
+    /// A store resized from outside (an RBD image grown with `rbd resize`
+    /// on any host) shows its new size here: every nexus gets 2A/09
+    /// CAPACITY DATA HAS CHANGED, the one whose command noticed it too.
+    fn notice_size_change(&self) {
+        let blocks = self.backend.size_bytes() >> self.block_shift;
+        if blocks != 0 && blocks != self.num_blocks() {
+            let old = self.blocks.swap(blocks, Ordering::AcqRel);
+            if old != blocks {
+                self.queue_ua_others(None, sense::CAPACITY_DATA_HAS_CHANGED);
+            }
+        }
+    }
+
     /// Queues a unit attention for every known nexus except `except`.
     pub(crate) fn queue_ua_others(&self, except: Option<NexusId>, code: SenseCode) {
         let map = self.nexuses.read().unwrap_or_else(|e| e.into_inner());
@@ -447,6 +460,7 @@ impl LogicalUnit {
         let cdb = Cdb::new(task.cdb)?;
         let opcode = cdb.opcode();
         let entry = self.entry_for(task.nexus);
+        self.notice_size_change();
         if !matches!(opcode, op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE) {
             if let Some(ua) = entry.pop() {
                 self.counters

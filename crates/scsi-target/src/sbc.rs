@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::{Bytes, BytesMut};
 
+use crate::backend::CompareAndWrite;
 use crate::cdb::{be_at, op, Cdb};
 use crate::lu::LogicalUnit;
 use crate::sense::{self, Sense};
@@ -342,6 +343,18 @@ pub(crate) fn get_lba_status(lu: &LogicalUnit, cdb: Cdb<'_>) -> CmdResult {
 /// Writes the one-block `pattern` to `[lba, lba+blocks)` in bounded pieces.
 fn write_pattern(lu: &LogicalUnit, lba: u64, blocks: u64, pattern: &[u8]) -> Result<(), Fail> {
     let bs = lu.config.block_size as usize;
+    // A store that repeats the pattern itself (RBD's writesame) saves
+    // sending it over and over.
+    if let Some(len) = lu.bytes_of(blocks) {
+        match lu.backend.write_same(lu.offset_of(lba), len, pattern) {
+            Ok(()) => {
+                lu.counters.write_commands.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {}
+            Err(e) => return Err(write_error(e)),
+        }
+    }
     let per = (limits::PATTERN_PIECE_BYTES as usize / bs).max(1) as u64;
     let piece = blocks.min(per) as usize;
     let buf: Vec<u8> = pattern.iter().copied().cycle().take(piece * bs).collect();
@@ -508,6 +521,28 @@ pub(crate) fn compare_and_write(lu: &LogicalUnit, t: &ScsiTask<'_>, cdb: Cdb<'_>
     }
     let (verify, write) = t.data_out.split_at(half);
     let _x = lu.write_order.write().unwrap_or_else(|e| e.into_inner());
+    // A shared store (RBD) compares and writes in one step, so the
+    // operation is atomic against every gateway, not only this process.
+    match lu
+        .backend
+        .compare_and_write(lu.offset_of(lba), verify, write)
+    {
+        Ok(CompareAndWrite::Written) => {
+            let c = &lu.counters;
+            c.write_commands.fetch_add(1, Ordering::Relaxed);
+            c.write_bytes
+                .fetch_add(write.len() as u64, Ordering::Relaxed);
+            if fua || !lu.wce.load(Ordering::Relaxed) {
+                lu.flush_backend()?;
+            }
+            return Ok(ScsiResponse::good_empty());
+        }
+        Ok(CompareAndWrite::Miscompare(off)) => {
+            return Err(miscompare(usize::try_from(off).unwrap_or(0)));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {}
+        Err(e) => return Err(write_error(e)),
+    }
     let medium = read_blocks(lu, lba, blocks)?;
     if let Some(off) = first_mismatch(&medium, verify) {
         return Err(miscompare(off));
@@ -1149,6 +1184,133 @@ mod tests {
         c[2..10].copy_from_slice(&lba.to_be_bytes());
         c[13] = n;
         c
+    }
+
+    /// A store with its own atomic compare-and-write and write-same that
+    /// counts how often the core used them.
+    struct SharedStore {
+        mem: crate::MemoryBackend,
+        caw: std::sync::atomic::AtomicU32,
+        ws: std::sync::atomic::AtomicU32,
+    }
+
+    impl crate::Backend for SharedStore {
+        fn size_bytes(&self) -> u64 {
+            self.mem.size_bytes()
+        }
+        fn read_at(&self, o: u64, b: &mut [u8]) -> std::io::Result<()> {
+            self.mem.read_at(o, b)
+        }
+        fn write_at(&self, o: u64, d: &[u8]) -> std::io::Result<()> {
+            self.mem.write_at(o, d)
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn unmap(&self, o: u64, l: u64) -> std::io::Result<()> {
+            self.mem.unmap(o, l)
+        }
+        fn caps(&self) -> crate::BackendCaps {
+            self.mem.caps()
+        }
+        fn write_same(&self, o: u64, l: u64, p: &[u8]) -> std::io::Result<()> {
+            self.ws.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let buf: Vec<u8> = p.iter().copied().cycle().take(l as usize).collect();
+            self.mem.write_at(o, &buf)
+        }
+        fn compare_and_write(
+            &self,
+            o: u64,
+            cmp: &[u8],
+            w: &[u8],
+        ) -> std::io::Result<crate::CompareAndWrite> {
+            self.caw.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut cur = vec![0u8; cmp.len()];
+            self.mem.read_at(o, &mut cur)?;
+            if let Some(i) = cur.iter().zip(cmp).position(|(a, b)| a != b) {
+                return Ok(crate::CompareAndWrite::Miscompare(i as u64));
+            }
+            self.mem.write_at(o, w)?;
+            Ok(crate::CompareAndWrite::Written)
+        }
+    }
+
+    #[test]
+    fn compare_and_write_and_write_same_use_the_stores_own_operations() {
+        let store = std::sync::Arc::new(SharedStore {
+            mem: crate::MemoryBackend::new(MIB),
+            caw: Default::default(),
+            ws: Default::default(),
+        });
+        let lu = crate::LogicalUnit::new(LuConfig::default(), Box::new(ArcStore(store.clone())))
+            .unwrap();
+        let n = ready_nexus(&lu, 1);
+        let mut ws = [0u8; 10];
+        ws[0] = 0x41;
+        ws[8] = 4;
+        assert_good(&exec(&lu, &n, &ws, &[7u8; BS]));
+        assert_eq!(store.ws.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let mut d = vec![7u8; BS];
+        d.extend_from_slice(&[9u8; BS]);
+        assert_good(&exec(&lu, &n, &caw(1, 1), &d));
+        let r = exec(&lu, &n, &caw(1, 1), &d);
+        assert_check(&r, sense::MISCOMPARE_DURING_VERIFY);
+        assert_eq!(store.caw.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert_eq!(
+            &exec(&lu, &n, &cdb10(0x28, 0, 3), &[]).data_in[..],
+            &[[7u8; BS], [9u8; BS], [7u8; BS]].concat()[..]
+        );
+    }
+
+    /// Lets a test keep a handle on the store it gave the LU.
+    struct ArcStore(std::sync::Arc<SharedStore>);
+
+    impl crate::Backend for ArcStore {
+        fn size_bytes(&self) -> u64 {
+            self.0.size_bytes()
+        }
+        fn read_at(&self, o: u64, b: &mut [u8]) -> std::io::Result<()> {
+            self.0.read_at(o, b)
+        }
+        fn write_at(&self, o: u64, d: &[u8]) -> std::io::Result<()> {
+            self.0.write_at(o, d)
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            self.0.flush()
+        }
+        fn unmap(&self, o: u64, l: u64) -> std::io::Result<()> {
+            self.0.unmap(o, l)
+        }
+        fn caps(&self) -> crate::BackendCaps {
+            self.0.caps()
+        }
+        fn write_same(&self, o: u64, l: u64, p: &[u8]) -> std::io::Result<()> {
+            self.0.write_same(o, l, p)
+        }
+        fn compare_and_write(
+            &self,
+            o: u64,
+            c: &[u8],
+            w: &[u8],
+        ) -> std::io::Result<crate::CompareAndWrite> {
+            self.0.compare_and_write(o, c, w)
+        }
+    }
+
+    #[test]
+    fn a_store_resized_from_outside_gives_capacity_changed() {
+        let store = std::sync::Arc::new(SharedStore {
+            mem: crate::MemoryBackend::new(MIB),
+            caw: Default::default(),
+            ws: Default::default(),
+        });
+        let lu = crate::LogicalUnit::new(LuConfig::default(), Box::new(ArcStore(store.clone())))
+            .unwrap();
+        let n = ready_nexus(&lu, 1);
+        crate::Backend::set_size(&store.mem, Some(2 * MIB)).unwrap();
+        assert_check(&exec(&lu, &n, &TUR, &[]), sense::CAPACITY_DATA_HAS_CHANGED);
+        assert_good(&exec(&lu, &n, &TUR, &[]));
+        assert_eq!(lu.num_blocks(), 2 * MIB / BS as u64);
     }
 
     #[test]
