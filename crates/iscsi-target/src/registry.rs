@@ -158,16 +158,27 @@ pub struct Luns {
     initiator: Option<String>,
     target: String,
     cache: Mutex<(u64, Arc<LunMap>)>,
+    /// A session's table as its nexus last used it: when a command finds
+    /// a newer one, the nexus is told its inventory changed (None: the
+    /// model's own all-hosts table, which no nexus uses).
+    acked: Mutex<Option<Arc<LunMap>>>,
 }
 
 impl Luns {
     fn new(live: &Arc<Live>, initiator: Option<&str>, target: &str) -> Luns {
-        Luns {
+        let luns = Luns {
             live: Arc::downgrade(live),
             initiator: initiator.map(String::from),
             target: target.to_string(),
             cache: Mutex::new((u64::MAX, Arc::new(LunMap::new()))),
+            acked: Mutex::new(None),
+        };
+        if initiator.is_some() {
+            // The session's nexus starts out with the table of its login.
+            let first = luns.map();
+            *lock(&luns.acked) = Some(first);
         }
+        luns
     }
 
     /// The current table.
@@ -205,11 +216,29 @@ impl Luns {
     }
 
     pub fn execute(&self, task: &ScsiTask<'_>) -> ScsiResponse {
-        self.map().execute(task)
+        let map = self.map();
+        {
+            let mut acked = lock(&self.acked);
+            if let Some(old) = acked.as_ref().filter(|old| !Arc::ptr_eq(old, &map)) {
+                if map.inventory_changed(old, task.nexus) {
+                    tracing::debug!(initiator = %task.nexus.initiator_port_name,
+                        target = %self.target, luns = map.len(), "LU inventory changed");
+                }
+                *acked = Some(map.clone());
+            }
+        }
+        map.execute(task)
     }
 
     pub fn reset_all(&self, by: Option<NexusId>) {
         self.map().reset_all(by)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
     }
 }
 
@@ -566,6 +595,66 @@ lun = 5
             panic!("applied")
         };
         assert!(err.to_string().contains("already uses LUN 3"), "{err}");
+    }
+
+    fn nexus(initiator: &str, target: &str) -> scsi_target::Nexus {
+        scsi_target::Nexus {
+            id: 42,
+            initiator_port_name: Arc::from(format!("{initiator},i,0x400000000001")),
+            target_port_name: Arc::from(format!("{target},t,0x0001")),
+            relative_target_port_id: 1,
+            target_port_group_id: 1,
+        }
+    }
+
+    /// TEST UNIT READY on `lun`: None for GOOD, else the sense (key, ASC, ASCQ).
+    fn tur(t: &Target, n: &scsi_target::Nexus, lun: u64) -> Option<(u8, u8, u8)> {
+        let r = t.luns.execute(&ScsiTask {
+            nexus: n,
+            lun,
+            cdb: &[0; 6],
+            data_out: &[],
+            expected_in_len: 0,
+            attr: scsi_target::TaskAttr::Simple,
+            tag: 1,
+        });
+        r.sense_code().map(|s| (s.key, s.asc, s.ascq))
+    }
+
+    #[test]
+    fn a_view_change_tells_the_nexus_and_releases_what_it_lost() {
+        let r = Registry::build(&config()).unwrap();
+        let a = r.target_for(T1, A).unwrap();
+        let b = r.target_for(T1, B).unwrap();
+        let (na, mut nb) = (nexus(A, T1), nexus(B, T1));
+        nb.id = 43;
+        // First commands: the power-on UA, then GOOD.
+        assert_eq!(tur(&a, &na, 3), Some((6, 0x29, 0)));
+        assert_eq!(tur(&a, &na, 5), Some((6, 0x29, 0)));
+        assert_eq!(tur(&a, &na, 5), None);
+        assert_eq!(tur(&b, &nb, 5), Some((6, 0x29, 0)));
+        assert_eq!(tur(&b, &nb, 5), None);
+        // LU 1 (A's LUN 3) leaves A's view: A's inventory changes, B's does not.
+        let mut c = r.snapshot().config.clone();
+        c.views.remove(0);
+        r.apply(&c, |_| Ok::<(), String>(())).unwrap();
+        assert_eq!(tur(&a, &na, 5), Some((6, 0x3F, 0x0E)));
+        assert_eq!(tur(&a, &na, 5), None, "reported once");
+        assert_eq!(tur(&a, &na, 3), Some((5, 0x25, 0)), "no longer reachable");
+        assert_eq!(tur(&b, &nb, 5), None, "B's inventory did not change");
+        // The view comes back: LU 1 had forgotten A's nexus, so it greets
+        // it as a new one (29/00), and LUN 5 reports the change again.
+        let mut c = r.snapshot().config.clone();
+        c.views.insert(0, config().views[0].clone());
+        r.apply(&c, |_| Ok::<(), String>(())).unwrap();
+        assert_eq!(tur(&a, &na, 3), Some((6, 0x29, 0)));
+        assert_eq!(tur(&a, &na, 5), Some((6, 0x3F, 0x0E)));
+        // A resize alone is no inventory change.
+        let mut c = r.snapshot().config.clone();
+        c.lus[1].size = Some("8MiB".into());
+        r.apply(&c, |_| Ok::<(), String>(())).unwrap();
+        assert_eq!(tur(&b, &nb, 5), Some((6, 0x2A, 0x09)));
+        assert_eq!(tur(&b, &nb, 5), None);
     }
 
     #[test]

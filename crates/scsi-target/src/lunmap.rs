@@ -69,6 +69,38 @@ impl LunMap {
         }
     }
 
+    /// The LU inventory one I_T nexus sees went from `old` to this map (a
+    /// view, host group or target group changed). LUs it still sees queue
+    /// 3F/0E REPORTED LUNS DATA HAS CHANGED for that nexus (SPC-4 §6.33);
+    /// LUs it no longer sees forget the nexus (its unit attentions and
+    /// RESERVE(6) reservation go, as when the nexus is lost); LUs new to it
+    /// report 29/00 on its first command as for any new nexus. Returns
+    /// whether anything changed.
+    pub fn inventory_changed(&self, old: &LunMap, nexus: &Nexus) -> bool {
+        let same = self.luns.len() == old.luns.len()
+            && self
+                .luns
+                .iter()
+                .zip(old.luns.iter())
+                .all(|((a, x), (b, y))| a == b && Arc::ptr_eq(x, y));
+        if same {
+            return false;
+        }
+        for lu in old.luns.values() {
+            if !self.luns.values().any(|n| Arc::ptr_eq(n, lu)) {
+                lu.nexus_lost(nexus.id);
+            }
+        }
+        for lu in self.luns.values() {
+            if old.luns.values().any(|o| Arc::ptr_eq(o, lu)) {
+                lu.queue_ua_where(None, sense::REPORTED_LUNS_DATA_HAS_CHANGED, |i, t| {
+                    i == &*nexus.initiator_port_name && t == &*nexus.target_port_name
+                });
+            }
+        }
+        true
+    }
+
     /// TARGET WARM/COLD RESET: every LU is reset.
     pub fn reset_all(&self, by: Option<NexusId>) {
         for lu in self.luns.values() {
