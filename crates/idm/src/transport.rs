@@ -6,10 +6,30 @@
 //! A transport is split into a receive half and a send half so that one task
 //! can read while another writes (batching every ready response into one
 //! `writev` is what makes small I/O cheap: see PEERS.md's socket costs).
+//!
+//! # Data movement: one vocabulary, two realisations
+//!
+//! IDM above the seam speaks only in iSCSI PDUs, and the transport decides
+//! how each data-service PDU is *realised* (COMSTAR's `idm_buf_tx_to_ini` /
+//! `idm_buf_rx_from_ini`, which a transport implements its own way):
+//!
+//! | IDM hands the send half | TCP | iSER (RFC 7145), after [`PduTx::enable_datamover`] |
+//! |---|---|---|
+//! | Data-In (target "put data") | framed on the stream | RDMA WRITE into the initiator's advertised read buffer at the PDU's offset; the one carrying status becomes a SCSI Response SEND after the writes |
+//! | R2T (target "get data") | framed on the stream | RDMA READ of that burst from the initiator's advertised write buffer; no R2T on the wire; its completion comes up the receive half as one Data-Out PDU (same TTT, DataSN 0, F set) |
+//! | SCSI Command + its Data-Out (initiator) | framed on the stream (IDM sends only the unsolicited part; solicited Data-Out answers R2Ts) | the command's buffers are registered and advertised in the iSER header (read and write STag + VA): IDM hands **all** its write data as Data-Out PDUs right behind the command, the unsolicited part goes in SENDs and the rest is only staged for the target's RDMA READ |
+//! | SCSI Response (initiator receives) | as received | preceded by a Data-In PDU carrying what the target RDMA-wrote (so IDM's Data-In placement is unchanged) |
+//!
+//! So the TCP path stays exactly as it was (no extra copy, no extra
+//! allocation), and task management, MC/S, recovery and CmdSN order are
+//! written once above the seam. Buffers a transport hands up are `Bytes`;
+//! for iSER they are views of its registered memory, which therefore cannot
+//! be reused while IDM holds them.
 
 use std::future::Future;
 
 use iscsi_proto::codec::DecodeError;
+use iscsi_proto::negotiation::NegotiatedParams;
 use iscsi_proto::pdu::{Pdu, RawPdu};
 use thiserror::Error;
 
@@ -35,6 +55,37 @@ pub struct TransportInfo {
     pub peer_addr: String,
 }
 
+/// Which end of iSCSI a transport serves: the iSER data mover does opposite
+/// things on each side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Initiator,
+    Target,
+}
+
+/// The data segment limits of the full feature phase. Over iSER
+/// MaxRecvDataSegmentLength is irrelevant and the iSER keys take its place
+/// (RFC 7145 §6.2, §6.3): the target receives up to
+/// TargetRecvDataSegmentLength and the initiator up to
+/// InitiatorRecvDataSegmentLength. A no-op for TCP.
+pub fn full_feature_limits(params: &mut NegotiatedParams, role: Role) {
+    if !params.rdma_extensions {
+        return;
+    }
+    let (recv, xmit) = match role {
+        Role::Target => (
+            params.target_recv_data_segment_length,
+            params.initiator_recv_data_segment_length,
+        ),
+        Role::Initiator => (
+            params.initiator_recv_data_segment_length,
+            params.target_recv_data_segment_length,
+        ),
+    };
+    params.max_recv_data_segment_length = recv;
+    params.max_xmit_data_segment_length = xmit;
+}
+
 /// A bidirectional PDU transport, before it is split.
 pub trait Transport: Send + 'static {
     type Rx: PduRx;
@@ -58,6 +109,46 @@ pub trait PduTx: Send + 'static {
     /// Sends the PDUs in order, as few system calls as possible.
     fn send(&mut self, pdus: &[Pdu]) -> impl Future<Output = Result<(), TransportError>> + Send;
     fn set_digests(&mut self, header: bool, data: bool);
+    /// Login is over: switch to full feature phase data movement with what
+    /// it settled (iSER: from plain SENDs to RDMA-assisted mode, see the
+    /// module's table). TCP has nothing to switch.
+    fn enable_datamover(&mut self, _params: &NegotiatedParams) {}
     /// Closes the sending direction.
     fn shutdown(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iser_keys_replace_max_recv_data_segment_length_only_over_rdma() {
+        let mut p = NegotiatedParams {
+            rdma_extensions: true,
+            target_recv_data_segment_length: 65536,
+            initiator_recv_data_segment_length: 16384,
+            ..Default::default()
+        };
+        let mut t = p.clone();
+        full_feature_limits(&mut t, Role::Target);
+        assert_eq!(
+            (
+                t.max_recv_data_segment_length,
+                t.max_xmit_data_segment_length
+            ),
+            (65536, 16384)
+        );
+        full_feature_limits(&mut p, Role::Initiator);
+        assert_eq!(
+            (
+                p.max_recv_data_segment_length,
+                p.max_xmit_data_segment_length
+            ),
+            (16384, 65536)
+        );
+        let mut tcp = NegotiatedParams::default();
+        let before = tcp.clone();
+        full_feature_limits(&mut tcp, Role::Target);
+        assert_eq!(tcp, before);
+    }
 }

@@ -8,9 +8,16 @@
 //! - [`verbs`]: the verbs contract (CM, queue pairs, memory registration,
 //!   completions) that every RDMA backend implements; the real one over
 //!   rdma-core lives in `rdma` behind a cargo feature.
-//! - `emulation`: an in-process **test double** of that contract, so the
+//! - [`header`]: the iSER header and the CM private data (RFC 7145 §9);
+//! - [`transport`]: `idm`'s Transport over any [`verbs::QueuePair`] — SENDs
+//!   for control PDUs, RDMA WRITE / READ for data;
+//! - [`emulation`]: an in-process **test double** of that contract, so the
 //!   protocol is tested on every CI run without RDMA hardware. It is not
 //!   RDMA support.
 
 pub mod emulation;
+pub mod header;
+pub mod transport;
 pub mod verbs;
+
+pub use transport::{IserConfig, IserRx, IserTransport, IserTx};

@@ -1,0 +1,1029 @@
+//! The iSER transport: `idm`'s [`Transport`] over any [`QueuePair`].
+//!
+//! Control PDUs travel in SENDs, each behind an iSER header; data moves by
+//! RDMA as `idm::transport`'s table says (Data-In → RDMA WRITE + SCSI
+//! Response, R2T → RDMA READ whose completion comes up as a Data-Out, the
+//! initiator's command buffers advertised with STags). Digests are never
+//! used (RFC 7145 §6.4).
+//!
+//! One task per connection polls the completion queue (the "driver"); the
+//! two halves post work requests directly. The halves are not generic: the
+//! queue pair is reached through an object-safe view of its synchronous
+//! posting calls, and only the driver is monomorphised — so the target and
+//! the initiator name one `IserRx` / `IserTx` type whatever the backend.
+//!
+//! Receive credit: each side keeps `recv_depth` receives posted and reposts
+//! one as soon as its completion is read, before the PDU is handed up; the
+//! depth is above the command window plus the unexpected PDUs either side
+//! may send, so a well-behaved peer never meets an empty receive queue.
+//!
+//! Registered memory comes from per-connection pools and is reused only
+//! when the pool holds the last reference, so nothing the device or IDM may
+//! still touch is ever handed out twice.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use idm::initiator_data::WritePlan;
+use idm::transport::{PduRx, PduTx, Role, Transport, TransportError, TransportInfo};
+use iscsi_proto::codec::DecodeError;
+use iscsi_proto::negotiation::NegotiatedParams;
+use iscsi_proto::pdu::{self, DataIn, DataOut, Header, Pdu, RawPdu, ScsiResponse, BHS_LEN};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::header::{CmHeader, IserHeader, Tagged, ISER_HEADER_LEN};
+use crate::verbs::{
+    Access, Completion, ConnectRequest, LocalSlice, MemoryRegion, QpConfig, QueuePair, RemoteAddr,
+    Verbs, VerbsError, WcOpcode, WcStatus,
+};
+
+/// Room for AHS in a control PDU (extended CDBs, bidirectional length).
+const AHS_ROOM: usize = 1024;
+/// Registered regions a pool keeps for reuse.
+const POOL_KEEP: usize = 256;
+/// Receive WR ids carry this bit; the low bits index the receive ring.
+const RECV_BIT: u64 = 1 << 63;
+
+/// Sizes of one iSER connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IserConfig {
+    /// Receives kept posted.
+    pub recv_depth: u32,
+    /// Work requests in flight on the send queue.
+    pub send_depth: u32,
+    /// Largest data segment in a control PDU either way (login's 8 KiB or the
+    /// iSER RecvDataSegmentLength keys, whichever is larger).
+    pub max_data_segment: u32,
+}
+
+impl Default for IserConfig {
+    fn default() -> Self {
+        IserConfig {
+            recv_depth: 512,
+            send_depth: 1024,
+            max_data_segment: 8192,
+        }
+    }
+}
+
+impl IserConfig {
+    fn buf_len(&self) -> usize {
+        ISER_HEADER_LEN + BHS_LEN + AHS_ROOM + self.max_data_segment as usize + 4
+    }
+    fn qp_config(&self) -> QpConfig {
+        QpConfig {
+            max_send_wr: self.send_depth,
+            max_recv_wr: self.recv_depth,
+            ..QpConfig::default()
+        }
+    }
+}
+
+/// The posting side of a queue pair, object-safe.
+trait PostQp: Send + Sync {
+    fn register(&self, len: usize, access: Access) -> Result<Arc<MemoryRegion>, VerbsError>;
+    fn post_recv(&self, wr_id: u64, buf: LocalSlice) -> Result<(), VerbsError>;
+    fn post_send(&self, wr_id: u64, buf: LocalSlice) -> Result<(), VerbsError>;
+    fn post_rdma_write(&self, wr_id: u64, l: LocalSlice, r: RemoteAddr) -> Result<(), VerbsError>;
+    fn post_rdma_read(&self, wr_id: u64, l: LocalSlice, r: RemoteAddr) -> Result<(), VerbsError>;
+    fn disconnect(&self);
+}
+
+impl<Q: QueuePair> PostQp for Q {
+    fn register(&self, len: usize, access: Access) -> Result<Arc<MemoryRegion>, VerbsError> {
+        QueuePair::register(self, len, access)
+    }
+    fn post_recv(&self, wr_id: u64, buf: LocalSlice) -> Result<(), VerbsError> {
+        QueuePair::post_recv(self, wr_id, buf)
+    }
+    fn post_send(&self, wr_id: u64, buf: LocalSlice) -> Result<(), VerbsError> {
+        QueuePair::post_send(self, wr_id, buf, None)
+    }
+    fn post_rdma_write(&self, wr_id: u64, l: LocalSlice, r: RemoteAddr) -> Result<(), VerbsError> {
+        QueuePair::post_rdma_write(self, wr_id, l, r)
+    }
+    fn post_rdma_read(&self, wr_id: u64, l: LocalSlice, r: RemoteAddr) -> Result<(), VerbsError> {
+        QueuePair::post_rdma_read(self, wr_id, l, r)
+    }
+    fn disconnect(&self) {
+        QueuePair::disconnect(self)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Registered regions of one connection, reused when nobody else holds them.
+#[derive(Default)]
+struct Pool {
+    regions: Mutex<Vec<Arc<MemoryRegion>>>,
+}
+
+impl Pool {
+    fn get(
+        &self,
+        qp: &dyn PostQp,
+        len: usize,
+        access: Access,
+    ) -> Result<Arc<MemoryRegion>, VerbsError> {
+        let mut regions = lock(&self.regions);
+        if let Some(r) = regions.iter().find(|r| {
+            Arc::strong_count(r) == 1
+                && r.access() == access
+                && r.len() >= len
+                && r.len() / 4 <= len
+        }) {
+            return Ok(Arc::clone(r));
+        }
+        let size = len.max(4096).next_power_of_two();
+        let r = qp.register(size, access)?;
+        if regions.len() >= POOL_KEEP {
+            // Forget one that is idle, so the pool follows the workload.
+            if let Some(i) = regions.iter().position(|r| Arc::strong_count(r) == 1) {
+                regions.swap_remove(i);
+            }
+        }
+        if regions.len() < POOL_KEEP {
+            regions.push(Arc::clone(&r));
+        }
+        Ok(r)
+    }
+
+    fn live(&self) -> usize {
+        lock(&self.regions)
+            .iter()
+            .filter(|r| Arc::strong_count(r) > 1)
+            .count()
+    }
+}
+
+/// What one side remembers per task (by ITT) between the command and its
+/// response.
+#[derive(Default)]
+struct Tasks {
+    /// Target: the buffers the initiator advertised.
+    advertised: HashMap<u32, (Option<Tagged>, Option<Tagged>)>,
+    /// Initiator: where the target RDMA-writes read data, and its length.
+    read_bufs: HashMap<u32, (Arc<MemoryRegion>, u32)>,
+    /// Initiator: staged write data (kept until the response) and where its
+    /// unsolicited part ends.
+    write_bufs: HashMap<u32, (Arc<MemoryRegion>, u32)>,
+    /// Target: RDMA READs in flight, by wr_id.
+    reads: HashMap<u64, PendingRead>,
+}
+
+struct PendingRead {
+    lun: u64,
+    itt: u32,
+    ttt: u32,
+    offset: u32,
+    buf: Arc<MemoryRegion>,
+    len: u32,
+}
+
+struct Shared {
+    qp: Arc<dyn PostQp>,
+    role: Role,
+    cfg: IserConfig,
+    send_pool: Pool,
+    data_pool: Pool,
+    tasks: Mutex<Tasks>,
+    send_credits: Semaphore,
+    next_wr: AtomicU64,
+    /// What login settled (the initiator splits write data by it).
+    params: Mutex<NegotiatedParams>,
+    max_recv: std::sync::atomic::AtomicU32,
+    info: TransportInfo,
+    cm: CmHeader,
+}
+
+impl Shared {
+    fn wr_id(&self) -> u64 {
+        self.next_wr.fetch_add(1, Ordering::Relaxed) & !RECV_BIT
+    }
+}
+
+/// One iSER connection, before it is split.
+pub struct IserTransport {
+    rx: IserRx,
+    tx: IserTx,
+}
+
+impl std::fmt::Debug for IserTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IserTransport")
+            .field("info", &self.tx.shared.info)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Prepares a fresh QP: registers the receive ring and posts all of it.
+fn post_ring<Q: QueuePair>(qp: &Q, cfg: &IserConfig) -> Result<Arc<MemoryRegion>, VerbsError> {
+    let len = cfg.buf_len();
+    let total = len
+        .checked_mul(cfg.recv_depth as usize)
+        .ok_or(VerbsError::Invalid("receive ring too large"))?;
+    let ring = qp.register(total, Access::LOCAL_WRITE)?;
+    for i in 0..cfg.recv_depth as usize {
+        let slice = LocalSlice::new(Arc::clone(&ring), i * len, len as u32)
+            .ok_or(VerbsError::Invalid("receive ring slice"))?;
+        qp.post_recv(RECV_BIT | i as u64, slice)?;
+    }
+    Ok(ring)
+}
+
+impl IserTransport {
+    /// Initiator: connects to an iSER portal with our CM private data.
+    pub async fn connect<V: Verbs>(
+        verbs: &V,
+        addr: SocketAddr,
+        cfg: IserConfig,
+    ) -> Result<IserTransport, VerbsError> {
+        let mut ring = None;
+        let (qp, rep) = verbs
+            .connect(addr, cfg.qp_config(), &CmHeader::OURS.encode(), |qp| {
+                ring = Some(post_ring(qp, &cfg)?);
+                Ok(())
+            })
+            .await?;
+        let ring = ring.ok_or(VerbsError::Invalid("no receive ring"))?;
+        let cm = CmHeader::OURS.agree(CmHeader::decode(&rep));
+        Ok(Self::start(qp, ring, cfg, Role::Initiator, cm))
+    }
+
+    /// Target: accepts a connect request with our CM private data.
+    pub async fn accept<R: ConnectRequest>(
+        req: R,
+        cfg: IserConfig,
+    ) -> Result<IserTransport, VerbsError> {
+        let cm = CmHeader::OURS.agree(CmHeader::decode(req.private_data()));
+        let mut ring = None;
+        let qp = req
+            .accept(cfg.qp_config(), &CmHeader::OURS.encode(), |qp| {
+                ring = Some(post_ring(qp, &cfg)?);
+                Ok(())
+            })
+            .await?;
+        let ring = ring.ok_or(VerbsError::Invalid("no receive ring"))?;
+        Ok(Self::start(qp, ring, cfg, Role::Target, cm))
+    }
+
+    fn start<Q: QueuePair>(
+        qp: Q,
+        ring: Arc<MemoryRegion>,
+        cfg: IserConfig,
+        role: Role,
+        cm: CmHeader,
+    ) -> IserTransport {
+        let info = TransportInfo {
+            kind: "iser",
+            local_addr: qp.local_addr().to_string(),
+            peer_addr: qp.peer_addr().to_string(),
+        };
+        let qp = Arc::new(qp);
+        let shared = Arc::new(Shared {
+            qp: Arc::clone(&qp) as Arc<dyn PostQp>,
+            role,
+            cfg,
+            send_pool: Pool::default(),
+            data_pool: Pool::default(),
+            tasks: Mutex::new(Tasks::default()),
+            send_credits: Semaphore::new(cfg.send_depth as usize),
+            next_wr: AtomicU64::new(1),
+            params: Mutex::new(NegotiatedParams::default()),
+            max_recv: std::sync::atomic::AtomicU32::new(cfg.max_data_segment),
+            info,
+            cm,
+        });
+        let (up, down) = mpsc::unbounded_channel();
+        tokio::spawn(drive(qp, Arc::clone(&shared), ring, up));
+        IserTransport {
+            rx: IserRx {
+                down,
+                shared: Arc::clone(&shared),
+            },
+            tx: IserTx { shared },
+        }
+    }
+
+    /// What the two sides agreed in the CM private data.
+    pub fn cm(&self) -> CmHeader {
+        self.tx.shared.cm
+    }
+}
+
+impl Transport for IserTransport {
+    type Rx = IserRx;
+    type Tx = IserTx;
+
+    fn info(&self) -> TransportInfo {
+        self.tx.shared.info.clone()
+    }
+
+    fn into_split(self) -> (IserRx, IserTx) {
+        (self.rx, self.tx)
+    }
+}
+
+/// The completion-queue task of one connection: hands received PDUs (and
+/// RDMA READ results as Data-Out) up, reposts receives, returns send credits.
+/// Ends when the QP reports it is disconnected and flushed; dropping `up`
+/// then tells the receive half.
+async fn drive<Q: QueuePair>(
+    qp: Arc<Q>,
+    shared: Arc<Shared>,
+    ring: Arc<MemoryRegion>,
+    up: mpsc::UnboundedSender<Result<RawPdu, TransportError>>,
+) {
+    let mut wcs: Vec<Completion> = Vec::with_capacity(64);
+    let mut failed = false;
+    loop {
+        wcs.clear();
+        if qp.poll(&mut wcs, 64).await.is_err() {
+            break;
+        }
+        for wc in wcs.drain(..) {
+            if wc.opcode != WcOpcode::Recv {
+                shared.send_credits.add_permits(1);
+            }
+            if wc.status != WcStatus::Success {
+                if wc.status != WcStatus::WrFlushErr && !failed {
+                    tracing::info!(status = ?wc.status, opcode = ?wc.opcode, "iSER work request failed: disconnecting");
+                    failed = true;
+                }
+                if wc.opcode == WcOpcode::RdmaRead {
+                    lock(&shared.tasks).reads.remove(&wc.wr_id);
+                }
+                qp.disconnect();
+                continue;
+            }
+            match wc.opcode {
+                WcOpcode::Recv => {
+                    let item = received(&shared, &ring, &wc);
+                    let stop = item.is_err();
+                    for i in item.into_iter().flatten() {
+                        let _ = up.send(Ok(i));
+                    }
+                    if let Err(e) = received_error(stop, &wc) {
+                        let _ = up.send(Err(e));
+                    }
+                }
+                WcOpcode::RdmaRead => {
+                    if let Some(pdu) = read_done(&shared, wc.wr_id) {
+                        let _ = up.send(Ok(pdu));
+                    }
+                }
+                WcOpcode::Send | WcOpcode::RdmaWrite => {}
+            }
+        }
+    }
+    // Whatever was still tracked is released with the connection.
+    *lock(&shared.tasks) = Tasks::default();
+    shared.send_credits.close();
+    drop(ring);
+}
+
+fn received_error(stop: bool, wc: &Completion) -> Result<(), TransportError> {
+    if stop {
+        tracing::debug!(len = wc.byte_len, "unreadable iSER receive");
+        return Err(TransportError::TruncatedPdu);
+    }
+    Ok(())
+}
+
+/// One SEND from the peer: copies it out of the ring, reposts the receive,
+/// and turns it into the PDUs to hand up.
+fn received(
+    shared: &Shared,
+    ring: &Arc<MemoryRegion>,
+    wc: &Completion,
+) -> Result<Vec<RawPdu>, TransportError> {
+    let slot = usize::try_from(wc.wr_id & !RECV_BIT).unwrap_or(usize::MAX);
+    let len = shared.cfg.buf_len();
+    let offset = slot.checked_mul(len).ok_or(TransportError::TruncatedPdu)?;
+    let n = (wc.byte_len as usize).min(len);
+    let mut msg = vec![0u8; n];
+    ring.read_at(offset, &mut msg)
+        .ok_or(TransportError::TruncatedPdu)?;
+    if let Some(slice) = LocalSlice::new(Arc::clone(ring), offset, len as u32) {
+        if let Err(e) = shared.qp.post_recv(wc.wr_id, slice) {
+            tracing::debug!(error = %e, "could not repost a receive");
+        }
+    }
+    let iser = IserHeader::decode(&msg).map_err(|_| TransportError::TruncatedPdu)?;
+    let IserHeader::Control { write, read } = iser else {
+        // Hello exchanges are for iWARP; an InfiniBand/RoCE peer never sends them.
+        return Ok(Vec::new());
+    };
+    let msg = Bytes::from(msg);
+    let bhs: [u8; BHS_LEN] = msg
+        .get(ISER_HEADER_LEN..ISER_HEADER_LEN + BHS_LEN)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(TransportError::TruncatedPdu)?;
+    let ahs_len = pdu::total_ahs_length(&bhs);
+    let data_len = pdu::data_segment_length(&bhs);
+    let max = shared.max_recv.load(Ordering::Relaxed);
+    if data_len > max {
+        return Err(TransportError::Decode(DecodeError::DataSegmentTooLong {
+            len: data_len,
+            max,
+            bhs: Box::new(bhs),
+        }));
+    }
+    let ahs_at = ISER_HEADER_LEN + BHS_LEN;
+    let data_at = ahs_at + ahs_len;
+    let end = data_at + data_len as usize;
+    if end > msg.len() {
+        return Err(TransportError::TruncatedPdu);
+    }
+    let raw = RawPdu {
+        bhs,
+        ahs: msg.slice(ahs_at..data_at),
+        data: msg.slice(data_at..end),
+    };
+    let opcode = raw.opcode_byte();
+    let mut out = Vec::with_capacity(2);
+    match shared.role {
+        Role::Target if opcode == 0x01 && (write.is_some() || read.is_some()) => {
+            lock(&shared.tasks)
+                .advertised
+                .insert(raw.itt(), (write, read));
+        }
+        Role::Initiator if opcode == 0x21 => {
+            if let Some(data_in) = landed_data(shared, &raw) {
+                out.push(data_in);
+            }
+        }
+        _ => {}
+    }
+    out.push(raw);
+    Ok(out)
+}
+
+/// Initiator: the read data the target RDMA-wrote, as the one Data-In PDU
+/// IDM expects before the SCSI Response.
+fn landed_data(shared: &Shared, response: &RawPdu) -> Option<RawPdu> {
+    let itt = response.itt();
+    let (buf, len) = {
+        let mut tasks = lock(&shared.tasks);
+        tasks.write_bufs.remove(&itt);
+        tasks.read_bufs.remove(&itt)?
+    };
+    let Ok(Header::ScsiResponse(h)) = Header::parse(&response.bhs, &response.ahs) else {
+        return None;
+    };
+    let moved = if h.underflow {
+        len.saturating_sub(h.residual_count)
+    } else {
+        len
+    };
+    if moved == 0 {
+        return None;
+    }
+    let data = buf.bytes(0, moved as usize)?;
+    let header = Header::DataIn(DataIn {
+        final_: true,
+        itt,
+        ttt: pdu::RESERVED_TAG,
+        ..Default::default()
+    });
+    Some(raw_of(header, data))
+}
+
+/// Target: an RDMA READ finished; its data comes up as the Data-Out that
+/// answers the R2T it stood for.
+fn read_done(shared: &Shared, wr_id: u64) -> Option<RawPdu> {
+    let r = lock(&shared.tasks).reads.remove(&wr_id)?;
+    let data = r.buf.bytes(0, r.len as usize)?;
+    let header = Header::DataOut(DataOut {
+        final_: true,
+        lun: r.lun,
+        itt: r.itt,
+        ttt: r.ttt,
+        exp_stat_sn: 0,
+        data_sn: 0,
+        buffer_offset: r.offset,
+    });
+    Some(raw_of(header, data))
+}
+
+fn raw_of(header: Header, data: Bytes) -> RawPdu {
+    let mut bhs = [0u8; BHS_LEN];
+    header.write_bhs(&mut bhs);
+    let dlen = u32::try_from(data.len()).unwrap_or(0);
+    if let Some(dst) = bhs.get_mut(5..8) {
+        dst.copy_from_slice(&dlen.to_be_bytes()[1..4]);
+    }
+    RawPdu {
+        bhs,
+        ahs: Bytes::new(),
+        data,
+    }
+}
+
+/// The receive half.
+pub struct IserRx {
+    down: mpsc::UnboundedReceiver<Result<RawPdu, TransportError>>,
+    shared: Arc<Shared>,
+}
+
+impl PduRx for IserRx {
+    async fn recv(&mut self) -> Result<Option<RawPdu>, TransportError> {
+        match self.down.recv().await {
+            Some(r) => r.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn set_digests(&mut self, header: bool, data: bool) {
+        if header || data {
+            tracing::warn!("digests asked for on iSER: ignored (RFC 7145 §6.4)");
+        }
+    }
+
+    fn set_max_recv_data_segment_length(&mut self, len: u32) {
+        let cap = self.shared.cfg.max_data_segment;
+        self.shared.max_recv.store(len.min(cap), Ordering::Relaxed);
+    }
+}
+
+/// The send half.
+pub struct IserTx {
+    shared: Arc<Shared>,
+}
+
+fn io_err(e: VerbsError) -> TransportError {
+    TransportError::Io(std::io::Error::other(e.to_string()))
+}
+
+impl IserTx {
+    /// Registered regions in use (by the device or by IDM), for inspection
+    /// and leak checks.
+    pub fn regions_in_use(&self) -> usize {
+        self.shared.send_pool.live() + self.shared.data_pool.live()
+    }
+
+    async fn credit(&self) -> Result<(), TransportError> {
+        self.shared
+            .send_credits
+            .acquire()
+            .await
+            .map_err(|_| TransportError::Io(std::io::ErrorKind::NotConnected.into()))?
+            .forget();
+        Ok(())
+    }
+
+    /// SENDs one control PDU behind `iser`.
+    async fn send_control(&self, iser: IserHeader, pdu: &Pdu) -> Result<(), TransportError> {
+        let s = &self.shared;
+        let mut msg = BytesMut::with_capacity(ISER_HEADER_LEN + BHS_LEN + pdu.data.len() + 4);
+        msg.put_slice(&iser.encode());
+        pdu.encode_header(false, &mut msg);
+        if !pdu.data.is_empty() {
+            msg.put_slice(&pdu.data);
+            let (trailer, n) = pdu.encode_trailer(false);
+            msg.put_slice(trailer.get(..n).unwrap_or(&[]));
+        }
+        let buf = s
+            .send_pool
+            .get(s.qp.as_ref(), msg.len(), Access::LOCAL_WRITE)
+            .map_err(io_err)?;
+        buf.write_at(0, &msg).ok_or(TransportError::TruncatedPdu)?;
+        let slice =
+            LocalSlice::new(buf, 0, msg.len() as u32).ok_or(TransportError::TruncatedPdu)?;
+        self.credit().await?;
+        s.qp.post_send(s.wr_id(), slice).map_err(io_err)
+    }
+
+    /// Target "put data": a run of Data-In PDUs of one task becomes one RDMA
+    /// WRITE, and status (if the last carries it) a SCSI Response SEND.
+    async fn put_data(&self, run: &[Pdu]) -> Result<(), TransportError> {
+        let s = &self.shared;
+        let Some((Header::DataIn(first), Some(Header::DataIn(last)))) = run
+            .first()
+            .map(|p| (&p.header, run.last().map(|l| &l.header)))
+        else {
+            return Ok(());
+        };
+        let total: usize = run.iter().map(|p| p.data.len()).sum();
+        if total > 0 {
+            let read = lock(&s.tasks)
+                .advertised
+                .get(&first.itt)
+                .and_then(|(_, r)| *r);
+            let Some(tag) = read else {
+                tracing::info!(itt = first.itt, "Data-In for a task without a read STag");
+                return Err(TransportError::Io(std::io::ErrorKind::InvalidData.into()));
+            };
+            let buf = s
+                .data_pool
+                .get(s.qp.as_ref(), total, Access::LOCAL_WRITE)
+                .map_err(io_err)?;
+            let mut at = 0;
+            for p in run {
+                buf.write_at(at, &p.data)
+                    .ok_or(TransportError::TruncatedPdu)?;
+                at += p.data.len();
+            }
+            let slice =
+                LocalSlice::new(buf, 0, total as u32).ok_or(TransportError::TruncatedPdu)?;
+            let remote = RemoteAddr {
+                addr: tag.va.wrapping_add(u64::from(first.buffer_offset)),
+                rkey: tag.stag,
+            };
+            self.credit().await?;
+            s.qp.post_rdma_write(s.wr_id(), slice, remote)
+                .map_err(io_err)?;
+        }
+        if last.status_present {
+            let resp = Pdu::new(
+                Header::ScsiResponse(ScsiResponse {
+                    overflow: last.overflow,
+                    underflow: last.underflow,
+                    response: pdu::scsi_response::COMMAND_COMPLETED,
+                    status: last.status,
+                    itt: last.itt,
+                    stat_sn: last.stat_sn,
+                    exp_cmd_sn: last.exp_cmd_sn,
+                    max_cmd_sn: last.max_cmd_sn,
+                    residual_count: last.residual_count,
+                    ..Default::default()
+                }),
+                Bytes::new(),
+            );
+            lock(&s.tasks).advertised.remove(&last.itt);
+            self.send_control(IserHeader::PLAIN, &resp).await?;
+        }
+        Ok(())
+    }
+
+    /// Target "get data": an R2T becomes an RDMA READ of that burst.
+    async fn get_data(&self, r2t: &pdu::R2t) -> Result<(), TransportError> {
+        let s = &self.shared;
+        let write = lock(&s.tasks)
+            .advertised
+            .get(&r2t.itt)
+            .and_then(|(w, _)| *w);
+        let Some(tag) = write else {
+            tracing::info!(itt = r2t.itt, "data wanted for a task without a write STag");
+            return Err(TransportError::Io(std::io::ErrorKind::InvalidData.into()));
+        };
+        let len = r2t.desired_data_transfer_length;
+        let buf = s
+            .data_pool
+            .get(s.qp.as_ref(), len as usize, Access::LOCAL_WRITE)
+            .map_err(io_err)?;
+        let slice =
+            LocalSlice::new(Arc::clone(&buf), 0, len).ok_or(TransportError::TruncatedPdu)?;
+        let wr = s.wr_id();
+        lock(&s.tasks).reads.insert(
+            wr,
+            PendingRead {
+                lun: r2t.lun,
+                itt: r2t.itt,
+                ttt: r2t.ttt,
+                offset: r2t.buffer_offset,
+                buf,
+                len,
+            },
+        );
+        let remote = RemoteAddr {
+            addr: tag.va.wrapping_add(u64::from(r2t.buffer_offset)),
+            rkey: tag.stag,
+        };
+        self.credit().await?;
+        if let Err(e) = s.qp.post_rdma_read(wr, slice, remote) {
+            lock(&s.tasks).reads.remove(&wr);
+            return Err(io_err(e));
+        }
+        Ok(())
+    }
+
+    /// Initiator: registers a command's buffers, stages its write data from
+    /// the Data-Out PDUs behind it in this batch, and SENDs it with STags.
+    async fn command(
+        &self,
+        cmd: &pdu::ScsiCommand,
+        pdu: &Pdu,
+        rest: &[Pdu],
+    ) -> Result<(), TransportError> {
+        let s = &self.shared;
+        let itt = cmd.itt;
+        let edtl = cmd.expected_data_transfer_length;
+        let read_len = match (cmd.read, cmd.write) {
+            (true, false) => edtl,
+            (true, true) => cmd.bidi_read_length.unwrap_or(0),
+            _ => 0,
+        };
+        let mut read = None;
+        let mut write = None;
+        if read_len > 0 {
+            let access = Access::LOCAL_WRITE | Access::REMOTE_WRITE;
+            let buf = s
+                .data_pool
+                .get(s.qp.as_ref(), read_len as usize, access)
+                .map_err(io_err)?;
+            read = Some(Tagged {
+                stag: buf.rkey(),
+                va: buf.addr(),
+            });
+            lock(&s.tasks).read_bufs.insert(itt, (buf, read_len));
+        }
+        if cmd.write && edtl as usize > pdu.data.len() {
+            let buf = s
+                .data_pool
+                .get(s.qp.as_ref(), edtl as usize, Access::REMOTE_READ)
+                .map_err(io_err)?;
+            buf.write_at(0, &pdu.data)
+                .ok_or(TransportError::TruncatedPdu)?;
+            for p in rest {
+                if let Header::DataOut(d) = &p.header {
+                    if d.itt == itt {
+                        buf.write_at(d.buffer_offset as usize, &p.data)
+                            .ok_or(TransportError::TruncatedPdu)?;
+                    }
+                }
+            }
+            let unsolicited_end = WritePlan::new(&lock(&s.params), edtl).unsolicited_end;
+            write = Some(Tagged {
+                stag: buf.rkey(),
+                va: buf.addr(),
+            });
+            lock(&s.tasks)
+                .write_bufs
+                .insert(itt, (buf, unsolicited_end));
+        }
+        self.send_control(IserHeader::Control { write, read }, pdu)
+            .await
+    }
+}
+
+impl PduTx for IserTx {
+    async fn send(&mut self, pdus: &[Pdu]) -> Result<(), TransportError> {
+        let mut i = 0;
+        while let Some(p) = pdus.get(i) {
+            let rest = pdus.get(i + 1..).unwrap_or(&[]);
+            match (&p.header, self.shared.role) {
+                (Header::DataIn(d), Role::Target) => {
+                    let mut end = i + 1;
+                    let mut next_offset = d.buffer_offset.wrapping_add(p.data.len() as u32);
+                    let mut status = d.status_present;
+                    while let Some(Pdu {
+                        header: Header::DataIn(n),
+                        data,
+                    }) = pdus.get(end)
+                    {
+                        if status || n.itt != d.itt || n.buffer_offset != next_offset {
+                            break;
+                        }
+                        next_offset = next_offset.wrapping_add(data.len() as u32);
+                        status = n.status_present;
+                        end += 1;
+                    }
+                    self.put_data(pdus.get(i..end).unwrap_or(&[])).await?;
+                    i = end;
+                    continue;
+                }
+                (Header::R2t(r), Role::Target) => self.get_data(r).await?,
+                (Header::ScsiResponse(r), Role::Target) => {
+                    lock(&self.shared.tasks).advertised.remove(&r.itt);
+                    self.send_control(IserHeader::PLAIN, p).await?;
+                }
+                (Header::ScsiCommand(c), Role::Initiator) => self.command(c, p, rest).await?,
+                (Header::DataOut(d), Role::Initiator) => {
+                    let unsolicited_end = lock(&self.shared.tasks)
+                        .write_bufs
+                        .get(&d.itt)
+                        .map(|(_, end)| *end);
+                    // Beyond the unsolicited part, data waits for RDMA READ.
+                    if unsolicited_end.is_none_or(|end| d.buffer_offset < end) {
+                        self.send_control(IserHeader::PLAIN, p).await?;
+                    }
+                }
+                _ => self.send_control(IserHeader::PLAIN, p).await?,
+            }
+            i += 1;
+        }
+        Ok(())
+    }
+
+    fn set_digests(&mut self, header: bool, data: bool) {
+        if header || data {
+            tracing::warn!("digests asked for on iSER: ignored (RFC 7145 §6.4)");
+        }
+    }
+
+    fn enable_datamover(&mut self, params: &NegotiatedParams) {
+        *lock(&self.shared.params) = params.clone();
+        tracing::debug!(
+            role = ?self.shared.role,
+            rdma = params.rdma_extensions,
+            "iSER datamover enabled"
+        );
+    }
+
+    async fn shutdown(&mut self) {
+        self.shared.qp.disconnect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emulation::Emulation;
+    use crate::verbs::Listener;
+    use iscsi_proto::pdu::{NopOut, R2t, ScsiCommand};
+
+    async fn pair() -> (Emulation, IserTransport, IserTransport) {
+        let fab = Emulation::new();
+        let mut l = fab.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = l.local_addr();
+        let f2 = fab.clone();
+        let ini = tokio::spawn(async move {
+            IserTransport::connect(&f2, addr, IserConfig::default())
+                .await
+                .unwrap()
+        });
+        let req = l.next_request().await.unwrap();
+        assert_eq!(req.private_data(), &CmHeader::OURS.encode());
+        let tgt = IserTransport::accept(req, IserConfig::default())
+            .await
+            .unwrap();
+        (fab, ini.await.unwrap(), tgt)
+    }
+
+    fn params() -> NegotiatedParams {
+        NegotiatedParams {
+            rdma_extensions: true,
+            immediate_data: true,
+            initial_r2t: true,
+            first_burst_length: 65536,
+            max_burst_length: 262_144,
+            ..Default::default()
+        }
+    }
+
+    fn read_cmd(itt: u32, len: u32) -> Pdu {
+        Pdu::new(
+            Header::ScsiCommand(ScsiCommand {
+                final_: true,
+                read: true,
+                itt,
+                expected_data_transfer_length: len,
+                ..Default::default()
+            }),
+            Bytes::new(),
+        )
+    }
+
+    #[tokio::test]
+    async fn control_pdus_cross_in_sends() {
+        let (_f, ini, tgt) = pair().await;
+        let (_irx, mut itx) = ini.into_split();
+        let (mut trx, _ttx) = tgt.into_split();
+        let nop = Pdu::new(
+            Header::NopOut(NopOut {
+                itt: 7,
+                ..Default::default()
+            }),
+            Bytes::from_static(b"ping"),
+        );
+        itx.send(std::slice::from_ref(&nop)).await.unwrap();
+        let got = trx.recv().await.unwrap().unwrap().parse().unwrap();
+        assert_eq!(got, nop);
+    }
+
+    #[tokio::test]
+    async fn data_in_becomes_rdma_write_then_response() {
+        let (_f, ini, tgt) = pair().await;
+        let (mut irx, mut itx) = ini.into_split();
+        let (mut trx, mut ttx) = tgt.into_split();
+        itx.enable_datamover(&params());
+        ttx.enable_datamover(&params());
+        let len = 3 * 8192 + 100;
+        itx.send(&[read_cmd(1, len)]).await.unwrap();
+        let cmd = trx.recv().await.unwrap().unwrap();
+        assert_eq!(cmd.itt(), 1);
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let data = Bytes::from(data);
+        let mut pdus = Vec::new();
+        let mut off = 0u32;
+        while off < len {
+            let n = (len - off).min(8192);
+            let last = off + n == len;
+            pdus.push(Pdu::new(
+                Header::DataIn(DataIn {
+                    final_: last,
+                    status_present: last,
+                    itt: 1,
+                    data_sn: off / 8192,
+                    buffer_offset: off,
+                    stat_sn: 5,
+                    ..Default::default()
+                }),
+                data.slice(off as usize..(off + n) as usize),
+            ));
+            off += n;
+        }
+        ttx.send(&pdus).await.unwrap();
+        let din = irx.recv().await.unwrap().unwrap().parse().unwrap();
+        let Header::DataIn(h) = &din.header else {
+            panic!("{din:?}")
+        };
+        assert_eq!((h.itt, h.buffer_offset, h.data_sn), (1, 0, 0));
+        assert_eq!(din.data, data);
+        let resp = irx.recv().await.unwrap().unwrap().parse().unwrap();
+        let Header::ScsiResponse(r) = resp.header else {
+            panic!()
+        };
+        assert_eq!((r.itt, r.stat_sn, r.status), (1, 5, 0));
+    }
+
+    #[tokio::test]
+    async fn r2t_becomes_rdma_read_and_comes_back_as_data_out() {
+        let (_f, ini, tgt) = pair().await;
+        let (_irx, mut itx) = ini.into_split();
+        let (mut trx, mut ttx) = tgt.into_split();
+        itx.enable_datamover(&params());
+        ttx.enable_datamover(&params());
+        let len = 1u32 << 20;
+        let data = Bytes::from((0..len).map(|i| (i % 253) as u8).collect::<Vec<_>>());
+        let imm = 8192u32;
+        let cmd = Pdu::new(
+            Header::ScsiCommand(ScsiCommand {
+                final_: true,
+                write: true,
+                itt: 9,
+                expected_data_transfer_length: len,
+                ..Default::default()
+            }),
+            data.slice(..imm as usize),
+        );
+        let mut batch = vec![cmd];
+        batch.extend(idm::initiator_data::data_out_pdus(
+            0,
+            9,
+            pdu::RESERVED_TAG,
+            &data,
+            imm,
+            len,
+            len,
+            0,
+        ));
+        itx.send(&batch).await.unwrap();
+        let got = trx.recv().await.unwrap().unwrap().parse().unwrap();
+        assert_eq!(got.data, data.slice(..imm as usize));
+        // Nothing but the command crossed: the rest waits for RDMA READ.
+        ttx.send(&[Pdu::new(
+            Header::R2t(R2t {
+                itt: 9,
+                ttt: 0x42,
+                buffer_offset: imm,
+                desired_data_transfer_length: len - imm,
+                ..Default::default()
+            }),
+            Bytes::new(),
+        )])
+        .await
+        .unwrap();
+        let dout = trx.recv().await.unwrap().unwrap().parse().unwrap();
+        let Header::DataOut(h) = &dout.header else {
+            panic!("{dout:?}")
+        };
+        assert_eq!(
+            (h.itt, h.ttt, h.buffer_offset, h.final_),
+            (9, 0x42, imm, true)
+        );
+        assert_eq!(dout.data, data.slice(imm as usize..));
+    }
+
+    #[tokio::test]
+    async fn disconnect_ends_both_receive_halves() {
+        let (fab, ini, tgt) = pair().await;
+        let (mut irx, _itx) = ini.into_split();
+        let (mut trx, _ttx) = tgt.into_split();
+        fab.set_link(false);
+        assert!(irx.recv().await.unwrap().is_none());
+        assert!(trx.recv().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn data_in_without_advertised_buffer_is_refused() {
+        let (_f, _ini, tgt) = pair().await;
+        let (_trx, mut ttx) = tgt.into_split();
+        let r = ttx
+            .send(&[Pdu::new(
+                Header::DataIn(DataIn {
+                    itt: 3,
+                    ..Default::default()
+                }),
+                Bytes::from_static(b"x"),
+            )])
+            .await;
+        assert!(r.is_err());
+    }
+}
