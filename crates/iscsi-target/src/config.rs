@@ -142,6 +142,14 @@ pub struct TargetConfig {
     pub chap_secret: Option<String>,
     #[serde(default, rename = "lun")]
     pub luns: Vec<LunConfig>,
+    /// An offline target refuses logins and is not discovered (stmfadm
+    /// offline-target); it keeps its configuration.
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub online: bool,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 fn default_tpgs() -> Vec<u16> {
@@ -277,6 +285,7 @@ impl Config {
                     write_cache: None,
                     read_only: false,
                 }],
+                online: true,
             }],
             initiators: vec![],
             discovery: DiscoveryConfig::default(),
@@ -292,6 +301,13 @@ impl Config {
         let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Whether target `iqn` exists and is online (accepts logins).
+    pub fn target_online(&self, iqn: &str) -> bool {
+        self.targets
+            .iter()
+            .any(|t| t.iqn.eq_ignore_ascii_case(iqn) && t.online)
     }
 
     pub fn load(path: &str) -> Result<Config, ConfigError> {

@@ -35,6 +35,8 @@ use tokio::sync::mpsc;
 
 use crate::config::AuthConfig;
 use crate::discovery;
+use crate::inspect::{ConnInfo, NewTask, StateLog, TaskSlot, TaskState};
+use crate::metrics::{now_ns, Dir, Finished, IoStats};
 use crate::registry::Registry;
 use crate::session::{ConnHandle, ConnMsg, NewSession, Session, WriterMsg};
 
@@ -53,9 +55,8 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
     let _enter = span.enter();
     drop(_enter);
     let (mut rx, mut tx) = transport.into_split();
-    let mut state = ConnState::Free
-        .next(ConnEvent::TransportUp)
-        .unwrap_or(ConnState::XptUp);
+    let mut state = StateLog::new(ConnState::Free);
+    step(&mut state, ConnEvent::TransportUp);
     let authority = Authority {
         registry: registry.clone(),
         portal_group_tag,
@@ -93,16 +94,14 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
     rx.set_digests(params.header_digest, params.data_digest);
     tx.set_digests(params.header_digest, params.data_digest);
     rx.set_max_recv_data_segment_length(params.max_recv_data_segment_length);
-    state = state
-        .next(ConnEvent::LoginSucceeded)
-        .unwrap_or(ConnState::LoggedIn);
+    step(&mut state, ConnEvent::LoginSucceeded);
     tracing::info!(
         peer = %info.peer_addr,
         initiator = %outcome.identity.initiator_name,
         target = outcome.identity.target_name.as_deref().unwrap_or("(discovery)"),
         tsih = session.tsih,
         cid = outcome.identity.cid,
-        state = state.rfc_name(),
+        state = state.state.rfc_name(),
         header_digest = params.header_digest,
         data_digest = params.data_digest,
         mrdsl_in = params.max_recv_data_segment_length,
@@ -112,17 +111,32 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
     let (inbox_tx, inbox) = mpsc::unbounded_channel();
     let serial = registry.sessions.conn_serial();
     let cid = outcome.identity.cid;
+    let live = Arc::new(ConnInfo::new(
+        cid,
+        info.peer_addr.clone(),
+        info.local_addr.clone(),
+        params.clone(),
+        state,
+        session.io.clone(),
+        session.target_io.clone(),
+    ));
     session.attach(ConnHandle {
         cid,
         serial,
         inbox: inbox_tx,
         peer_addr: info.peer_addr.clone(),
         local_addr: info.local_addr.clone(),
+        info: live.clone(),
     });
     let (wtx, wrx) = mpsc::unbounded_channel();
     let outbox = Outbox {
         tx: wtx,
-        backlog: Arc::new(Default::default()),
+        backlog: Arc::new(Backlog {
+            limit: usize::try_from(registry.defaults().connection_buffer_limit)
+                .unwrap_or(usize::MAX),
+            ..Default::default()
+        }),
+        info: live.clone(),
     };
     let writer = tokio::spawn(writer_loop(
         tx,
@@ -147,7 +161,8 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
         ping: None,
         closing: false,
         logout_session: false,
-        state,
+        info: live,
+        lu_io: HashMap::new(),
     };
     conn.run(rx, inbox).await;
     // Leave the session table before the socket closes, so an initiator
@@ -169,6 +184,13 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
     tracing::info!(peer = %info.peer_addr, tsih = session.tsih, cid, "connection closed");
 }
 
+/// Moves a connection that is not logged in yet (no [`ConnInfo`] so far).
+fn step(log: &mut StateLog<ConnState>, event: ConnEvent) -> Option<ConnState> {
+    let next = log.state.next(event).ok()?;
+    log.record(next, &event, ConnState::rfc_name);
+    Some(next)
+}
+
 async fn send_now<Tx: PduTx>(tx: &mut Tx, pdu: Pdu) -> bool {
     tx.send(std::slice::from_ref(&pdu)).await.is_ok()
 }
@@ -177,7 +199,7 @@ async fn login<Rx: PduRx, Tx: PduTx>(
     rx: &mut Rx,
     tx: &mut Tx,
     authority: &Authority,
-    state: &mut ConnState,
+    state: &mut StateLog<ConnState>,
 ) -> Option<LoginOutcome> {
     let mut machine = TargetLogin::new(authority.portal_group_tag);
     loop {
@@ -188,8 +210,8 @@ async fn login<Rx: PduRx, Tx: PduTx>(
             // the connection (RFC 7143 §6.1).
             return None;
         };
-        if *state == ConnState::XptUp {
-            *state = state.next(ConnEvent::LoginReceived).ok()?;
+        if state.state == ConnState::XptUp {
+            step(state, ConnEvent::LoginReceived)?;
         }
         match machine.handle(req, &pdu.data, authority) {
             LoginStep::Continue(resp) => {
@@ -202,7 +224,7 @@ async fn login<Rx: PduRx, Tx: PduTx>(
             }
             LoginStep::Fail(resp, _) => {
                 let _ = send_now(tx, resp).await;
-                *state = state.next(ConnEvent::LoginFailed).ok()?;
+                step(state, ConnEvent::LoginFailed)?;
                 return None;
             }
         }
@@ -279,6 +301,10 @@ impl LoginAuthority for Authority {
         let target = self.registry.target(name).ok_or(login_status::NOT_FOUND)?;
         if !target.portal_groups.contains(&self.portal_group_tag) {
             return Err(login_status::NOT_FOUND);
+        }
+        if !self.registry.snapshot().config.target_online(name) {
+            // stmfadm offline-target: the target is there but not serving.
+            return Err(login_status::SERVICE_UNAVAILABLE);
         }
         if !target.admits(&who.initiator_name) {
             return Err(login_status::AUTHORIZATION_FAILURE);
@@ -395,6 +421,7 @@ async fn writer_loop<Tx: PduTx>(
             }
         }
         outbox.sent(bytes);
+        outbox.info.sent(bytes);
         batch.clear();
         if closing {
             break;
@@ -405,17 +432,21 @@ async fn writer_loop<Tx: PduTx>(
 }
 
 /// Bytes queued for the writer and not yet on the wire. The reader stops
-/// reading while this is above [`MAX_BACKLOG_BYTES`], so a peer that sends
-/// requests without reading the answers cannot grow our memory.
+/// reading while this is above the limit (`connection_buffer_limit`), so a
+/// peer that sends requests without reading the answers cannot grow our memory.
 #[derive(Clone)]
 struct Outbox {
     tx: mpsc::UnboundedSender<WriterMsg>,
     backlog: Arc<Backlog>,
+    /// Counts PDUs and bytes for inspection.
+    info: Arc<ConnInfo>,
 }
 
 #[derive(Default)]
 struct Backlog {
     bytes: std::sync::atomic::AtomicUsize,
+    /// Above this many queued bytes the reader waits.
+    limit: usize,
     room: tokio::sync::Notify,
     /// The writer has stopped (send failed or timed out).
     writer_gone: std::sync::atomic::AtomicBool,
@@ -424,18 +455,21 @@ struct Backlog {
 /// A send that makes no progress for this long ends the connection.
 const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
-const MAX_BACKLOG_BYTES: usize = 64 << 20;
-
 fn wire_len(pdus: &[OutPdu]) -> usize {
     pdus.iter().map(|p| BHS_LEN + p.pdu.data.len()).sum()
 }
 
 impl Outbox {
-    fn send(&self, pdus: Vec<OutPdu>) {
+    /// Queues `pdus`; returns the connection's running total of queued
+    /// bytes (the writer has sent them once its own total reaches it).
+    fn send(&self, pdus: Vec<OutPdu>) -> u64 {
+        let len = wire_len(&pdus);
         self.backlog
             .bytes
-            .fetch_add(wire_len(&pdus), std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+        let mark = self.info.queued(pdus.len(), len);
         let _ = self.tx.send(WriterMsg::Pdus(pdus));
+        mark
     }
 
     fn close(&self) {
@@ -466,7 +500,7 @@ impl Outbox {
         self.backlog
             .bytes
             .load(std::sync::atomic::Ordering::Relaxed)
-            <= MAX_BACKLOG_BYTES
+            <= self.backlog.limit
     }
 
     async fn wait_for_room(&self) {
@@ -486,6 +520,9 @@ struct PendingWrite {
     collector: WriteCollector,
     /// Its CmdSN turn has come.
     delivered: bool,
+    /// Its place in the inspection task table, and when it arrived.
+    slot: TaskSlot,
+    start_ns: u64,
 }
 
 struct Conn {
@@ -508,8 +545,35 @@ struct Conn {
     ping: Option<(u32, Instant)>,
     closing: bool,
     logout_session: bool,
-    /// RFC 7143 §8.1.3 state of this connection (S5 onwards).
-    state: ConnState,
+    /// RFC 7143 §8.1.3 state of this connection (S5 onwards, with its
+    /// transitions), counters and tasks in flight.
+    info: Arc<ConnInfo>,
+    /// The LUs' counters, by NAA id, taken once per LU.
+    lu_io: HashMap<u64, Arc<IoStats>>,
+}
+
+/// Counts a finished command (session, target, LU), queues its response
+/// and lets its task slot go once the response is on the wire.
+fn finish(
+    writer: &Outbox,
+    lu_io: Option<&IoStats>,
+    slot: TaskSlot,
+    start_ns: u64,
+    pdus: Vec<OutPdu>,
+    mut f: Finished,
+) {
+    f.latency_ns = now_ns().saturating_sub(start_ns);
+    let info = &writer.info;
+    info.session_io.record(&f);
+    if let Some(t) = &info.target_io {
+        t.record(&f);
+    }
+    if let Some(l) = lu_io {
+        l.record(&f);
+    }
+    let mark = writer.send(pdus);
+    info.tasks
+        .sending(slot, f.bytes_read.max(f.bytes_written), mark);
 }
 
 fn status_pdu(pdu: Pdu) -> OutPdu {
@@ -522,15 +586,9 @@ fn status_pdu(pdu: Pdu) -> OutPdu {
 impl Conn {
     /// The one place this connection's state changes.
     fn transition(&mut self, event: ConnEvent) {
-        match self.state.next(event) {
+        match self.info.transition(event) {
             Ok(next) => {
-                tracing::debug!(
-                    from = self.state.rfc_name(),
-                    to = next.rfc_name(),
-                    ?event,
-                    "connection state"
-                );
-                self.state = next;
+                tracing::debug!(to = next.rfc_name(), ?event, "connection state");
             }
             Err(e) => tracing::debug!(error = %e, "ignored state event"),
         }
@@ -538,6 +596,24 @@ impl Conn {
 
     fn send(&self, pdus: Vec<OutPdu>) {
         self.writer.send(pdus);
+    }
+
+    /// The counters of `lu`, cached on the connection.
+    fn lu_io(&mut self, lu: &scsi_target::LogicalUnit) -> Arc<IoStats> {
+        let id = lu.config().naa_id;
+        if let Some(io) = self.lu_io.get(&id) {
+            return io.clone();
+        }
+        let io = self.registry.sessions.metrics.lu(id);
+        self.lu_io.insert(id, io.clone());
+        io
+    }
+
+    fn count_aborts(&self, n: u64) {
+        self.info.session_io.aborted(n);
+        if let Some(io) = &self.info.target_io {
+            io.aborted(n);
+        }
     }
 
     fn alloc_ttt(&mut self) -> u32 {
@@ -574,6 +650,7 @@ impl Conn {
                 r = rx.recv(), if room => match r {
                     Ok(Some(raw)) => {
                         last_rx = Instant::now();
+                        self.info.received(BHS_LEN + raw.ahs.len() + raw.data.len());
                         self.on_raw(raw).await;
                     }
                     Ok(None) => {
@@ -738,12 +815,27 @@ impl Conn {
         ) {
             Ok(collector) => {
                 self.pending_write_bytes += edtl;
+                let start_ns = now_ns();
+                let cdb = h.full_cdb();
+                let slot = self.info.task_started(&NewTask {
+                    itt: h.itt,
+                    cmd_sn: h.cmd_sn,
+                    lun: pdu::lun_from_wire(h.lun),
+                    cdb: &cdb,
+                    dir: Dir::from_flags(h.read, h.write),
+                    expected: h.expected_data_transfer_length,
+                    done: imm.len() as u64,
+                    state: TaskState::WaitingForData,
+                    start_ns,
+                });
                 self.tasks.insert(
                     h.itt,
                     PendingWrite {
                         cmd: h.clone(),
                         collector,
                         delivered: false,
+                        slot,
+                        start_ns,
                     },
                 );
             }
@@ -793,6 +885,17 @@ impl Conn {
             let too_big = h.expected_data_transfer_length > MAX_WRITE;
             let Some(task) = self.tasks.get_mut(&h.itt) else {
                 let edtl = u64::from(h.expected_data_transfer_length);
+                self.info.session_io.record(&Finished {
+                    dir: Dir::Write,
+                    bytes_read: 0,
+                    bytes_written: 0,
+                    status: if too_big {
+                        scsi_target::status::CHECK_CONDITION
+                    } else {
+                        scsi_target::status::TASK_SET_FULL
+                    },
+                    latency_ns: 0,
+                });
                 if too_big {
                     self.complete_with_sense(
                         &h,
@@ -811,7 +914,22 @@ impl Conn {
             return;
         }
         let data = if h.write { imm } else { Bytes::new() };
-        self.execute(h, data).await;
+        let start_ns = now_ns();
+        let slot = {
+            let cdb = h.full_cdb();
+            self.info.task_started(&NewTask {
+                itt: h.itt,
+                cmd_sn: h.cmd_sn,
+                lun: pdu::lun_from_wire(h.lun),
+                cdb: &cdb,
+                dir: Dir::from_flags(h.read, h.write),
+                expected: h.expected_data_transfer_length,
+                done: data.len() as u64,
+                state: TaskState::InBackend,
+                start_ns,
+            })
+        };
+        self.execute(h, data, slot, start_ns).await;
     }
 
     fn reject_command(&self, h: &ScsiCommand) {
@@ -871,8 +989,18 @@ impl Conn {
             .map(|(itt, _)| *itt)
             .collect();
         for itt in itts {
-            self.drop_write(itt);
+            self.abort_write(itt);
         }
+    }
+
+    /// Ends a write that was waiting for data (task management).
+    fn abort_write(&mut self, itt: u32) -> bool {
+        let Some(t) = self.drop_write(itt) else {
+            return false;
+        };
+        self.info.tasks.release(t.slot);
+        self.count_aborts(1);
+        true
     }
 
     fn data_in_limits(&self) -> DataInLimits {
@@ -892,7 +1020,8 @@ impl Conn {
         if complete {
             if let Some(t) = self.drop_write(itt) {
                 let data = t.collector.into_data();
-                self.execute(t.cmd, data).await;
+                self.info.tasks.set_state(t.slot, TaskState::InBackend);
+                self.execute(t.cmd, data, t.slot, t.start_ns).await;
             }
             return;
         }
@@ -931,12 +1060,14 @@ impl Conn {
             self.reject(reject_reason::PROTOCOL_ERROR, bhs);
             return;
         }
+        self.info.tasks.add_done(task.slot, pdu.data.len() as u64);
         let itt = h.itt;
         self.pump_write(itt).await;
     }
 
-    async fn execute(&mut self, h: ScsiCommand, data_out: Bytes) {
+    async fn execute(&mut self, h: ScsiCommand, data_out: Bytes, slot: TaskSlot, start_ns: u64) {
         let Some(target) = self.session.target.clone() else {
+            self.info.tasks.release(slot);
             return;
         };
         let lun = pdu::lun_from_wire(h.lun);
@@ -949,7 +1080,9 @@ impl Conn {
             pdu::task_attr::ACA => TaskAttr::Aca,
             _ => TaskAttr::Untagged,
         };
-        let blocking = target.luns.get(lun).is_some_and(|lu| lu.may_block());
+        let the_lu = target.luns.get(lun);
+        let blocking = the_lu.as_ref().is_some_and(|lu| lu.may_block());
+        let lu_io = the_lu.map(|lu| self.lu_io(&lu));
         let run = move || {
             let cdb = h.full_cdb();
             let task = ScsiTask {
@@ -967,6 +1100,25 @@ impl Conn {
                 tag: u64::from(h.itt),
             };
             let r = target.luns.execute(&task);
+            let good = r.status == scsi_target::status::GOOD;
+            let finished = Finished {
+                dir: Dir::from_flags(h.read, h.write),
+                bytes_read: if h.read {
+                    let edtl_in = h
+                        .bidi_read_length
+                        .unwrap_or(h.expected_data_transfer_length);
+                    (r.data_in.len() as u64).min(u64::from(edtl_in))
+                } else {
+                    0
+                },
+                bytes_written: if h.write && good {
+                    data_out.len() as u64
+                } else {
+                    0
+                },
+                status: r.status,
+                latency_ns: 0,
+            };
             // Write residuals compare the CDB's transfer length with EDTL
             // (RFC 7143 §11.4.5); only the core knows the former.
             let write_residual = target
@@ -999,13 +1151,20 @@ impl Conn {
             } else {
                 0
             };
-            build_response(h.itt, h.lun, edtl_in, &completion, limits, h.read)
+            (
+                build_response(h.itt, h.lun, edtl_in, &completion, limits, h.read),
+                finished,
+            )
         };
         if blocking {
             let writer = self.writer.clone();
-            tokio::task::spawn_blocking(move || writer.send(run()));
+            tokio::task::spawn_blocking(move || {
+                let (pdus, f) = run();
+                finish(&writer, lu_io.as_deref(), slot, start_ns, pdus, f);
+            });
         } else {
-            self.send(run());
+            let (pdus, f) = run();
+            finish(&self.writer, lu_io.as_deref(), slot, start_ns, pdus, f);
         }
     }
 
@@ -1033,11 +1192,14 @@ impl Conn {
         match h.function {
             tmf::ABORT_TASK => {
                 let reference = h.referenced_task_tag;
-                let found_here = self.drop_write(reference).is_some();
+                let found_here = self.abort_write(reference);
                 let found_pending = self
                     .session
                     .abort_pending(|p| p.header.itt() == Some(reference))
                     > 0;
+                if found_pending {
+                    self.count_aborts(1);
+                }
                 if found_here || found_pending {
                     tmf::FUNCTION_COMPLETE
                 } else if idm::sn::sn_le(self.session.exp_cmd_sn(), h.ref_cmd_sn)
@@ -1061,9 +1223,10 @@ impl Conn {
                     return tmf::LUN_DOES_NOT_EXIST;
                 }
                 self.drop_writes(|t| t.cmd.lun == h.lun);
-                self.session.abort_pending(
+                let n = self.session.abort_pending(
                     |p| matches!(&p.header, Header::ScsiCommand(c) if c.lun == h.lun),
                 );
+                self.count_aborts(n as u64);
                 tmf::FUNCTION_COMPLETE
             }
             tmf::LOGICAL_UNIT_RESET => {

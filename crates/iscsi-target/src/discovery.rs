@@ -42,7 +42,10 @@ pub fn send_targets(
     let mut pairs: Vec<(String, String)> = Vec::new();
     let model = registry.snapshot();
     for t in &model.targets {
-        if !wanted(&t.iqn) || !t.admits(&session.initiator_name) {
+        if !wanted(&t.iqn)
+            || !t.admits(&session.initiator_name)
+            || !model.config.target_online(&t.iqn)
+        {
             continue;
         }
         pairs.push(("TargetName".into(), t.iqn.clone()));

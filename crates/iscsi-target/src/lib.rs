@@ -4,13 +4,16 @@
 //! core: portals and portal groups ([`portal`]), targets and their LUN maps
 //! ([`registry`]), login policy and CHAP secrets (the `LoginAuthority` in
 //! [`conn`]), SendTargets ([`discovery`]), iSNS registration messages
-//! ([`isns`]), and sessions bound to the SCSI core ([`session`]). The
-//! protocol machinery it drives lives in `idm`.
+//! ([`isns`]), and sessions bound to the SCSI core ([`session`]), with
+//! their counters ([`metrics`]) and what live inspection reads of them
+//! ([`inspect`]). The protocol machinery it drives lives in `idm`.
 
 pub mod config;
 pub mod conn;
 pub mod discovery;
+pub mod inspect;
 pub mod isns;
+pub mod metrics;
 pub mod portal;
 pub mod registry;
 pub mod session;

@@ -16,10 +16,12 @@ use idm::datain::OutPdu;
 use idm::sn::{CmdSnCheck, CmdWindow};
 use idm::state::{SessionEvent, SessionState};
 use iscsi_proto::negotiation::{NegotiatedParams, SessionType};
-use iscsi_proto::pdu::Pdu;
+use iscsi_proto::pdu::{Header, Pdu};
 use scsi_target::Nexus;
 use tokio::sync::mpsc;
 
+use crate::inspect::{session_state_name, unix_ms, ConnInfo, StateLog};
+use crate::metrics::{IoStats, Metrics};
 use crate::registry::Target;
 
 /// Messages to a connection's task.
@@ -49,6 +51,19 @@ pub struct ConnHandle {
     pub inbox: mpsc::UnboundedSender<ConnMsg>,
     pub peer_addr: String,
     pub local_addr: String,
+    /// The connection's live state, counters and tasks (for inspection).
+    pub info: Arc<ConnInfo>,
+}
+
+/// A command held for its CmdSN turn, as inspection shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HeldCommand {
+    pub cmd_sn: u32,
+    /// The connection it arrived on.
+    pub cid: u16,
+    pub itt: u32,
+    pub lun: u64,
+    pub command: &'static str,
 }
 
 struct Ordering_ {
@@ -73,7 +88,12 @@ pub struct Session {
     max_cmd_sn: AtomicU32,
     conns: Mutex<HashMap<u16, ConnHandle>>,
     closed: AtomicBool,
-    state: Mutex<SessionState>,
+    state: Mutex<StateLog<SessionState>>,
+    pub created_unix_ms: u64,
+    /// This session's counters.
+    pub io: Arc<IoStats>,
+    /// Its target's counters (shared with the target's other sessions).
+    pub target_io: Option<Arc<IoStats>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -89,17 +109,51 @@ impl std::fmt::Debug for Session {
 impl Session {
     /// RFC 7143 §8.3 state of the session.
     pub fn state(&self) -> SessionState {
-        self.state.lock().map(|s| *s).unwrap_or(SessionState::Free)
+        self.state
+            .lock()
+            .map(|s| s.state)
+            .unwrap_or(SessionState::Free)
+    }
+
+    /// The state and its recent transitions.
+    pub fn state_log(&self) -> StateLog<SessionState> {
+        match self.state.lock() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
     }
 
     /// The one place the session's state changes.
     fn transition(&self, event: SessionEvent) {
         if let Ok(mut s) = self.state.lock() {
-            match s.next(event) {
-                Ok(next) => *s = next,
+            match s.state.next(event) {
+                Ok(next) => s.record(next, &event, session_state_name),
                 Err(e) => tracing::debug!(error = %e, tsih = self.tsih, "ignored session event"),
             }
         }
+    }
+
+    /// Commands that arrived ahead of their CmdSN turn and wait for it.
+    pub fn held_commands(&self) -> Vec<HeldCommand> {
+        let Ok(o) = self.ordering.lock() else {
+            return vec![];
+        };
+        o.pending
+            .iter()
+            .filter_map(|(sn, slot)| {
+                let (cid, pdu) = slot.as_ref()?;
+                let Header::ScsiCommand(h) = &pdu.header else {
+                    return None;
+                };
+                Some(HeldCommand {
+                    cmd_sn: *sn,
+                    cid: *cid,
+                    itt: h.itt,
+                    lun: iscsi_proto::pdu::lun_from_wire(h.lun),
+                    command: crate::inspect::command_name(&h.full_cdb()),
+                })
+            })
+            .collect()
     }
 
     pub fn exp_cmd_sn(&self) -> u32 {
@@ -270,6 +324,8 @@ struct SessionKey {
 #[derive(Default)]
 pub struct SessionTable {
     sessions: Mutex<HashMap<u16, Arc<Session>>>,
+    /// Counters per target and LU (sessions carry their own).
+    pub metrics: Metrics,
     next_tsih: AtomicU16,
     next_nexus: AtomicU64,
     next_conn: AtomicU64,
@@ -350,6 +406,7 @@ impl SessionTable {
             target_port_group_id: 1,
         };
         let window = CmdWindow::new(new.first_cmd_sn, new.queue_depth);
+        let target_io = new.target_name.as_deref().map(|t| self.metrics.target(t));
         let mut sessions = match self.sessions.lock() {
             Ok(s) => s,
             Err(poisoned) => poisoned.into_inner(),
@@ -382,7 +439,10 @@ impl SessionTable {
             }),
             conns: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
-            state: Mutex::new(SessionState::Free),
+            state: Mutex::new(StateLog::new(SessionState::Free)),
+            created_unix_ms: unix_ms(),
+            io: Arc::new(IoStats::default()),
+            target_io,
         });
         // N1 then N2: the leading login started and has just succeeded.
         session.transition(SessionEvent::LeadingLogin);

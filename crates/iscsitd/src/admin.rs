@@ -195,6 +195,7 @@ impl Admin {
                 chap_user,
                 chap_secret: secret,
                 luns: vec![],
+                online: true,
             });
             Ok(json!({"target": name}))
         })
