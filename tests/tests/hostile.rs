@@ -982,3 +982,36 @@ fn task_management_for_unknown_tasks_and_luns() {
     assert!(c.ping(), "the connection stopped answering after the TMFs");
     s.finish();
 }
+
+/// An initiator that queues a full window of 1 MiB READs and never reads the answers: the
+/// daemon must not buffer a window's worth of data for it (bytes buffered per connection are
+/// bounded), and the neighbour goes on.
+#[test]
+fn a_reader_that_stops_reading_cannot_grow_the_daemon() {
+    let Some(s) = Scene::start() else { return };
+    let mut c = RawConn::login(s.addr(), &hostile_iqn("stall"), false);
+    c.clear_unit_attention();
+    let mut sent = 0;
+    for _ in 0..128 {
+        let itt = c.itt();
+        let r = c.scsi_command(itt, &rw10(0x28, 0, 2048), true, false, MIB as u32);
+        if !c.send(&r) {
+            break;
+        }
+        sent += 1;
+    }
+    thread::sleep(Duration::from_secs(2));
+    let rss = rss_bytes(s.d.pid());
+    println!(
+        "{sent} x 1 MiB READs unread: daemon RSS {} KiB -> {} KiB",
+        s.rss0 / 1024,
+        rss / 1024
+    );
+    assert!(
+        rss < s.rss0 + 20 * MIB,
+        "the daemon buffers {} KiB for a client that does not read",
+        (rss - s.rss0) / 1024
+    );
+    s.finish();
+    drop(c);
+}
