@@ -69,8 +69,8 @@ pub struct Config {
     pub targets: Vec<Target>,
     pub initiators: Vec<Initiator>,
     pub discovery_auth: Auth,
-    /// `[defaults] nop_in_interval` (seconds; 0 turns target pings off); None keeps the daemon's.
-    pub nop_in_interval: Option<u64>,
+    /// Raw TOML lines for `[defaults]` (e.g. `nop_in_interval = 0`).
+    pub defaults: Vec<String>,
 }
 
 impl Config {
@@ -87,7 +87,7 @@ impl Config {
             }],
             initiators: Vec::new(),
             discovery_auth: Auth::None,
-            nop_in_interval: None,
+            defaults: Vec::new(),
         }
     }
 
@@ -169,8 +169,8 @@ impl Config {
             "[discovery]\nauth = {}",
             quote(self.discovery_auth.as_str())
         );
-        if let Some(secs) = self.nop_in_interval {
-            let _ = writeln!(s, "\n[defaults]\nnop_in_interval = {secs}");
+        if !self.defaults.is_empty() {
+            let _ = writeln!(s, "\n[defaults]\n{}", self.defaults.join("\n"));
         }
         s
     }

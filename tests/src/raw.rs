@@ -346,8 +346,21 @@ impl RawConn {
         p
     }
 
-    /// A Data-Out PDU for `itt`/`ttt` at `offset`.
+    /// The first Data-Out PDU of a burst (DataSN 0) for `itt`/`ttt` at `offset`.
     pub fn data_out(&self, itt: u32, ttt: u32, offset: u32, final_: bool, data: Bytes) -> Pdu {
+        self.data_out_sn(itt, ttt, 0, offset, final_, data)
+    }
+
+    /// A Data-Out PDU with DataSN `data_sn` (counted from 0 in each burst).
+    pub fn data_out_sn(
+        &self,
+        itt: u32,
+        ttt: u32,
+        data_sn: u32,
+        offset: u32,
+        final_: bool,
+        data: Bytes,
+    ) -> Pdu {
         Pdu::new(
             Header::DataOut(DataOut {
                 final_,
@@ -355,7 +368,7 @@ impl RawConn {
                 itt,
                 ttt,
                 exp_stat_sn: self.exp_stat_sn,
-                data_sn: 0,
+                data_sn,
                 buffer_offset: offset,
             }),
             data,
@@ -424,8 +437,18 @@ impl RawConn {
         }
         let w = self.scsi_command(itt, &cdb, false, true, data.len() as u32);
         assert!(self.send(&w));
+        self.answer_r2ts(itt, data, None)
+    }
+
+    /// Answers the R2Ts of write `itt` with `data` (starting with `first`, an R2T already
+    /// read) until its SCSI Response; the command's status.
+    pub fn answer_r2ts(&mut self, itt: u32, data: &[u8], first: Option<RawPdu>) -> ScsiStatus {
+        let mut next = first;
         loop {
-            let p = self.recv_until(|p| p.itt() == itt).pdu();
+            let p = match next.take() {
+                Some(p) => p,
+                None => self.recv_until(|p| p.itt() == itt).pdu(),
+            };
             match p.opcode_byte() {
                 0x31 => {
                     let word = |i: usize| {
@@ -435,12 +458,14 @@ impl RawConn {
                     // One Data-Out per 64 KiB: under any MaxRecvDataSegmentLength we offer.
                     let end = offset + len;
                     let mut at = offset;
+                    let mut data_sn = 0;
                     while at < end {
                         let n = (end - at).min(65536);
                         let chunk = Bytes::copy_from_slice(&data[at as usize..(at + n) as usize]);
-                        let d = self.data_out(itt, ttt, at, at + n == end, chunk);
+                        let d = self.data_out_sn(itt, ttt, data_sn, at, at + n == end, chunk);
                         assert!(self.send(&d));
                         at += n;
+                        data_sn += 1;
                     }
                 }
                 0x21 => return ScsiStatus::of(&p),

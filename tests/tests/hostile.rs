@@ -1015,3 +1015,34 @@ fn a_reader_that_stops_reading_cannot_grow_the_daemon() {
     s.finish();
     drop(c);
 }
+
+/// The daemon-wide cap on write data being collected (`write_buffer_limit`): while one
+/// session holds the whole budget with a 1 MiB WRITE waiting for data, another session's
+/// WRITE gets TASK SET FULL (never a hang, never GOOD without its data); once the first
+/// completes, the second goes through.
+#[test]
+fn writes_beyond_the_daemon_wide_write_budget_get_task_set_full() {
+    let mut cfg = Config::single_memory_lu(LU_SIZE);
+    cfg.defaults.push(format!("write_buffer_limit = {MIB}"));
+    let d = Daemon::start(&cfg);
+    let mut a = RawConn::login(d.addr(), &hostile_iqn("budget-a"), false);
+    let mut b = RawConn::login(d.addr(), &hostile_iqn("budget-b"), false);
+    a.clear_unit_attention();
+    b.clear_unit_attention();
+    let itt = a.itt();
+    let r2t = write_until_r2t(&mut a, itt, 2048); // 1 MiB: the whole budget
+    let small = vec![0x5au8; 4096];
+    let st = b.write_blocks(64, &small, false);
+    println!("second session's WRITE while the budget is taken: {st:?}");
+    assert_eq!(st.status, 0x28, "expected TASK SET FULL, got {st:?}");
+    // The first write gets its data and completes; the budget returns.
+    let data = vec![0xa5u8; 1 << 20];
+    assert!(
+        a.answer_r2ts(itt, &data, Some(r2t)).good(),
+        "the first WRITE failed"
+    );
+    assert!(b.write_blocks(64, &small, false).good());
+    assert_eq!(b.read_blocks(64, 8), small);
+    let mut d = d;
+    d.assert_alive();
+}

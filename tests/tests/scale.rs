@@ -60,7 +60,7 @@ fn a_thousand_idle_sessions_cost_under_64_kib_each_and_all_answer() {
     );
     let mut cfg = Config::single_memory_lu(16 * MIB);
     // Idle means idle: no target NOP-In pings while we count.
-    cfg.nop_in_interval = Some(0);
+    cfg.defaults.push("nop_in_interval = 0".into());
     let d = Daemon::start(&cfg);
     settle();
     let (rss0, fds0) = (rss_bytes(d.pid()), open_fds(d.pid()));
@@ -120,7 +120,7 @@ fn a_thousand_idle_sessions_cost_under_64_kib_each_and_all_answer() {
 fn a_thousand_outstanding_commands_are_bounded_and_all_complete() {
     raise_open_file_limit();
     let mut cfg = Config::single_memory_lu(64 * MIB);
-    cfg.nop_in_interval = Some(0);
+    cfg.defaults.push("nop_in_interval = 0".into());
     let d = Daemon::start(&cfg);
     let mut conns: Vec<RawConn> = (0..OUTSTANDING_SESSIONS)
         .map(|i| {

@@ -222,6 +222,9 @@ pub struct Defaults {
     /// Bytes of responses a connection may have queued and unsent before the
     /// target stops reading its requests (what a client that stops reading can cost).
     pub connection_buffer_limit: u64,
+    /// Bytes of write data the whole daemon may hold while collecting it
+    /// (R2T / Data-Out) across every session; beyond it, writes get TASK SET FULL.
+    pub write_buffer_limit: u64,
     /// Auth method of targets that do not name one.
     pub auth: AuthConfig,
     /// CHAP algorithms offered, in order of preference: sha3-256, sha256, sha1, md5.
@@ -249,6 +252,7 @@ impl Default for Defaults {
             nop_in_interval: 10,
             nop_in_timeout: 30,
             connection_buffer_limit: 8 << 20,
+            write_buffer_limit: 512 << 20,
             auth: AuthConfig::None,
             chap_algorithms: CHAP_ALGORITHMS.iter().map(|s| s.to_string()).collect(),
             isns: false,
@@ -432,6 +436,9 @@ impl Config {
         }
         if !(1 << 20..=1 << 30).contains(&d.connection_buffer_limit) {
             errs.push("defaults: connection_buffer_limit must be 1MiB..1GiB (in bytes)".into());
+        }
+        if !(1 << 20..=1 << 40).contains(&d.write_buffer_limit) {
+            errs.push("defaults: write_buffer_limit must be 1MiB..1TiB (in bytes)".into());
         }
         if d.queue_depth == 0 || d.queue_depth > 4096 || d.max_outstanding_r2t == 0 {
             errs.push("defaults: queue_depth must be 1..4096, max_outstanding_r2t >= 1".into());

@@ -8,7 +8,7 @@
 //! a writer that batches every ready PDU into one vectored send and stamps
 //! StatSN / ExpCmdSN / MaxCmdSN at send time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -154,6 +154,8 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
         writer: outbox,
         tasks: HashMap::new(),
         pending_write_bytes: 0,
+        write_buffer_limit: registry.defaults().write_buffer_limit,
+        refused_for_memory: HashSet::new(),
         next_ttt: 1,
         local,
         text_pending: None,
@@ -516,6 +518,8 @@ impl Outbox {
 
 /// A write command waiting for its data.
 struct PendingWrite {
+    /// Its share of the process-wide write budget, returned when the task ends.
+    _reservation: crate::budget::Reservation,
     cmd: ScsiCommand,
     collector: WriteCollector,
     /// Its CmdSN turn has come.
@@ -534,6 +538,11 @@ struct Conn {
     tasks: HashMap<u32, PendingWrite>,
     /// Sum of the EDTLs of `tasks`.
     pending_write_bytes: u64,
+    /// The process-wide cap on write data being collected (`write_buffer_limit`).
+    write_buffer_limit: u64,
+    /// Writes refused at arrival because that cap was reached: they get
+    /// TASK SET FULL when their CmdSN turn comes.
+    refused_for_memory: HashSet<u32>,
     next_ttt: u32,
     local: Option<SocketAddr>,
     /// A long text response being pulled by the initiator: (TTT, rest).
@@ -804,6 +813,18 @@ impl Conn {
         {
             return;
         }
+        let Some(reservation) = self
+            .registry
+            .sessions
+            .write_budget
+            .try_reserve(edtl, self.write_buffer_limit)
+        else {
+            // Bounded by the CmdSN window; cleared as the commands are delivered.
+            if self.refused_for_memory.len() < 4096 {
+                self.refused_for_memory.insert(h.itt);
+            }
+            return;
+        };
         let limits = self.write_limits();
         match WriteCollector::new(
             h.itt,
@@ -833,6 +854,7 @@ impl Conn {
                     PendingWrite {
                         cmd: h.clone(),
                         collector,
+                        _reservation: reservation,
                         delivered: false,
                         slot,
                         start_ns,
@@ -901,7 +923,9 @@ impl Conn {
                         &h,
                         scsi_target::sense::Sense::invalid_cdb(6, None).to_bytes(),
                     );
-                } else if self.pending_write_bytes + edtl > MAX_PENDING_WRITE_BYTES {
+                } else if self.refused_for_memory.remove(&h.itt)
+                    || self.pending_write_bytes + edtl > MAX_PENDING_WRITE_BYTES
+                {
                     self.complete_with_status(&h, scsi_target::status::TASK_SET_FULL);
                 } else {
                     // The collector refused the command's own data layout.

@@ -8,6 +8,7 @@
 //! their counters ([`metrics`]) and what live inspection reads of them
 //! ([`inspect`]). The protocol machinery it drives lives in `idm`.
 
+pub mod budget;
 pub mod config;
 pub mod conn;
 pub mod discovery;

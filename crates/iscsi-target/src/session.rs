@@ -326,6 +326,8 @@ pub struct SessionTable {
     sessions: Mutex<HashMap<u16, Arc<Session>>>,
     /// Counters per target and LU (sessions carry their own).
     pub metrics: Metrics,
+    /// Write data being collected, across every session.
+    pub write_budget: Arc<crate::budget::ByteBudget>,
     next_tsih: AtomicU16,
     next_nexus: AtomicU64,
     next_conn: AtomicU64,
