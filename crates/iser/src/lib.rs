@@ -17,6 +17,8 @@
 
 pub mod emulation;
 pub mod header;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod transport;
 pub mod verbs;
 
