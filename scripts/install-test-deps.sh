@@ -6,6 +6,10 @@
 #   open-isns-server open-isns-utils  iSNS server and client
 #   sg3-utils                         SCSI tools (need a kernel device: VM test bed only)
 #   qemu-block-extra                  qemu-img's iscsi:// driver; must be the exact version of qemu-utils
+#   cmake clang libclang-dev          build deps of crates/iser's rdma backend (sideway's rdma-mummy-sys
+#                                     builds a small shim with cmake and runs bindgen)
+#   libibverbs-dev librdmacm-dev      rdma-core headers; rdma-core ibverbs-providers: the run-time
+#   rdma-core ibverbs-providers       libraries and user-space drivers (rxe) the backend loads
 #
 # qemu-utils on these machines comes from bookworm-backports, and qemu-block-extra must match
 # it exactly. If the machine's apt sources do not carry that version, bookworm-backports is
@@ -17,7 +21,8 @@
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 SUITE=${SUITE:-bookworm}
-PKGS=(libiscsi-bin tgt open-isns-server open-isns-utils sg3-utils)
+PKGS=(libiscsi-bin tgt open-isns-server open-isns-utils sg3-utils
+      cmake clang libclang-dev libibverbs-dev librdmacm-dev rdma-core ibverbs-providers)
 APT=(apt-get -y -q -o DPkg::Lock::Timeout=600 -o Dpkg::Options::=--force-confdef
      -o Dpkg::Options::=--force-confold --no-install-recommends)
 
