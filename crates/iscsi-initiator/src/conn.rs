@@ -1,13 +1,18 @@
-//! The connection driver: opens a TCP connection to a portal and runs the
-//! sans-IO [`InitiatorLogin`] over `idm`'s TCP transport, following login
+//! The connection driver: opens a TCP or iSER connection to a portal and
+//! runs the sans-IO [`InitiatorLogin`] over it, following login
 //! redirections, then applies the negotiated digests and limits to the
-//! transport halves.
+//! transport halves and switches the data mover on ([`Link`] picks the
+//! transport; everything above this file is written once for both).
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use idm::tcp::{TcpRx, TcpTransport, TcpTx};
-use idm::transport::{PduRx, PduTx, Transport};
-use iscsi_proto::pdu::Header;
+use idm::transport::{PduRx, PduTx, Role, Transport, TransportError};
+use iscsi_proto::negotiation::NegotiatedParams;
+use iscsi_proto::pdu::{Header, Pdu, RawPdu};
+use iser::{IserConfig, IserConnector, IserRx, IserTx};
 use tokio::net::TcpStream;
 
 use crate::error::Error;
@@ -17,10 +22,89 @@ use crate::portal::Portal;
 /// Most redirections followed before giving up (loops are a target bug).
 const MAX_REDIRECTS: usize = 4;
 
+/// Which transport connections of a session use.
+#[derive(Clone, Default)]
+pub enum Link {
+    /// iSCSI over TCP.
+    #[default]
+    Tcp,
+    /// iSER (RFC 7145) over the given verbs backend.
+    Iser(Arc<dyn IserConnector>),
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Link::Tcp => "tcp",
+            Link::Iser(_) => "iser",
+        })
+    }
+}
+
+/// The receive half of either transport.
+pub enum ConnRx {
+    Tcp(TcpRx),
+    Iser(IserRx),
+}
+
+/// The send half of either transport.
+pub enum ConnTx {
+    Tcp(TcpTx),
+    Iser(IserTx),
+}
+
+impl PduRx for ConnRx {
+    async fn recv(&mut self) -> Result<Option<RawPdu>, TransportError> {
+        match self {
+            ConnRx::Tcp(t) => t.recv().await,
+            ConnRx::Iser(t) => t.recv().await,
+        }
+    }
+    fn set_digests(&mut self, header: bool, data: bool) {
+        match self {
+            ConnRx::Tcp(t) => t.set_digests(header, data),
+            ConnRx::Iser(t) => t.set_digests(header, data),
+        }
+    }
+    fn set_max_recv_data_segment_length(&mut self, len: u32) {
+        match self {
+            ConnRx::Tcp(t) => t.set_max_recv_data_segment_length(len),
+            ConnRx::Iser(t) => t.set_max_recv_data_segment_length(len),
+        }
+    }
+}
+
+impl PduTx for ConnTx {
+    async fn send(&mut self, pdus: &[Pdu]) -> Result<(), TransportError> {
+        match self {
+            ConnTx::Tcp(t) => t.send(pdus).await,
+            ConnTx::Iser(t) => t.send(pdus).await,
+        }
+    }
+    fn set_digests(&mut self, header: bool, data: bool) {
+        match self {
+            ConnTx::Tcp(t) => t.set_digests(header, data),
+            ConnTx::Iser(t) => t.set_digests(header, data),
+        }
+    }
+    fn enable_datamover(&mut self, params: &NegotiatedParams) {
+        match self {
+            ConnTx::Tcp(t) => t.enable_datamover(params),
+            ConnTx::Iser(t) => t.enable_datamover(params),
+        }
+    }
+    async fn shutdown(&mut self) {
+        match self {
+            ConnTx::Tcp(t) => t.shutdown().await,
+            ConnTx::Iser(t) => t.shutdown().await,
+        }
+    }
+}
+
 /// A logged-in connection: its two transport halves and what login settled.
 pub struct LoggedIn {
-    pub rx: TcpRx,
-    pub tx: TcpTx,
+    pub rx: ConnRx,
+    pub tx: ConnTx,
     pub result: LoginResult,
     /// Where we ended up (differs from the portal asked for after a redirection).
     pub portal: Portal,
@@ -51,27 +135,77 @@ pub async fn connect(portal: &Portal, timeout: Duration) -> Result<TcpTransport,
     })
 }
 
-/// Connects and logs in, following up to four redirections; the whole
-/// exchange on each portal must finish within `timeout`.
+/// Opens an iSER connection within `timeout`.
+async fn connect_iser(
+    portal: &Portal,
+    connector: &dyn IserConnector,
+    timeout: Duration,
+) -> Result<(ConnRx, ConnTx), Error> {
+    let failed = |reason: std::io::Error| Error::Connect {
+        portal: portal.to_string(),
+        reason,
+    };
+    let open = async {
+        let addr: SocketAddr = tokio::net::lookup_host((portal.host.as_str(), portal.port))
+            .await
+            .map_err(failed)?
+            .next()
+            .ok_or_else(|| failed(std::io::ErrorKind::AddrNotAvailable.into()))?;
+        connector
+            .connect(addr, IserConfig::default())
+            .await
+            .map_err(|e| failed(std::io::Error::other(e.to_string())))
+    };
+    let transport = tokio::time::timeout(timeout, open)
+        .await
+        .map_err(|_| Error::timeout("the iSER connection", timeout))??;
+    let (rx, tx) = transport.into_split();
+    Ok((ConnRx::Iser(rx), ConnTx::Iser(tx)))
+}
+
+/// Connects over TCP and logs in, following up to four redirections; the
+/// whole exchange on each portal must finish within `timeout`.
 pub async fn login(
     portal: &Portal,
     cfg: &LoginConfig,
     timeout: Duration,
 ) -> Result<LoggedIn, Error> {
+    login_over(&Link::Tcp, portal, cfg, timeout).await
+}
+
+/// [`login`] over the transport `link` names. Over iSER the login offers
+/// RDMAExtensions=Yes (and so no digests).
+pub async fn login_over(
+    link: &Link,
+    portal: &Portal,
+    cfg: &LoginConfig,
+    timeout: Duration,
+) -> Result<LoggedIn, Error> {
     let mut portal = portal.clone();
+    let mut cfg = cfg.clone();
+    if matches!(link, Link::Iser(_)) {
+        cfg.policy.rdma_extensions = true;
+    }
     for _ in 0..=MAX_REDIRECTS {
-        let transport = connect(&portal, timeout).await?;
-        let (mut rx, mut tx) = transport.into_split();
+        let (mut rx, mut tx) = match link {
+            Link::Tcp => {
+                let (rx, tx) = connect(&portal, timeout).await?.into_split();
+                (ConnRx::Tcp(rx), ConnTx::Tcp(tx))
+            }
+            Link::Iser(c) => connect_iser(&portal, c.as_ref(), timeout).await?,
+        };
         let exchange = exchange(&mut rx, &mut tx, cfg.clone());
         let event = tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| Error::timeout("the login", timeout))??;
         match event {
-            Outcome::Done(result) => {
+            Outcome::Done(mut result) => {
+                idm::transport::full_feature_limits(&mut result.params, Role::Initiator);
                 let p = &result.params;
                 rx.set_digests(p.header_digest, p.data_digest);
                 rx.set_max_recv_data_segment_length(p.max_recv_data_segment_length);
                 tx.set_digests(p.header_digest, p.data_digest);
+                tx.enable_datamover(p);
                 tracing::debug!(%portal, tsih = result.tsih, "logged in");
                 return Ok(LoggedIn {
                     rx,
@@ -96,7 +230,7 @@ enum Outcome {
     Redirect(String),
 }
 
-async fn exchange(rx: &mut TcpRx, tx: &mut TcpTx, cfg: LoginConfig) -> Result<Outcome, Error> {
+async fn exchange(rx: &mut ConnRx, tx: &mut ConnTx, cfg: LoginConfig) -> Result<Outcome, Error> {
     let mut machine = InitiatorLogin::new(cfg);
     let mut next = machine.start();
     loop {

@@ -148,7 +148,7 @@ pub async fn discover(
         .map_err(|_| Error::timeout("the SendTargets answer", timeout))?
 }
 
-async fn next_pdu(rx: &mut idm::tcp::TcpRx) -> Result<Pdu, Error> {
+async fn next_pdu(rx: &mut crate::conn::ConnRx) -> Result<Pdu, Error> {
     let raw = rx
         .recv()
         .await?

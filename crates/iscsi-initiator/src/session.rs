@@ -38,7 +38,6 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use idm::initiator_data::{data_out_pdus, DataInBuffer, WritePlan};
 use idm::sn::{sn_le, sn_lt};
-use idm::tcp::{TcpRx, TcpTx};
 use idm::transport::{PduRx, PduTx};
 use iscsi_proto::negotiation::{Digest, NegotiatedParams, Policy};
 use iscsi_proto::pdu::{
@@ -88,6 +87,8 @@ pub struct SessionOptions {
     pub nop_interval: Duration,
     /// How long a ping may go unanswered before the session is replaced.
     pub nop_timeout: Duration,
+    /// TCP or iSER (and over which verbs backend).
+    pub link: conn::Link,
 }
 
 impl SessionOptions {
@@ -107,6 +108,7 @@ impl SessionOptions {
             max_reissues: 5,
             nop_interval: Duration::from_secs(10),
             nop_timeout: Duration::from_secs(10),
+            link: conn::Link::Tcp,
         }
     }
 }
@@ -373,7 +375,7 @@ async fn open_connections(
     let mut cfg = cfg.clone();
     cfg.tsih = 0;
     cfg.cid = 0;
-    let lead = conn::login(portal, &cfg, opts.login_timeout).await?;
+    let lead = conn::login_over(&opts.link, portal, &cfg, opts.login_timeout).await?;
     let want = u32::from(opts.connections.max(1)).min(lead.result.params.max_connections.max(1));
     let mut all = vec![lead];
     for cid in 1..want {
@@ -383,7 +385,7 @@ async fn open_connections(
         more.cid = cid as u16;
         more.cmd_sn = first.result.cmd_sn;
         let at = first.portal.clone();
-        match conn::login(&at, &more, opts.login_timeout).await {
+        match conn::login_over(&opts.link, &at, &more, opts.login_timeout).await {
             Ok(c) => all.push(c),
             Err(e) => {
                 tracing::warn!(cid, error = %e, "could not add a connection; continuing with fewer");
@@ -944,7 +946,8 @@ impl Inner {
                 cfg.exp_stat_sn = job.exp_stat_sn;
                 (cfg, st.portal.clone())
             };
-            let result = conn::login(&portal, &cfg, self.opts.login_timeout).await;
+            let result =
+                conn::login_over(&self.opts.link, &portal, &cfg, self.opts.login_timeout).await;
             // The old connection is logged out now (or the target is not
             // there to care): its commands may be aborted elsewhere.
             let orphans = std::mem::take(&mut job.orphans);
@@ -1248,6 +1251,21 @@ fn command_pdus(
         plan.segment,
         exp_stat_sn,
     ));
+    if p.rdma_extensions && plan.unsolicited_end < len {
+        // iSER: the solicited part goes to the transport too, which stages it
+        // for the target's RDMA READ instead of waiting for R2Ts
+        // (`idm::transport`'s data movement table). Zero-copy slices.
+        pdus.extend(data_out_pdus(
+            req.lun,
+            itt,
+            RESERVED_TAG,
+            &req.data_out,
+            plan.unsolicited_end,
+            len,
+            len,
+            exp_stat_sn,
+        ));
+    }
     pdus
 }
 
@@ -1514,7 +1532,7 @@ async fn keepalive(inner: Weak<Inner>) {
 
 async fn writer(
     mut chan: mpsc::UnboundedReceiver<Vec<Pdu>>,
-    mut tx: TcpTx,
+    mut tx: conn::ConnTx,
     id: u64,
     inner: Weak<Inner>,
 ) {
@@ -1536,7 +1554,7 @@ async fn writer(
     tx.shutdown().await;
 }
 
-async fn reader(mut rx: TcpRx, id: u64, inner: Weak<Inner>) {
+async fn reader(mut rx: conn::ConnRx, id: u64, inner: Weak<Inner>) {
     let reason = loop {
         let raw = match rx.recv().await {
             Ok(Some(raw)) => raw,

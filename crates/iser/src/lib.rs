@@ -11,10 +11,13 @@
 //! - [`header`]: the iSER header and the CM private data (RFC 7145 §9);
 //! - [`transport`]: `idm`'s Transport over any [`verbs::QueuePair`] — SENDs
 //!   for control PDUs, RDMA WRITE / READ for data;
+//! - [`connector`]: an object-safe connector for code that picks the
+//!   transport at run time;
 //! - [`emulation`]: an in-process **test double** of that contract, so the
 //!   protocol is tested on every CI run without RDMA hardware. It is not
 //!   RDMA support.
 
+pub mod connector;
 pub mod emulation;
 pub mod header;
 #[cfg(feature = "rdma")]
@@ -22,4 +25,5 @@ pub mod rdma;
 pub mod transport;
 pub mod verbs;
 
+pub use connector::IserConnector;
 pub use transport::{IserConfig, IserRx, IserTransport, IserTx};
