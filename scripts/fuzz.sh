@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ALL_TARGETS=(pdu_decoder text_negotiation scsi_cdb config)
+ALL_TARGETS=(pdu_decoder text_negotiation scsi_cdb config rpc_request)
 mode=
 seconds=
 case "${1:-}" in

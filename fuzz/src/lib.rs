@@ -10,4 +10,5 @@ pub mod config;
 pub mod format;
 pub mod login;
 pub mod pdu;
+pub mod rpc;
 pub mod scsi;

@@ -8,7 +8,11 @@
 //! Runs until SIGINT/SIGTERM.
 
 mod admin;
+mod inspect;
 mod isns;
+mod jsonrpc;
+mod lu_meta;
+mod metrics_http;
 mod rpc;
 mod store;
 

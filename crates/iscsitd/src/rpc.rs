@@ -1,26 +1,26 @@
 //! JSON-RPC 2.0 over a Unix socket: one request (or batch) per line, one
-//! answer per line. Malformed input gets a JSON-RPC error; a client can
-//! never bring the daemon down.
+//! answer per line. Malformed input gets a JSON-RPC error ([`jsonrpc`]
+//! parses); a client can never bring the daemon down, and one that sends
+//! nothing is dropped after a while.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::admin::Admin;
+use crate::jsonrpc::{self, Item, Parsed};
 
 /// Longest request line accepted.
 const MAX_LINE: u64 = 4 << 20;
+/// A client that sends no whole request for this long is disconnected, so
+/// idle connections cannot pile up.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(300);
 
-pub const PARSE_ERROR: i64 = -32700;
-pub const INVALID_REQUEST: i64 = -32600;
-pub const METHOD_NOT_FOUND: i64 = -32601;
-pub const INVALID_PARAMS: i64 = -32602;
-/// A refused change or a failed operation (the message says why).
-pub const REFUSED: i64 = -32000;
+pub use crate::jsonrpc::{INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, REFUSED};
 
 /// An error answer.
 #[derive(Debug, Clone)]
@@ -83,16 +83,19 @@ async fn client(stream: UnixStream, admin: Arc<Admin>) {
     let mut r = BufReader::new(r);
     loop {
         let mut line = Vec::new();
-        match (&mut r)
-            .take(MAX_LINE + 1)
-            .read_until(b'\n', &mut line)
-            .await
-        {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
+        let mut limited = (&mut r).take(MAX_LINE + 1);
+        let read = limited.read_until(b'\n', &mut line);
+        match tokio::time::timeout(IDLE, read).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => {}
+            Err(_) => {
+                tracing::debug!("administration client idle too long: disconnected");
+                return;
+            }
         }
-        let answer = if line.len() as u64 > MAX_LINE {
-            Some(error(
+        let too_long = line.len() as u64 > MAX_LINE;
+        let answer = if too_long {
+            Some(jsonrpc::error(
                 Value::Null,
                 INVALID_REQUEST,
                 "request longer than 4 MiB",
@@ -109,84 +112,42 @@ async fn client(stream: UnixStream, admin: Arc<Admin>) {
                 return;
             }
         }
-        if line.len() as u64 > MAX_LINE {
+        if too_long {
+            // The rest of that line is still coming: no way to resync.
             return;
         }
     }
 }
 
-fn error(id: Value, code: i64, message: &str) -> Value {
-    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
-}
-
 /// Answers one line: a request, a notification (no answer) or a batch.
 pub async fn handle_text(admin: &Admin, text: &[u8]) -> Option<Value> {
-    let v: Value = match serde_json::from_slice(text) {
-        Ok(v) => v,
-        Err(e) => {
-            return Some(error(
-                Value::Null,
-                PARSE_ERROR,
-                &format!("parse error: {e}"),
-            ))
-        }
-    };
-    match v {
-        Value::Array(items) if items.is_empty() => {
-            Some(error(Value::Null, INVALID_REQUEST, "empty batch"))
-        }
-        Value::Array(items) => {
+    match jsonrpc::parse(text) {
+        Parsed::One(item) => handle_item(admin, item).await,
+        Parsed::Batch(items) => {
             let mut out = Vec::new();
             for item in items {
-                if let Some(a) = handle_one(admin, item).await {
+                if let Some(a) = handle_item(admin, item).await {
                     out.push(a);
                 }
             }
             (!out.is_empty()).then_some(Value::Array(out))
         }
-        other => handle_one(admin, other).await,
     }
 }
 
-async fn handle_one(admin: &Admin, v: Value) -> Option<Value> {
-    let Value::Object(mut req) = v else {
-        return Some(error(
-            Value::Null,
-            INVALID_REQUEST,
-            "a request is an object",
-        ));
+async fn handle_item(admin: &Admin, item: Item) -> Option<Value> {
+    let call = match item {
+        Item::Invalid(answer) => return Some(answer),
+        Item::Call(c) => c,
     };
-    let id = req.remove("id");
-    let id_ok = matches!(
-        id,
-        None | Some(Value::Null) | Some(Value::Number(_)) | Some(Value::String(_))
-    );
-    let reply_id = id.clone().unwrap_or(Value::Null);
-    if req.get("jsonrpc").and_then(Value::as_str) != Some("2.0") || !id_ok {
-        return Some(error(
-            reply_id,
-            INVALID_REQUEST,
-            "not a JSON-RPC 2.0 request",
-        ));
-    }
-    let Some(Value::String(method)) = req.remove("method") else {
-        return Some(error(reply_id, INVALID_REQUEST, "method must be a string"));
-    };
-    let params = match req.remove("params") {
-        None | Some(Value::Null) => Value::Object(Default::default()),
-        Some(p @ Value::Object(_)) => p,
-        Some(_) => {
-            return Some(error(reply_id, INVALID_PARAMS, "params must be an object"));
-        }
-    };
-    let result = admin.call(&method, &params).await;
+    let result = admin.call(&call.method, &call.params).await;
     // A notification gets no answer, whatever happened.
-    id.as_ref()?;
+    let id = call.id?;
     Some(match result {
-        Ok(r) => json!({"jsonrpc": "2.0", "id": reply_id, "result": r}),
+        Ok(r) => jsonrpc::result(id, r),
         Err(e) => {
-            tracing::info!(method, error = %e.message, "request refused");
-            error(reply_id, e.code, &e.message)
+            tracing::info!(method = call.method, error = %e.message, "request refused");
+            jsonrpc::error(id, e.code, &e.message)
         }
     })
 }
