@@ -90,6 +90,11 @@ pub fn cell(v: Option<&Value>) -> String {
 
 /// Prints rows under a header, columns padded to their widest cell.
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    table_at(0, header, rows)
+}
+
+/// [`table`], indented by `indent` spaces.
+pub fn table_at(indent: usize, header: &[&str], rows: &[Vec<String>]) {
     let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -111,7 +116,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
                 ));
             }
         }
-        println!("{}", s.trim_end());
+        println!("{:indent$}{}", "", s.trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
     for r in rows {
@@ -200,4 +205,87 @@ pub fn human_size(n: u64) -> String {
         }
     }
     format!("{n}")
+}
+
+/// The counters object of the API (`counters`) on one line.
+pub fn io_line(c: Option<&Value>) -> String {
+    let Some(c) = c else {
+        return "-".into();
+    };
+    let n = |k: &str| c.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let lat = c.get("latency");
+    let le = |k: &str| {
+        lat.and_then(|l| l.get(k))
+            .and_then(Value::as_u64)
+            .map_or("-".to_string(), |us| format!("<={us}us"))
+    };
+    format!(
+        "cmds {} (r {} / w {})  read {}  written {}  check-conditions {}  other errors {}  aborts {}  latency avg {} p50 {} p99 {}",
+        n("commands"),
+        n("read_commands"),
+        n("write_commands"),
+        human_size(n("bytes_read")),
+        human_size(n("bytes_written")),
+        n("check_conditions"),
+        n("other_errors"),
+        n("task_aborts"),
+        lat.and_then(|l| l.get("avg_us"))
+            .and_then(Value::as_u64)
+            .map_or("-".to_string(), |us| format!("{us}us")),
+        le("p50_le_us"),
+        le("p99_le_us"),
+    )
+}
+
+/// "x3 session table, x1 this inspection" from a `holders` list.
+pub fn holders_line(h: Option<&Value>) -> String {
+    let items: Vec<String> = h
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .map(|x| {
+                    let n = x.get("refs").or_else(|| x.get("count"));
+                    format!("{} x{}", cell(x.get("holder")), cell(n))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if items.is_empty() {
+        "-".into()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// A state machine's recent transitions, newest last, with their age.
+pub fn transitions_lines(t: Option<&Value>) -> Vec<String> {
+    t.and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .map(|x| {
+                    let ago = x.get("ago_ms").and_then(Value::as_u64).unwrap_or(0);
+                    format!(
+                        "-{}.{:03}s  {} --{}--> {}",
+                        ago / 1000,
+                        ago % 1000,
+                        cell(x.get("from")),
+                        cell(x.get("event")),
+                        cell(x.get("to"))
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `k=v` pairs of an object on one line.
+pub fn pairs_line(o: Option<&Value>) -> String {
+    match o {
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| format!("{k}={}", cell(Some(v))))
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => "-".into(),
+    }
 }

@@ -80,6 +80,16 @@ pub struct LuDef {
     /// An offline LU stays registered but no view shows it.
     #[serde(default = "default_true")]
     pub online: bool,
+    /// backend "rbd": the Ceph pool and image, the cluster's ceph.conf
+    /// (default: librados's search) and the cephx client id (default "admin").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ceph_conf: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ceph_id: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -162,6 +172,8 @@ pub enum BackendKind {
     Memory,
     File,
     Null,
+    /// A Ceph RBD image (`[[lu]]` only), shared by every gateway that opens it.
+    Rbd,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -383,6 +395,9 @@ impl Config {
                         if l.path.is_none() {
                             errs.push(format!("{at}: backend \"file\" needs path"));
                         }
+                    }
+                    BackendKind::Rbd => {
+                        errs.push(format!("{at}: backend \"rbd\" is for [[lu]] only"));
                     }
                     BackendKind::Memory | BackendKind::Null => match l.size.as_deref() {
                         None => errs.push(format!("{at}: backend needs size (e.g. \"1GiB\")")),
@@ -611,6 +626,9 @@ impl Config {
                     l.block_size,
                     errs,
                 );
+                if l.backend == BackendKind::Rbd && (l.pool.is_none() || l.image.is_none()) {
+                    errs.push(format!("{at}: backend \"rbd\" needs pool and image"));
+                }
                 if let Some(a) = &l.alias {
                     if a.is_empty() || !aliases.insert(a.clone()) {
                         errs.push(format!("{at}: alias {a:?} is empty or used twice"));
@@ -722,6 +740,13 @@ fn check_lu_backend(
                 }
             }
         }
+        BackendKind::Rbd => {
+            if let Some(s) = size.filter(|s| !size_ok(s)) {
+                errs.push(format!(
+                    "{at}: size {s:?} is not a positive multiple of the block size"
+                ));
+            }
+        }
         BackendKind::Memory | BackendKind::Null => match size {
             None => errs.push(format!("{at}: backend needs size (e.g. \"1GiB\")")),
             Some(s) if !size_ok(s) => errs.push(format!(
@@ -779,6 +804,10 @@ pub fn implicit_lu(iqn: &str, l: &LunConfig) -> LuDef {
         read_only: l.read_only,
         thin: None,
         online: true,
+        pool: None,
+        image: None,
+        ceph_conf: None,
+        ceph_id: None,
     }
 }
 
@@ -944,6 +973,24 @@ lun = 3
         });
         let text = toml::to_string(&c).unwrap();
         assert_eq!(Config::from_toml(&text).unwrap(), c);
+    }
+
+    #[test]
+    fn an_rbd_lu_names_pool_and_image() {
+        let ok = r#"
+[[lu]]
+guid = "600144F0AAAA0001"
+backend = "rbd"
+pool = "rbd"
+image = "lu0"
+ceph_conf = "/etc/ceph/ceph.conf"
+ceph_id = "admin"
+"#;
+        let c = Config::from_toml(ok).unwrap();
+        assert_eq!(c.lus[0].backend, BackendKind::Rbd);
+        assert_eq!(c.lus[0].image.as_deref(), Some("lu0"));
+        let err = Config::from_toml(&ok.replace("image = \"lu0\"\n", "")).unwrap_err();
+        assert!(err.to_string().contains("needs pool and image"), "{err}");
     }
 
     #[test]

@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use idm::state::{ConnEvent, ConnState, SessionState};
-use iscsi_proto::negotiation::NegotiatedParams;
+/// The negotiated values' type, for readers of [`ConnInfo::params`].
+pub use iscsi_proto::negotiation::NegotiatedParams;
 use serde::Serialize;
 
 use crate::metrics::{now_ns, Dir, IoStats};

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use scsi_target::{
     Backend, FileBackend, LogicalUnit, LuConfig, LunMap, MemoryBackend, NexusId, NullBackend,
-    ScsiResponse, ScsiTask,
+    RbdBackend, RbdConfig, ScsiResponse, ScsiTask,
 };
 use thiserror::Error;
 
@@ -437,6 +437,10 @@ fn same_backing(old: &LuDef, new: &LuDef) -> bool {
         && old.read_only == new.read_only
         && old.thin == new.thin
         && old.write_cache == new.write_cache
+        && (old.pool.as_deref(), old.image.as_deref())
+            == (new.pool.as_deref(), new.image.as_deref())
+        && (old.ceph_conf.as_deref(), old.ceph_id.as_deref())
+            == (new.ceph_conf.as_deref(), new.ceph_id.as_deref())
 }
 
 fn resize_if_needed(lu: &LogicalUnit, def: &LuDef) -> Result<(), String> {
@@ -448,6 +452,19 @@ fn resize_if_needed(lu: &LogicalUnit, def: &LuDef) -> Result<(), String> {
         lu.resize(Some(want)).map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// Opens the LU's RBD image (blocking, bounded by the cluster timeouts).
+fn open_rbd(def: &LuDef) -> Result<RbdBackend, String> {
+    let (Some(pool), Some(image)) = (def.pool.as_deref(), def.image.as_deref()) else {
+        return Err("backend \"rbd\" needs pool and image".to_string());
+    };
+    let cfg = RbdConfig {
+        conf: def.ceph_conf.clone(),
+        client_id: def.ceph_id.clone().unwrap_or_else(|| "admin".to_string()),
+        ..RbdConfig::new(pool, image)
+    };
+    RbdBackend::open(&cfg).map_err(|e| format!("rbd:{pool}/{image}: {e}"))
 }
 
 fn build_lu(def: &LuDef) -> Result<Arc<LogicalUnit>, String> {
@@ -464,6 +481,7 @@ fn build_lu(def: &LuDef) -> Result<Arc<LogicalUnit>, String> {
             };
             Box::new(b.map_err(|e| format!("{path}: {e}"))?)
         }
+        BackendKind::Rbd => Box::new(open_rbd(def)?),
     };
     let id = u64::from_str_radix(&def.guid, 16).map_err(|_| "bad guid".to_string())?;
     let config = LuConfig {
@@ -474,6 +492,7 @@ fn build_lu(def: &LuDef) -> Result<Arc<LogicalUnit>, String> {
                 BackendKind::Memory => "MEMORY LU",
                 BackendKind::File => "FILE LU",
                 BackendKind::Null => "NULL LU",
+                BackendKind::Rbd => "RBD LU",
             }
             .to_string()
         }),
@@ -487,7 +506,7 @@ fn build_lu(def: &LuDef) -> Result<Arc<LogicalUnit>, String> {
         read_only: def.read_only,
         thin_provisioning: def.thin.unwrap_or(matches!(
             def.backend,
-            BackendKind::Memory | BackendKind::File
+            BackendKind::Memory | BackendKind::File | BackendKind::Rbd
         )),
     };
     let lu = LogicalUnit::new(config, backend).map_err(|e| e.to_string())?;

@@ -617,9 +617,11 @@ impl Admin {
         let path = p.str("path")?;
         let size = p.opt_str("size")?;
         let props = p.props()?;
+        let rbd = path.strip_prefix("rbd:").map(|spec| spec.split_once('/'));
         let backend = match path.as_str() {
             "memory" => BackendKind::Memory,
             "null" => BackendKind::Null,
+            _ if rbd.is_some() => BackendKind::Rbd,
             _ => BackendKind::File,
         };
         let mut def = LuDef {
@@ -636,7 +638,17 @@ impl Admin {
             read_only: false,
             thin: None,
             online: true,
+            pool: None,
+            image: None,
+            ceph_conf: None,
+            ceph_id: None,
         };
+        if let Some(spec) = rbd {
+            let (pool, image) = spec
+                .filter(|(p, i)| !p.is_empty() && !i.is_empty())
+                .ok_or_else(|| RpcError::params("an RBD LU is rbd:POOL/IMAGE"))?;
+            (def.pool, def.image) = (Some(pool.to_string()), Some(image.to_string()));
+        }
         if let Some(s) = size {
             let n = parse_size(&s).ok_or_else(|| {
                 RpcError::params(format!("size {s:?} is not a size (e.g. 10G, 512M)"))
@@ -654,13 +666,15 @@ impl Admin {
                 "wcd" => def.write_cache = Some(!yes(k, v)?),
                 "wp" => def.read_only = yes(k, v)?,
                 "thin" | "unmap" => def.thin = Some(yes(k, v)?),
+                "conf" if backend == BackendKind::Rbd => def.ceph_conf = Some(v.clone()),
+                "id" if backend == BackendKind::Rbd => def.ceph_id = Some(v.clone()),
                 "size" => {
                     let n = parse_size(v).ok_or_else(|| RpcError::params(format!("size={v} is not a size")))?;
                     def.size = Some(n.to_string());
                 }
                 other => {
                     return Err(RpcError::params(format!(
-                        "unknown property {other:?} (alias, blk, guid, serial, vid, pid, wcd, wp, thin, size)"
+                        "unknown property {other:?} (alias, blk, guid, serial, vid, pid, wcd, wp, thin, size; conf, id for rbd:)"
                     )))
                 }
             }
@@ -681,7 +695,7 @@ impl Admin {
                 "{path} does not exist: give a size (-s) to create it"
             )));
         }
-        if backend != BackendKind::File && def.size.is_none() {
+        if matches!(backend, BackendKind::Memory | BackendKind::Null) && def.size.is_none() {
             return Err(RpcError::params("a memory LU needs a size (-s)"));
         }
         let guid = def.guid.clone();
@@ -1087,8 +1101,8 @@ fn lu_json(e: &LuEntry, m: &Model) -> Value {
     json!({
         "guid": d.guid,
         "alias": d.alias,
-        "backend": match d.backend { BackendKind::Memory => "memory", BackendKind::File => "file", BackendKind::Null => "null" },
-        "data_file": d.path.clone().unwrap_or_else(|| match d.backend { BackendKind::Null => "null".into(), _ => "memory".into() }),
+        "backend": match d.backend { BackendKind::Memory => "memory", BackendKind::File => "file", BackendKind::Null => "null", BackendKind::Rbd => "rbd" },
+        "data_file": d.path.clone().unwrap_or_else(|| match d.backend { BackendKind::Null => "null".into(), BackendKind::Rbd => format!("rbd:{}/{}", d.pool.as_deref().unwrap_or(""), d.image.as_deref().unwrap_or("")), _ => "memory".into() }),
         "size": lu.num_blocks().saturating_mul(u64::from(lu.block_size())),
         "block_size": lu.block_size(),
         "operational_status": if d.online { "Online" } else { "Offline" },

@@ -5,7 +5,10 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use ironstar_admin::cli::{arr, arr_at, quiet, run_verb, Global, Show};
-use ironstar_admin::{cell, detail, read_secret, table, tag_list, Failure};
+use ironstar_admin::{
+    cell, detail, holders_line, io_line, pairs_line, read_secret, table, table_at, tag_list,
+    transitions_lines, Failure,
+};
 use serde_json::{json, Map, Value};
 
 #[derive(Parser)]
@@ -13,7 +16,7 @@ use serde_json::{json, Map, Value};
     name = "itadm",
     version,
     about = "Administer Ironstar's iSCSI targets, portal groups, initiators and defaults",
-    after_help = "Examples:\n  itadm create-tpg 1 192.168.1.10 192.168.1.11:3261\n  itadm create-target -n iqn.2026-11.dev.ironstar:db -t 1 -l db\n  itadm create-initiator -s iqn.1994-05.com.redhat:client   # prompts for its CHAP secret\n  itadm modify-target -a chap iqn.2026-11.dev.ironstar:db\n  itadm list-target -v\n  itadm list-session -v\n  itadm inspect"
+    after_help = "Examples:\n  itadm create-tpg 1 192.168.1.10 192.168.1.11:3261\n  itadm create-target -n iqn.2026-11.dev.ironstar:db -t 1 -l db\n  itadm create-initiator -s iqn.1994-05.com.redhat:client   # prompts for its CHAP secret\n  itadm modify-target -a chap iqn.2026-11.dev.ironstar:db\n  itadm list-target -v\n  itadm list-session -v\n  itadm inspect iqn.2026-11.dev.ironstar:db\n  itadm --json inspect | jq .\n  itadm metrics\n  itadm modify-defaults --metrics-listen 127.0.0.1:9283   # then: curl -s 127.0.0.1:9283/metrics"
 )]
 struct Cli {
     #[command(flatten)]
@@ -132,6 +135,9 @@ enum Cmd {
         /// iSNS servers (IP[:port], comma separated; empty to clear).
         #[arg(long, value_name = "SERVER,...")]
         isns_server: Option<String>,
+        /// Serve Prometheus metrics (GET /metrics) on a loopback IP:port; "off" to stop.
+        #[arg(long, value_name = "IP:PORT|off")]
+        metrics_listen: Option<String>,
     },
     /// Show the defaults.
     ListDefaults,
@@ -141,8 +147,15 @@ enum Cmd {
         verbose: bool,
         target: Option<String>,
     },
-    /// The live tree: target, TPG, session, connection, LUs and who holds them.
+    /// The live tree: target, TPG/portals, session, connection and tasks in
+    /// flight, with state machines, recent transitions, negotiated values,
+    /// counters, and who holds each object.
+    #[command(
+        after_help = "Examples:\n  itadm inspect\n  itadm inspect iqn.2026-11.dev.ironstar:db\n  itadm --json inspect   # for scripts"
+    )]
     Inspect { target: Option<String> },
+    /// I/O counters and latency per target, LU and session.
+    Metrics,
 }
 
 fn secret(flag: bool, file: &Option<PathBuf>) -> Result<Option<String>, Failure> {
@@ -274,6 +287,7 @@ fn main() -> std::process::ExitCode {
                 chap_algorithms,
                 isns,
                 isns_server,
+                metrics_listen,
             } => {
                 let mut p = Map::new();
                 if let Some(a) = auth {
@@ -294,9 +308,12 @@ fn main() -> std::process::ExitCode {
                         json!(s.split(',').filter(|s| !s.is_empty()).collect::<Vec<_>>()),
                     );
                 }
+                if let Some(m) = metrics_listen {
+                    p.insert("metrics_listen".into(), json!(m));
+                }
                 if p.is_empty() {
                     return Err(Failure(
-                        "nothing to change: give -a, --chap-algorithms, -i or --isns-server".into(),
+                        "nothing to change: give -a, --chap-algorithms, -i, --isns-server or --metrics-listen".into(),
                     ));
                 }
                 (c("modify-defaults", Value::Object(p))?, quiet())
@@ -309,6 +326,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Inspect { target } => {
                 (c("inspect", json!({"target": target}))?, Box::new(inspect))
             }
+            Cmd::Metrics => (c("metrics", json!({}))?, Box::new(metrics)),
         };
         Ok((result, show))
     })
@@ -351,6 +369,7 @@ fn list_target(r: &Value, verbose: bool) {
                 ("tpg-tags", cell(t.get("tpgs"))),
                 ("initiators", cell(t.get("initiators"))),
                 ("luns (all hosts)", cell(t.get("luns_for_all_hosts"))),
+                ("I/O", io_line(t.get("counters"))),
             ],
         );
     }
@@ -394,6 +413,7 @@ fn list_defaults(r: &Value) {
                 },
             ),
             ("isns server", cell(r.get("isns_servers"))),
+            ("metrics listener", cell(r.get("metrics_listen"))),
             (
                 "max recv data segment",
                 cell(r.get("max_recv_data_segment_length")),
@@ -447,15 +467,27 @@ fn list_session(r: &Value, verbose: bool) {
                         cell(s.get("max_cmd_sn"))
                     ),
                 ),
-                ("held by", format!("{} reference(s)", cell(s.get("refs")))),
+                ("held by", holders_line(s.get("holders"))),
+                ("I/O", io_line(s.get("counters"))),
             ],
         );
         for c in arr_at(&s, "connections") {
             println!(
-                "        Connection CID {}: {} -> {}",
+                "        Connection CID {}: {} -> {}  {}",
                 cell(c.get("cid")),
                 cell(c.get("peer")),
-                cell(c.get("local"))
+                cell(c.get("local")),
+                cell(c.get("state"))
+            );
+            let k = c.get("counters");
+            let n = |key: &str| cell(k.and_then(|k| k.get(key)));
+            println!(
+                "            PDUs in/out {}/{}  bytes in/out {}/{}  commands {}",
+                n("pdus_in"),
+                n("pdus_out"),
+                n("bytes_in"),
+                n("bytes_out"),
+                n("commands")
             );
         }
         println!("        Negotiated parameters:");
@@ -467,77 +499,227 @@ fn list_session(r: &Value, verbose: bool) {
     }
 }
 
-fn inspect(r: &Value) {
-    println!("model generation {}", cell(r.get("generation")));
-    for t in arr_at(r, "targets") {
-        if let Some(ds) = t.get("discovery_sessions") {
-            for s in arr(ds) {
-                println!(
-                    "discovery session TSIH {} {} {}",
-                    cell(s.get("tsih")),
-                    cell(s.get("initiator")),
-                    cell(s.get("state"))
-                );
-            }
-            continue;
-        }
+fn print_transitions(indent: usize, t: Option<&Value>) {
+    let lines = transitions_lines(t);
+    if lines.is_empty() {
+        return;
+    }
+    println!("{:indent$}transitions:", "");
+    for l in lines {
+        println!("{:indent$}  {l}", "");
+    }
+}
+
+fn print_session(s: &Value, indent: usize) {
+    let pad = |n: usize| " ".repeat(indent + n);
+    println!(
+        "{}Session TSIH {}  ISID {}  {}  {}  CmdSN {}..{}",
+        pad(0),
+        cell(s.get("tsih")),
+        cell(s.get("isid")),
+        cell(s.get("initiator")),
+        cell(s.get("state")),
+        cell(s.get("exp_cmd_sn")),
+        cell(s.get("max_cmd_sn"))
+    );
+    println!("{}held by: {}", pad(4), holders_line(s.get("holders")));
+    print_transitions(indent + 4, s.get("transitions"));
+    println!("{}I/O: {}", pad(4), io_line(s.get("counters")));
+    println!("{}params: {}", pad(4), pairs_line(s.get("session_params")));
+    for l in arr_at(s, "luns") {
         println!(
-            "target {}  auth={}  refs={}",
-            cell(t.get("target")),
-            cell(t.get("auth")),
-            cell(t.get("refs"))
+            "{}LUN {} -> LU {} ({})  {} blocks",
+            pad(4),
+            cell(l.get("lun")),
+            cell(l.get("guid")),
+            cell(l.get("alias")),
+            cell(l.get("blocks"))
         );
+    }
+    let held = arr_at(s, "held_commands");
+    if !held.is_empty() {
+        println!("{}Commands waiting for their CmdSN turn:", pad(4));
+        let rows: Vec<Vec<String>> = held
+            .iter()
+            .map(|h| {
+                vec![
+                    cell(h.get("cmd_sn")),
+                    format!(
+                        "0x{:08x}",
+                        h.get("itt").and_then(Value::as_u64).unwrap_or(0)
+                    ),
+                    cell(h.get("cid")),
+                    cell(h.get("lun")),
+                    cell(h.get("command")),
+                ]
+            })
+            .collect();
+        table_at(
+            indent + 6,
+            &["CMDSN", "ITT", "CID", "LUN", "COMMAND"],
+            &rows,
+        );
+    }
+    for c in arr_at(s, "connections") {
+        println!(
+            "{}Connection CID {}  {} -> {}  {}  refs {}",
+            pad(4),
+            cell(c.get("cid")),
+            cell(c.get("peer")),
+            cell(c.get("local")),
+            cell(c.get("state")),
+            cell(c.get("refs"))
+        );
+        print_transitions(indent + 8, c.get("transitions"));
+        println!("{}params: {}", pad(8), pairs_line(c.get("params")));
+        let k = c.get("counters");
+        let n = |key: &str| cell(k.and_then(|k| k.get(key)));
+        println!(
+            "{}PDUs in/out {}/{}  bytes in/out {}/{}  commands {}",
+            pad(8),
+            n("pdus_in"),
+            n("pdus_out"),
+            n("bytes_in"),
+            n("bytes_out"),
+            n("commands")
+        );
+        let tasks = arr_at(&c, "tasks");
+        println!("{}Tasks in flight: {}", pad(8), tasks.len());
+        let rows: Vec<Vec<String>> = tasks
+            .iter()
+            .map(|t| {
+                vec![
+                    format!(
+                        "0x{:08x}",
+                        t.get("itt").and_then(Value::as_u64).unwrap_or(0)
+                    ),
+                    cell(t.get("cmd_sn")),
+                    cell(t.get("lun")),
+                    cell(t.get("command")),
+                    cell(t.get("direction")),
+                    format!(
+                        "{}/{}",
+                        cell(t.get("bytes_done")),
+                        cell(t.get("bytes_expected"))
+                    ),
+                    format!("{}us", cell(t.get("age_us"))),
+                    cell(t.get("state")),
+                ]
+            })
+            .collect();
+        if !rows.is_empty() {
+            table_at(
+                indent + 10,
+                &[
+                    "ITT",
+                    "CMDSN",
+                    "LUN",
+                    "COMMAND",
+                    "DIR",
+                    "DONE/EXPECTED",
+                    "AGE",
+                    "STATE",
+                ],
+                &rows,
+            );
+        }
+    }
+}
+
+fn inspect(r: &Value) {
+    println!("Model generation {}", cell(r.get("generation")));
+    for t in arr_at(r, "targets") {
+        println!(
+            "Target {}  ({})  {}  auth={}  sessions={}",
+            cell(t.get("target")),
+            cell(t.get("alias")),
+            if t.get("online") == Some(&Value::Bool(false)) {
+                "OFFLINE"
+            } else {
+                "online"
+            },
+            cell(t.get("auth")),
+            cell(t.get("sessions"))
+        );
+        println!("    held by: {}", holders_line(t.get("holders")));
+        println!("    I/O: {}", io_line(t.get("counters")));
         for g in arr_at(&t, "tpgs") {
             println!(
-                "  tpg {}  portals {}",
+                "    TPG {}  portals {}",
                 cell(g.get("tag")),
                 cell(g.get("portals"))
             );
             for s in arr_at(&g, "sessions") {
-                println!(
-                    "    session TSIH {} ISID {} {}  {}  CmdSN {}..{}  refs={}",
-                    cell(s.get("tsih")),
-                    cell(s.get("isid")),
-                    cell(s.get("initiator")),
-                    cell(s.get("state")),
-                    cell(s.get("exp_cmd_sn")),
-                    cell(s.get("max_cmd_sn")),
-                    cell(s.get("refs"))
-                );
-                for c in arr_at(&s, "connections") {
-                    println!(
-                        "      connection CID {}  {} -> {}",
-                        cell(c.get("cid")),
-                        cell(c.get("peer")),
-                        cell(c.get("local"))
-                    );
-                }
-                for l in arr_at(&s, "luns") {
-                    println!(
-                        "      LUN {}  LU {}  {} blocks  LU refs={}",
-                        cell(l.get("lun")),
-                        cell(l.get("guid")),
-                        cell(l.get("blocks")),
-                        cell(l.get("lu_refs"))
-                    );
-                }
+                print_session(&s, 8);
             }
         }
     }
-    for l in arr_at(r, "lus") {
-        let s = l.get("stats").cloned().unwrap_or(Value::Null);
-        println!(
-            "LU {}  {}  refs={}  reads={} ({} B) writes={} ({} B) other={} errors={} UAs={}",
-            cell(l.get("guid")),
-            cell(l.get("operational_status")),
-            cell(l.get("refs")),
-            cell(s.get("read_commands")),
-            cell(s.get("read_bytes")),
-            cell(s.get("write_commands")),
-            cell(s.get("write_bytes")),
-            cell(s.get("other_commands")),
-            cell(s.get("errors")),
-            cell(s.get("unit_attentions"))
-        );
+    let ds = arr_at(r, "discovery_sessions");
+    if !ds.is_empty() {
+        println!("Discovery sessions");
+        for s in ds {
+            print_session(&s, 4);
+        }
     }
+    for l in arr_at(r, "lus") {
+        println!(
+            "LU {}  ({})  {}  {} bytes",
+            cell(l.get("guid")),
+            cell(l.get("alias")),
+            if l.get("online") == Some(&Value::Bool(false)) {
+                "OFFLINE"
+            } else {
+                "online"
+            },
+            cell(l.get("size"))
+        );
+        println!("    held by: {}", holders_line(l.get("holders")));
+        println!("    I/O: {}", io_line(l.get("counters")));
+    }
+}
+
+fn metrics(r: &Value) {
+    let row = |scope: &str, name: String, c: Option<&Value>| {
+        let n = |k: &str| cell(c.and_then(|c| c.get(k)));
+        let lat = |k: &str| cell(c.and_then(|c| c.get("latency")).and_then(|l| l.get(k)));
+        vec![
+            scope.to_string(),
+            name,
+            n("commands"),
+            n("bytes_read"),
+            n("bytes_written"),
+            n("check_conditions"),
+            n("task_aborts"),
+            lat("avg_us"),
+            lat("p99_le_us"),
+        ]
+    };
+    let mut rows = Vec::new();
+    for t in arr_at(r, "targets") {
+        rows.push(row("target", cell(t.get("target")), t.get("counters")));
+    }
+    for l in arr_at(r, "lus") {
+        rows.push(row("lu", cell(l.get("guid")), l.get("counters")));
+    }
+    for s in arr_at(r, "sessions") {
+        rows.push(row(
+            "session",
+            format!("{} {}", cell(s.get("tsih")), cell(s.get("initiator"))),
+            s.get("counters"),
+        ));
+    }
+    table(
+        &[
+            "SCOPE",
+            "NAME",
+            "CMDS",
+            "READ B",
+            "WRITTEN B",
+            "CHECK COND",
+            "ABORTS",
+            "AVG US",
+            "P99 <= US",
+        ],
+        &rows,
+    );
 }

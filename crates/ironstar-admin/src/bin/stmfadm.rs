@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
     name = "stmfadm",
     version,
     about = "Administer Ironstar's logical units, host groups, target groups and views",
-    after_help = "Examples:\n  stmfadm create-lu -s 10G -p alias=db /srv/lu/db.img\n  stmfadm create-lu -s 1G memory\n  stmfadm create-hg web && stmfadm add-hg-member -g web iqn.1994-05.com.example:web1\n  stmfadm add-view -h web -n 3 db\n  stmfadm list-view -l db\n  stmfadm modify-lu -s 20G db      # initiators get CAPACITY DATA HAS CHANGED\n  stmfadm list-lu -v"
+    after_help = "Examples:\n  stmfadm create-lu -s 10G -p alias=db /srv/lu/db.img\n  stmfadm create-lu -s 1G memory\n  stmfadm create-lu -p conf=/etc/ceph/ceph.conf -p id=admin rbd:rbd/lu0\n  stmfadm create-hg web && stmfadm add-hg-member -g web iqn.1994-05.com.example:web1\n  stmfadm add-view -h web -n 3 db\n  stmfadm list-view -l db\n  stmfadm modify-lu -s 20G db      # initiators get CAPACITY DATA HAS CHANGED\n  stmfadm list-lu -v"
 )]
 struct Cli {
     #[command(flatten)]
@@ -24,13 +24,14 @@ struct Cli {
 enum Cmd {
     /// Register a logical unit on a file or block device, or in memory.
     CreateLu {
-        /// Property name=value: alias, blk, guid, serial, vid, pid, wcd, wp, thin.
+        /// Property name=value: alias, blk, guid, serial, vid, pid, wcd, wp, thin;
+        /// for rbd: also conf (the cluster's ceph.conf) and id (cephx client id).
         #[arg(short = 'p', long = "lu-prop", value_name = "NAME=VALUE")]
         props: Vec<String>,
         /// Size (e.g. 10G); creates the file if it does not exist.
         #[arg(short, long)]
         size: Option<String>,
-        /// A file or device path, "memory" or "null".
+        /// A file or device path, "memory", "null", or rbd:POOL/IMAGE (a Ceph RBD image).
         path: String,
     },
     /// Grow a logical unit (initiators get a capacity-changed unit attention) or set its alias.
@@ -162,7 +163,7 @@ fn main() -> std::process::ExitCode {
                 size,
                 path,
             } => {
-                let path = if path == "memory" || path == "null" {
+                let path = if path == "memory" || path == "null" || path.starts_with("rbd:") {
                     path
                 } else {
                     std::path::absolute(&path)
