@@ -215,6 +215,18 @@ impl RawConn {
     /// A complete login to full feature phase as `initiator` (security stage with
     /// AuthMethod=None, then operational with `digests` for both header and data).
     pub fn login(addr: SocketAddr, initiator: &str, digests: bool) -> RawConn {
+        match RawConn::try_login(addr, initiator, digests) {
+            Ok(c) => c,
+            Err(status) => panic!("login refused with status {status:?}"),
+        }
+    }
+
+    /// [`RawConn::login`], or the (class, detail) of the Login Response that refused it.
+    pub fn try_login(
+        addr: SocketAddr,
+        initiator: &str,
+        digests: bool,
+    ) -> Result<RawConn, (u8, u8)> {
         let mut c = RawConn::connect(addr);
         let isid = isid_for(initiator);
         let r = c
@@ -229,7 +241,9 @@ impl RawConn {
             )
             .pdu();
         let resp = login_response(&r);
-        assert_eq!(resp.status_class, 0, "security stage refused: {resp:?}");
+        if resp.status_class != 0 {
+            return Err((resp.status_class, resp.status_detail));
+        }
         assert!(
             resp.transit && resp.nsg == 1,
             "no transit to operational: {resp:?}"
@@ -253,7 +267,9 @@ impl RawConn {
             )
             .pdu();
         let resp = login_response(&r);
-        assert_eq!(resp.status_class, 0, "operational stage refused: {resp:?}");
+        if resp.status_class != 0 {
+            return Err((resp.status_class, resp.status_detail));
+        }
         assert!(resp.transit && resp.nsg == 3, "no transit to FFP: {resp:?}");
         let keys = iscsi_proto::text::parse(&r.data).unwrap_or_default();
         let digest_on = |k: &str| keys.iter().any(|(n, v)| n == k && v == "CRC32C");
@@ -268,7 +284,7 @@ impl RawConn {
         c.dec.data_digest = c.data_digest;
         c.exp_stat_sn = resp.stat_sn.wrapping_add(1);
         c.cmd_sn = resp.exp_cmd_sn;
-        c
+        Ok(c)
     }
 
     pub fn close(self) {

@@ -213,3 +213,43 @@ fn a_thousand_outstanding_commands_are_bounded_and_all_complete() {
         assert!(c.ping());
     }
 }
+
+/// `max_sessions`: once that many sessions are open the next login fails with "out of
+/// resources" (3/2); reinstating an open session (same initiator port) is still allowed,
+/// and a session that ends makes room.
+#[test]
+fn logins_beyond_max_sessions_fail_with_out_of_resources() {
+    let mut cfg = Config::single_memory_lu(16 * MIB);
+    cfg.defaults.push("max_sessions = 3".into());
+    let d = Daemon::start(&cfg);
+    let name = |i: usize| format!("iqn.2026-11.dev.ironstar:limit-{i}");
+    let mut open: Vec<RawConn> = (0..3)
+        .map(|i| RawConn::login(d.addr(), &name(i), false))
+        .collect();
+    match RawConn::try_login(d.addr(), &name(3), false) {
+        Err(status) => assert_eq!(status, (3, 2), "the 4th session got {status:?}"),
+        Ok(_) => panic!("a 4th session was admitted with max_sessions = 3"),
+    }
+    // Session reinstatement at the limit: the same initiator port logs in again.
+    let again = RawConn::login(d.addr(), &name(0), false);
+    let old = open.remove(0);
+    drop(old);
+    open.push(again);
+    // One session ends: room for another.
+    open.remove(0).close();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let fourth = loop {
+        match RawConn::try_login(d.addr(), &name(3), false) {
+            Ok(c) => break c,
+            Err(s) if Instant::now() < deadline => {
+                println!("not yet: {s:?}");
+                thread::sleep(Duration::from_millis(100));
+            }
+            Err(s) => panic!("no room after a session ended: {s:?}"),
+        }
+    };
+    open.push(fourth);
+    for c in &mut open {
+        assert!(c.ping());
+    }
+}

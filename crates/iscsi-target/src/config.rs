@@ -237,6 +237,11 @@ pub struct Defaults {
     /// Bytes of write data the whole daemon may hold while collecting it
     /// (R2T / Data-Out) across every session; beyond it, writes get TASK SET FULL.
     pub write_buffer_limit: u64,
+    /// Sessions the daemon serves at once (discovery included); more get a
+    /// login failure "out of resources" (3/2).
+    pub max_sessions: u32,
+    /// Seconds a login may take before the connection is dropped.
+    pub login_timeout: u64,
     /// Auth method of targets that do not name one.
     pub auth: AuthConfig,
     /// CHAP algorithms offered, in order of preference: sha3-256, sha256, sha1, md5.
@@ -265,6 +270,8 @@ impl Default for Defaults {
             nop_in_timeout: 30,
             connection_buffer_limit: 8 << 20,
             write_buffer_limit: 512 << 20,
+            max_sessions: 4096,
+            login_timeout: 30,
             auth: AuthConfig::None,
             chap_algorithms: CHAP_ALGORITHMS.iter().map(|s| s.to_string()).collect(),
             isns: false,
@@ -454,6 +461,9 @@ impl Config {
         }
         if !(1 << 20..=1 << 40).contains(&d.write_buffer_limit) {
             errs.push("defaults: write_buffer_limit must be 1MiB..1TiB (in bytes)".into());
+        }
+        if d.max_sessions == 0 || !(1..=3600).contains(&d.login_timeout) {
+            errs.push("defaults: max_sessions must be >= 1, login_timeout 1..3600 seconds".into());
         }
         if d.queue_depth == 0 || d.queue_depth > 4096 || d.max_outstanding_r2t == 0 {
             errs.push("defaults: queue_depth must be 1..4096, max_outstanding_r2t >= 1".into());

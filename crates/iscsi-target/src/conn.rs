@@ -40,8 +40,6 @@ use crate::metrics::{now_ns, Dir, Finished, IoStats};
 use crate::registry::Registry;
 use crate::session::{ConnHandle, ConnMsg, NewSession, Session, WriterMsg};
 
-/// Longest a login may take before the connection is dropped.
-const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest write we collect for one command.
 const MAX_WRITE: u32 = 64 << 20;
 /// Write data one connection may hold while collecting it; beyond this,
@@ -63,7 +61,7 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
         bound: Mutex::new(None),
     };
     let outcome = match tokio::time::timeout(
-        LOGIN_TIMEOUT,
+        Duration::from_secs(registry.defaults().login_timeout.max(1)),
         login(&mut rx, &mut tx, &authority, &mut state),
     )
     .await
@@ -324,6 +322,7 @@ impl LoginAuthority for Authority {
         let who = &outcome.identity;
         let sessions = &self.registry.sessions;
         let session = if who.tsih == 0 {
+            let defaults = self.registry.defaults();
             let target = match who.session_type {
                 SessionType::Discovery => None,
                 SessionType::Normal => Some(
@@ -335,17 +334,20 @@ impl LoginAuthority for Authority {
                         .ok_or(login_status::NOT_FOUND)?,
                 ),
             };
-            sessions.create(NewSession {
-                isid: who.isid,
-                initiator_name: who.initiator_name.clone(),
-                target_name: target.as_ref().map(|t| t.iqn.clone()),
-                session_type: who.session_type,
-                target,
-                portal_group_tag: self.portal_group_tag,
-                params: outcome.params.clone(),
-                first_cmd_sn: outcome.cmd_sn,
-                queue_depth: self.registry.defaults().queue_depth,
-            })
+            sessions
+                .create(NewSession {
+                    isid: who.isid,
+                    initiator_name: who.initiator_name.clone(),
+                    target_name: target.as_ref().map(|t| t.iqn.clone()),
+                    session_type: who.session_type,
+                    target,
+                    portal_group_tag: self.portal_group_tag,
+                    params: outcome.params.clone(),
+                    first_cmd_sn: outcome.cmd_sn,
+                    queue_depth: defaults.queue_depth,
+                    max_sessions: usize::try_from(defaults.max_sessions).unwrap_or(usize::MAX),
+                })
+                .ok_or(login_status::OUT_OF_RESOURCES)?
         } else {
             // A connection joining (MC/S) or reinstating one in a session.
             let s = sessions

@@ -344,6 +344,8 @@ pub struct NewSession {
     pub params: NegotiatedParams,
     pub first_cmd_sn: u32,
     pub queue_depth: u32,
+    /// Refuse the session if this many exist already (a reinstated one does not count).
+    pub max_sessions: usize,
 }
 
 impl SessionTable {
@@ -364,7 +366,8 @@ impl SessionTable {
 
     /// Creates a session; an existing one of the same initiator port at the
     /// same target is closed first (session reinstatement, RFC 7143 §6.3.5).
-    pub fn create(&self, new: NewSession) -> Arc<Session> {
+    /// None when `max_sessions` are open already.
+    pub fn create(&self, new: NewSession) -> Option<Arc<Session>> {
         let key = SessionKey {
             initiator: new.initiator_name.to_ascii_lowercase(),
             isid: new.isid,
@@ -390,6 +393,12 @@ impl SessionTable {
                     } == key
             })
             .collect();
+        let open = self.sessions.lock().map(|s| s.len()).unwrap_or(0);
+        if open.saturating_sub(old.len()) >= new.max_sessions {
+            tracing::warn!(open, max = new.max_sessions, initiator = %new.initiator_name,
+                "session refused: max_sessions reached");
+            return None;
+        }
         for s in old {
             tracing::info!(tsih = s.tsih, initiator = %s.initiator_name, "session reinstated");
             self.remove(&s, SessionEvent::Reinstated);
@@ -458,7 +467,7 @@ impl SessionTable {
                 }
             }
         }
-        session
+        Some(session)
     }
 
     /// Takes a session out of the table (logout, reinstatement, last
