@@ -47,6 +47,38 @@ pub struct Config {
     pub target_groups: Vec<GroupConfig>,
     #[serde(default, rename = "view")]
     pub views: Vec<ViewConfig>,
+    #[serde(default, skip_serializing_if = "MetricsConfig::is_off")]
+    pub metrics: MetricsConfig,
+}
+
+/// The optional Prometheus endpoint (`GET /metrics`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A loopback IP:port to serve on ("127.0.0.1:9283"); absent: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+}
+
+impl MetricsConfig {
+    pub fn is_off(&self) -> bool {
+        self.listen.is_none()
+    }
+
+    /// The address to serve on, if valid: only loopback, because the
+    /// endpoint has no authentication.
+    pub fn addr(&self) -> Result<Option<SocketAddr>, String> {
+        let Some(l) = &self.listen else {
+            return Ok(None);
+        };
+        match l.parse::<SocketAddr>() {
+            Ok(a) if a.ip().is_loopback() => Ok(Some(a)),
+            Ok(_) => Err(format!(
+                "metrics: listen {l:?} is not a loopback address (127.0.0.1 or [::1])"
+            )),
+            Err(_) => Err(format!("metrics: listen {l:?} is not IP:port")),
+        }
+    }
 }
 
 /// A logical unit of the COMSTAR model, named by its GUID.
@@ -317,6 +349,7 @@ impl Config {
             host_groups: vec![],
             target_groups: vec![],
             views: vec![],
+            metrics: MetricsConfig::default(),
         }
     }
 
@@ -347,6 +380,9 @@ impl Config {
     /// Every problem, each with its location.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut errs = Vec::new();
+        if let Err(e) = self.metrics.addr() {
+            errs.push(e);
+        }
         let mut tags = HashSet::new();
         for (i, pg) in self.portal_groups.iter().enumerate() {
             if !tags.insert(pg.tag) {

@@ -35,6 +35,8 @@ pub struct Admin {
     config_path: PathBuf,
     /// Running portals; the lock also serialises changes.
     portals: Mutex<Portals>,
+    /// The Prometheus endpoint, when `[metrics] listen` is set.
+    metrics_http: crate::metrics_http::Listener,
 }
 
 type R = Result<Value, RpcError>;
@@ -46,7 +48,20 @@ impl Admin {
             registry,
             config_path,
             portals: Mutex::new(HashMap::new()),
+            metrics_http: Default::default(),
         };
+        let want = admin
+            .registry
+            .snapshot()
+            .config
+            .metrics
+            .addr()
+            .map_err(anyhow::Error::msg)?;
+        match admin.metrics_http.prepare(want).await {
+            Ok(l) => admin.metrics_http.apply(want, l, admin.registry.clone()),
+            // The target serves without its metrics rather than not at all.
+            Err(e) => tracing::warn!(error = %e, "metrics listener not started"),
+        }
         {
             let mut running = admin.portals.lock().await;
             let bound = bind_missing(&admin.registry.snapshot().config, &running)
@@ -66,6 +81,7 @@ impl Admin {
     }
 
     pub async fn stop_portals(&self) {
+        self.metrics_http.stop();
         for (_, t) in self.portals.lock().await.drain() {
             t.abort();
         }
@@ -88,6 +104,7 @@ impl Admin {
             Err(ApplyError::Commit(e)) => return Err(RpcError::refused(e)),
             Ok(_) => {}
         }
+        crate::inspect::prune(&self.registry);
         let wanted = wanted_portals(&cfg);
         running.retain(|key, task| {
             let keep = wanted.contains(key);
@@ -112,7 +129,9 @@ impl Admin {
             "create-target" => self.create_target(p).await,
             "modify-target" => self.modify_target(p).await,
             "delete-target" => self.delete_target(p).await,
-            "list-target" => self.list_target(p),
+            "list-target" => self
+                .list_target(p)
+                .map(|v| crate::inspect::with_target_io(&self.registry, v)),
             "create-tpg" => self.create_tpg(p).await,
             "delete-tpg" => self.delete_tpg(p).await,
             "list-tpg" => self.list_tpg(p),
@@ -123,12 +142,21 @@ impl Admin {
             "modify-defaults" => self.modify_defaults(p).await,
             "list-defaults" => self.list_defaults(),
             "list-session" => self.list_session(p),
-            "inspect" => self.inspect(p),
+            "inspect" => {
+                let only = p.opt_str("target")?;
+                crate::inspect::inspect(&self.registry, only.as_deref()).map_err(RpcError::refused)
+            }
+            "metrics" => Ok(crate::inspect::metrics(&self.registry)),
             // ----- stmfadm -----
             "create-lu" => self.create_lu(p).await,
             "modify-lu" => self.modify_lu(p).await,
             "delete-lu" => self.delete_lu(p).await,
-            "list-lu" => self.list_lu(p),
+            "list-lu" => self
+                .list_lu(p)
+                .map(|v| crate::inspect::with_lu_io(&self.registry, v)),
+            "import-lu" => self.import_lu(p).await,
+            "online-target" => self.set_target_online(p, true).await,
+            "offline-target" => self.set_target_online(p, false).await,
             "online-lu" => self.set_lu_online(p, true).await,
             "offline-lu" => self.set_lu_online(p, false).await,
             "create-hg" => self.create_group(p, Kind::Host).await,
@@ -265,6 +293,37 @@ impl Admin {
         .await?;
         let n = self.log_out(sessions).await;
         Ok(json!({"target": name, "sessions_logged_out": n}))
+    }
+
+    /// stmfadm online-target / offline-target. Offline: the target's
+    /// sessions are asked to log out (then closed) and logins are refused
+    /// until it is online again; the state is kept in the configuration.
+    async fn set_target_online(&self, p: Params<'_>, online: bool) -> R {
+        let name = p.str("name")?;
+        let iqn = self
+            .change(|c| {
+                let t = c
+                    .targets
+                    .iter_mut()
+                    .find(|t| t.iqn.eq_ignore_ascii_case(&name))
+                    .ok_or_else(|| RpcError::refused(format!("no target {name}")))?;
+                if t.online == online {
+                    return Err(RpcError::refused(format!(
+                        "target {} is already {}",
+                        t.iqn,
+                        if online { "online" } else { "offline" }
+                    )));
+                }
+                t.online = online;
+                Ok(json!(t.iqn))
+            })
+            .await?;
+        let n = if online {
+            0
+        } else {
+            self.log_out(self.sessions_of(&name)).await
+        };
+        Ok(json!({"target": iqn, "online": online, "sessions_logged_out": n}))
     }
 
     fn sessions_of(&self, target: &str) -> Vec<Arc<Session>> {
@@ -498,7 +557,29 @@ impl Admin {
         let algs = p.opt_str_list("chap_algorithms")?;
         let isns = p.opt_bool("isns")?;
         let servers = p.opt_str_list("isns_servers")?;
+        // "" or "off": no metrics endpoint.
+        let metrics = p
+            .opt_str("metrics_listen")?
+            .map(|l| iscsi_target::config::MetricsConfig {
+                listen: (!l.is_empty() && l != "off").then_some(l),
+            });
+        let metrics_bound = match &metrics {
+            Some(m) => {
+                let want = m.addr().map_err(RpcError::params)?;
+                Some((
+                    want,
+                    self.metrics_http
+                        .prepare(want)
+                        .await
+                        .map_err(RpcError::refused)?,
+                ))
+            }
+            None => None,
+        };
         self.change(|c| {
+            if let Some(m) = metrics {
+                c.metrics = m;
+            }
             if let Some(a) = auth {
                 c.defaults.auth = a.unwrap_or(AuthConfig::None);
             }
@@ -514,6 +595,9 @@ impl Admin {
             Ok(Value::Null)
         })
         .await?;
+        if let Some((want, bound)) = metrics_bound {
+            self.metrics_http.apply(want, bound, self.registry.clone());
+        }
         self.list_defaults()
     }
 
@@ -524,6 +608,10 @@ impl Admin {
             o.insert(
                 "discovery_auth".into(),
                 json!(auth_name(self.registry.discovery_auth())),
+            );
+            o.insert(
+                "metrics_listen".into(),
+                json!(self.registry.snapshot().config.metrics.listen),
             );
         }
         Ok(v)
@@ -542,73 +630,6 @@ impl Admin {
                 .map(session_json)
                 .collect(),
         ))
-    }
-
-    fn inspect(&self, p: Params<'_>) -> R {
-        let only = p.opt_str("target")?;
-        let m = self.registry.snapshot();
-        let sessions = self.registry.sessions.all();
-        let mut targets = Vec::new();
-        let mut names: Vec<Option<String>> = m
-            .config
-            .targets
-            .iter()
-            .map(|t| Some(t.iqn.clone()))
-            .collect();
-        names.push(None); // discovery sessions
-        for name in names {
-            if let (Some(o), Some(n)) = (&only, &name) {
-                if !o.eq_ignore_ascii_case(n) {
-                    continue;
-                }
-            }
-            let of_target: Vec<&Arc<Session>> = sessions
-                .iter()
-                .filter(|s| match (&name, &s.target_name) {
-                    (Some(n), Some(t)) => n.eq_ignore_ascii_case(t),
-                    (None, None) => true,
-                    _ => false,
-                })
-                .collect();
-            let Some(n) = name else {
-                targets.push(json!({"discovery_sessions": of_target.iter().map(|s| session_json(s)).collect::<Vec<_>>()}));
-                continue;
-            };
-            let t = m.target(&n);
-            let tpgs: Vec<Value> = t
-                .map(|t| t.portal_groups.clone())
-                .unwrap_or_default()
-                .iter()
-                .map(|tag| {
-                    let portals = m.portal_group(*tag).map(|g| g.portals.clone()).unwrap_or_default();
-                    let ss: Vec<Value> = of_target
-                        .iter()
-                        .filter(|s| s.nexus.relative_target_port_id == *tag)
-                        .map(|s| {
-                            let mut v = session_json(s);
-                            if let (Some(o), Some(t)) = (v.as_object_mut(), &s.target) {
-                                o.insert("luns".into(), Value::Array(t.luns.map().luns().filter_map(|lun| {
-                                    let lu = t.luns.get(lun)?;
-                                    let e = m.lus.values().find(|e| Arc::ptr_eq(&e.lu, &lu));
-                                    Some(json!({"lun": lun, "guid": e.map(|e| e.def.guid.clone()),
-                                        "blocks": lu.num_blocks(), "lu_refs": Arc::strong_count(&lu) - 1}))
-                                }).collect()));
-                            }
-                            v
-                        })
-                        .collect();
-                    json!({"tag": tag, "portals": portals, "sessions": ss})
-                })
-                .collect();
-            targets.push(json!({
-                "target": n,
-                "auth": t.map(|t| auth_name(t.auth)),
-                "refs": t.map(Arc::strong_count),
-                "tpgs": tpgs,
-            }));
-        }
-        let lus: Vec<Value> = m.lus.values().map(|e| lu_json(e, &m)).collect();
-        Ok(json!({"generation": m.generation, "targets": targets, "lus": lus}))
     }
 
     // ----- logical units -----
@@ -717,7 +738,7 @@ impl Admin {
         .await?;
         let m = self.registry.snapshot();
         Ok(m.lu(&guid)
-            .map(|e| lu_json(e, &m))
+            .map(|e| with_meta(lu_json(e, &m), e))
             .unwrap_or(json!({"guid": guid})))
     }
 
@@ -767,7 +788,51 @@ impl Admin {
         })
         .await?;
         let m = self.registry.snapshot();
-        Ok(m.lu(&guid).map(|e| lu_json(e, &m)).unwrap_or(Value::Null))
+        Ok(m.lu(&guid)
+            .map(|e| with_meta(lu_json(e, &m), e))
+            .unwrap_or(Value::Null))
+    }
+
+    /// stmfadm import-lu: registers a file LU again with the identity kept
+    /// beside its data (see `lu_meta`). Views are not part of the identity.
+    async fn import_lu(&self, p: Params<'_>) -> R {
+        let path = p.str("path")?;
+        let meta = p.opt_str("meta")?;
+        if !std::path::Path::new(&path).is_absolute() {
+            return Err(RpcError::params(format!("{path}: give an absolute path")));
+        }
+        let m = crate::lu_meta::load(
+            std::path::Path::new(&path),
+            meta.as_deref().map(std::path::Path::new),
+        )
+        .map_err(RpcError::refused)?;
+        let def = m.to_def(&path).map_err(RpcError::refused)?;
+        let guid = def.guid.clone();
+        self.change(|c| {
+            if let Some((l, _)) = c.all_lus().iter().find(|(l, _)| {
+                l.guid.eq_ignore_ascii_case(&guid) || l.path.as_deref() == Some(&path)
+            }) {
+                return Err(RpcError::refused(format!(
+                    "LU {} is registered already (on {})",
+                    l.guid,
+                    l.path.as_deref().unwrap_or("memory")
+                )));
+            }
+            if let Some(a) = &def.alias {
+                if c.find_lu(a).is_some() {
+                    return Err(RpcError::refused(format!(
+                        "alias {a} is used by another LU: delete or rename it first"
+                    )));
+                }
+            }
+            c.lus.push(def);
+            Ok(Value::Null)
+        })
+        .await?;
+        let m = self.registry.snapshot();
+        Ok(m.lu(&guid)
+            .map(|e| lu_json(e, &m))
+            .unwrap_or(json!({"guid": guid})))
     }
 
     fn lu_entry(&self, name: &str) -> Result<Arc<LuEntry>, RpcError> {
@@ -1032,6 +1097,23 @@ impl Admin {
     }
 }
 
+/// Writes a file LU's identity beside its data (for import-lu) and says
+/// where in the answer; a failure is reported, not fatal to the change.
+fn with_meta(mut v: Value, e: &LuEntry) -> Value {
+    let (k, m) = match crate::lu_meta::save(e) {
+        Ok(Some(p)) => ("metadata", json!(p.display().to_string())),
+        Ok(None) => return v,
+        Err(err) => {
+            tracing::warn!(error = %err, guid = %e.def.guid, "LU metadata not written");
+            ("metadata_error", json!(err))
+        }
+    };
+    if let Some(o) = v.as_object_mut() {
+        o.insert(k.into(), m);
+    }
+    v
+}
+
 /// A list answer; asking for one item (`only`) that is not there is refused.
 fn listed(out: Vec<Value>, only: Option<impl std::fmt::Display>, what: &str) -> R {
     match only {
@@ -1120,59 +1202,7 @@ fn lu_json(e: &LuEntry, m: &Model) -> Value {
 }
 
 fn session_json(s: &Arc<Session>) -> Value {
-    let p = &s.params;
-    let isid: String = s.isid.iter().map(|b| format!("{b:02x}")).collect();
-    let state = match format!("{:?}", s.state()).as_str() {
-        "Free" => "Q1 FREE",
-        "Active" => "Q2 ACTIVE",
-        "LoggedIn" => "Q3 LOGGED_IN",
-        "Failed" => "Q4 FAILED",
-        "InContinue" => "Q5 IN_CONTINUE",
-        _ => "?",
-    };
-    let mut conns = s.connections();
-    conns.sort_by_key(|c| c.cid);
-    json!({
-        "tsih": s.tsih,
-        "isid": isid,
-        "initiator": s.initiator_name,
-        "target": s.target_name,
-        "type": if s.target_name.is_some() { "normal" } else { "discovery" },
-        "state": state,
-        "exp_cmd_sn": s.exp_cmd_sn(),
-        "max_cmd_sn": s.max_cmd_sn(),
-        "tpgt": s.nexus.relative_target_port_id,
-        "closing": s.is_closed(),
-        // The table, each connection task, and whoever else holds it.
-        "refs": Arc::strong_count(s).saturating_sub(1),
-        "connections": conns.iter().map(|c| json!({"cid": c.cid, "serial": c.serial,
-            "peer": c.peer_addr, "local": c.local_addr})).collect::<Vec<_>>(),
-        "params": {
-            "HeaderDigest": if p.header_digest { "CRC32C" } else { "None" },
-            "DataDigest": if p.data_digest { "CRC32C" } else { "None" },
-            "MaxRecvDataSegmentLength": p.max_recv_data_segment_length,
-            "MaxXmitDataSegmentLength": p.max_xmit_data_segment_length,
-            "MaxBurstLength": p.max_burst_length,
-            "FirstBurstLength": p.first_burst_length,
-            "InitialR2T": yes_no(p.initial_r2t),
-            "ImmediateData": yes_no(p.immediate_data),
-            "MaxOutstandingR2T": p.max_outstanding_r2t,
-            "MaxConnections": p.max_connections,
-            "DataPDUInOrder": yes_no(p.data_pdu_in_order),
-            "DataSequenceInOrder": yes_no(p.data_sequence_in_order),
-            "DefaultTime2Wait": p.default_time2wait,
-            "DefaultTime2Retain": p.default_time2retain,
-            "ErrorRecoveryLevel": p.error_recovery_level,
-        },
-    })
-}
-
-fn yes_no(b: bool) -> &'static str {
-    if b {
-        "Yes"
-    } else {
-        "No"
-    }
+    crate::inspect::session_json(s, false)
 }
 
 fn auth_name(a: AuthConfig) -> &'static str {

@@ -3,7 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use ironstar_admin::cli::{arr, arr_at, quiet, run_verb, Global, Show};
-use ironstar_admin::{cell, detail, human_size, Failure};
+use ironstar_admin::{cell, detail, human_size, io_line, Failure};
 use serde_json::{json, Map, Value};
 
 #[derive(Parser)]
@@ -43,8 +43,20 @@ enum Cmd {
         /// GUID or alias.
         lu: String,
     },
-    /// Delete a logical unit and its views.
+    /// Delete a logical unit and its views (a file LU's data and identity stay for import-lu).
     DeleteLu { lu: String },
+    /// Register a file LU again with the identity (GUID, size, block size,
+    /// serial, alias, ...) kept beside its data in PATH.ironstar-lu.
+    #[command(
+        after_help = "Examples:\n  stmfadm delete-lu db && stmfadm import-lu /srv/lu/db.img\n  stmfadm import-lu -m /etc/ironstar/sdb.ironstar-lu /dev/sdb"
+    )]
+    ImportLu {
+        /// The metadata file (default: PATH.ironstar-lu).
+        #[arg(short = 'm', long = "meta", value_name = "FILE")]
+        meta: Option<String>,
+        /// The LU's data file (or device).
+        path: String,
+    },
     /// List logical units.
     ListLu {
         #[arg(short, long)]
@@ -138,6 +150,10 @@ enum Cmd {
         #[arg(short, long)]
         verbose: bool,
     },
+    /// Bring a target online: it accepts logins and is discovered again.
+    OnlineTarget { target: String },
+    /// Take a target offline: its sessions are logged out, logins refused.
+    OfflineTarget { target: String },
     /// The state of the SCSI target framework.
     ListState,
 }
@@ -195,6 +211,19 @@ fn main() -> std::process::ExitCode {
                 )
             }
             Cmd::DeleteLu { lu } => (c("delete-lu", json!({"lu": lu}))?, quiet()),
+            Cmd::ImportLu { meta, path } => {
+                let abs = |p: &str| {
+                    std::path::absolute(p)
+                        .map(|a| a.to_string_lossy().into_owned())
+                        .map_err(|e| Failure(format!("{p}: {e}")))
+                };
+                let meta = meta.as_deref().map(abs).transpose()?;
+                let r = c("import-lu", json!({"path": abs(&path)?, "meta": meta}))?;
+                (
+                    r,
+                    Box::new(|r| println!("Logical unit imported: {}", cell(r.get("guid")))),
+                )
+            }
             Cmd::ListLu { verbose, lu } => {
                 let r = c("list-lu", json!({"lu": lu}))?;
                 (r, Box::new(move |r| list_lu(r, verbose)))
@@ -288,6 +317,19 @@ fn main() -> std::process::ExitCode {
                     }),
                 )
             }
+            Cmd::OnlineTarget { target } => (c("online-target", json!({"name": target}))?, quiet()),
+            Cmd::OfflineTarget { target } => (
+                c("offline-target", json!({"name": target}))?,
+                Box::new(|r| {
+                    let n = r
+                        .get("sessions_logged_out")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0);
+                    if n > 0 {
+                        println!("{n} session(s) logged out");
+                    }
+                }),
+            ),
             Cmd::ListState => (
                 c("list-state", json!({}))?,
                 Box::new(|r| {
@@ -364,6 +406,7 @@ fn list_lu(r: &Value, verbose: bool) {
                     ),
                 ),
                 ("Errors", cell(s.get("errors"))),
+                ("I/O (port)", io_line(l.get("counters"))),
             ],
         );
     }
