@@ -58,6 +58,7 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
     let authority = Authority {
         registry: registry.clone(),
         portal_group_tag,
+        rdma: info.kind == "iser",
         bound: Mutex::new(None),
     };
     let outcome = match tokio::time::timeout(
@@ -87,11 +88,16 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
         p.data_digest = own.data_digest;
         p.max_recv_data_segment_length = own.max_recv_data_segment_length;
         p.max_xmit_data_segment_length = own.max_xmit_data_segment_length;
+        p.rdma_extensions = own.rdma_extensions;
+        p.target_recv_data_segment_length = own.target_recv_data_segment_length;
+        p.initiator_recv_data_segment_length = own.initiator_recv_data_segment_length;
+        idm::transport::full_feature_limits(&mut p, idm::transport::Role::Target);
         p
     };
     rx.set_digests(params.header_digest, params.data_digest);
     tx.set_digests(params.header_digest, params.data_digest);
     rx.set_max_recv_data_segment_length(params.max_recv_data_segment_length);
+    tx.enable_datamover(&params);
     step(&mut state, ConnEvent::LoginSucceeded);
     tracing::info!(
         peer = %info.peer_addr,
@@ -235,6 +241,8 @@ async fn login<Rx: PduRx, Tx: PduTx>(
 struct Authority {
     registry: Arc<Registry>,
     portal_group_tag: u16,
+    /// The connection is iSER: offer RDMAExtensions (and no digests).
+    rdma: bool,
     bound: Mutex<Option<Arc<Session>>>,
 }
 
@@ -251,6 +259,7 @@ impl Authority {
             immediate_data: d.immediate_data,
             header_digest: vec![Digest::None, Digest::Crc32c],
             data_digest: vec![Digest::None, Digest::Crc32c],
+            rdma_extensions: self.rdma,
             ..Policy::default()
         }
     }

@@ -1,7 +1,8 @@
 //! # iscsi-target — the iSCSI port of the target (iscsit's role)
 //!
 //! On the map (`ARCHITECTURE.md`) it sits between the daemon and the SCSI
-//! core: portals and portal groups ([`portal`]), targets and their LUN maps
+//! core: portals and portal groups ([`portal`] for TCP, [`iser_portal`]
+//! for iSER), targets and their LUN maps
 //! ([`registry`]), login policy and CHAP secrets (the `LoginAuthority` in
 //! [`conn`]), SendTargets ([`discovery`]), iSNS registration messages
 //! ([`isns`]), and sessions bound to the SCSI core ([`session`]), with
@@ -13,6 +14,7 @@ pub mod config;
 pub mod conn;
 pub mod discovery;
 pub mod inspect;
+pub mod iser_portal;
 pub mod isns;
 pub mod metrics;
 pub mod portal;

@@ -27,7 +27,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use idm::initiator_data::WritePlan;
 use idm::transport::{PduRx, PduTx, Role, Transport, TransportError, TransportInfo};
 use iscsi_proto::codec::DecodeError;
 use iscsi_proto::negotiation::NegotiatedParams;
@@ -194,9 +193,10 @@ struct Shared {
     tasks: Mutex<Tasks>,
     send_credits: Semaphore,
     next_wr: AtomicU64,
-    /// What login settled (the initiator splits write data by it).
-    params: Mutex<NegotiatedParams>,
     max_recv: std::sync::atomic::AtomicU32,
+    /// Full feature phase: data PDUs are realised by RDMA (before it, during
+    /// login, everything is a plain SEND).
+    datamover: std::sync::atomic::AtomicBool,
     info: TransportInfo,
     cm: CmHeader,
 }
@@ -294,8 +294,8 @@ impl IserTransport {
             tasks: Mutex::new(Tasks::default()),
             send_credits: Semaphore::new(cfg.send_depth as usize),
             next_wr: AtomicU64::new(1),
-            params: Mutex::new(NegotiatedParams::default()),
             max_recv: std::sync::atomic::AtomicU32::new(cfg.max_data_segment),
+            datamover: std::sync::atomic::AtomicBool::new(false),
             info,
             cm,
         });
@@ -748,7 +748,23 @@ impl IserTx {
                     }
                 }
             }
-            let unsolicited_end = WritePlan::new(&lock(&s.params), edtl).unsolicited_end;
+            // The unsolicited Data-Out sequence is the one IDM closed with F
+            // (or none, when the command itself has F); what follows in the
+            // batch is staged only. Per-connection params cannot tell: over
+            // MC/S only the leading login negotiates InitialR2T.
+            let mut unsolicited_end = pdu.data.len() as u32;
+            if !cmd.final_ {
+                for p in rest {
+                    if let Header::DataOut(d) = &p.header {
+                        if d.itt == itt {
+                            unsolicited_end = d.buffer_offset.saturating_add(p.data.len() as u32);
+                            if d.final_ {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
             write = Some(Tagged {
                 stag: buf.rkey(),
                 va: buf.addr(),
@@ -764,6 +780,12 @@ impl IserTx {
 
 impl PduTx for IserTx {
     async fn send(&mut self, pdus: &[Pdu]) -> Result<(), TransportError> {
+        if !self.shared.datamover.load(Ordering::Acquire) {
+            for p in pdus {
+                self.send_control(IserHeader::PLAIN, p).await?;
+            }
+            return Ok(());
+        }
         let mut i = 0;
         while let Some(p) = pdus.get(i) {
             let rest = pdus.get(i + 1..).unwrap_or(&[]);
@@ -818,7 +840,7 @@ impl PduTx for IserTx {
     }
 
     fn enable_datamover(&mut self, params: &NegotiatedParams) {
-        *lock(&self.shared.params) = params.clone();
+        self.shared.datamover.store(true, Ordering::Release);
         tracing::debug!(
             role = ?self.shared.role,
             rdma = params.rdma_extensions,
@@ -1015,6 +1037,7 @@ mod tests {
     async fn data_in_without_advertised_buffer_is_refused() {
         let (_f, _ini, tgt) = pair().await;
         let (_trx, mut ttx) = tgt.into_split();
+        ttx.enable_datamover(&params());
         let r = ttx
             .send(&[Pdu::new(
                 Header::DataIn(DataIn {

@@ -1,0 +1,57 @@
+//! iSER portals: a listening CM id on some verbs backend, each accepted
+//! connection served by the same [`conn::serve`] as TCP's — login, full
+//! feature phase and everything above the Transport seam are shared; only
+//! the transport differs (LIO's np `iser` attribute, `itadm create-tpg --iser`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use iser::verbs::{ConnectRequest, Listener, Verbs, VerbsError};
+use iser::{IserConfig, IserTransport};
+
+use crate::conn;
+use crate::registry::Registry;
+
+/// A listening iSER portal over the verbs backend `V`.
+pub struct IserPortal<V: Verbs> {
+    pub addr: SocketAddr,
+    pub portal_group_tag: u16,
+    listener: V::Listener,
+}
+
+impl<V: Verbs> IserPortal<V> {
+    pub async fn bind(
+        verbs: &V,
+        addr: SocketAddr,
+        portal_group_tag: u16,
+    ) -> Result<IserPortal<V>, VerbsError> {
+        let listener = verbs.listen(addr).await?;
+        Ok(IserPortal {
+            addr: listener.local_addr(),
+            portal_group_tag,
+            listener,
+        })
+    }
+
+    /// Accepts connections until the listener fails or the task is dropped.
+    pub async fn run(mut self, registry: Arc<Registry>) {
+        loop {
+            let req = match self.listener.next_request().await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, addr = %self.addr, "iSER listener stopped");
+                    return;
+                }
+            };
+            let registry = registry.clone();
+            let tag = self.portal_group_tag;
+            tokio::spawn(async move {
+                let peer = req.peer_addr();
+                match IserTransport::accept(req, IserConfig::default()).await {
+                    Ok(t) => conn::serve(t, registry, tag).await,
+                    Err(e) => tracing::info!(%peer, error = %e, "iSER accept failed"),
+                }
+            });
+        }
+    }
+}
