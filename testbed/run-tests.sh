@@ -32,12 +32,19 @@ fi
 for b in iscsitd iscsi; do
     [ -x "$BIN/$b" ] || { echo "run-tests: $BIN/$b missing: cargo build --release --bins" >&2; exit 1; }
 done
+# iSER: the verbs-backend check (crates/iser/examples/iser_verbs.rs) for tests/iser-verbs.sh;
+# built here when cargo is at hand and the binaries are this tree's (an incremental build).
+if [ -z "${IRONSTAR_BIN_DIR:-}" ] && command -v cargo >/dev/null; then
+    (cd "$ROOT" && cargo build -q --release -p iser --example iser_verbs) ||
+        echo "run-tests: building the iser_verbs example failed; iser-verbs will fail" >&2
+fi
 bash "$HERE/setup-host.sh"
 IMAGE=$(bash "$HERE/build-image.sh")
 
 rm -rf "$RUNS"
 mkdir -p "$RUNS/bin" "$RUNS/results"
 cp "$BIN/iscsitd" "$BIN/iscsi" "$RUNS/bin/"
+[ ! -x "$BIN/examples/iser_verbs" ] || cp "$BIN/examples/iser_verbs" "$RUNS/bin/"
 cp -r "$HERE/tests" "$RUNS/tests"
 echo "run-tests: image $IMAGE ($(cat "$IMAGE/kernel.version"))"
 echo "run-tests: iscsitd and iscsi from $BIN, built $(date -r "$BIN/iscsitd" "+%F %T")"
@@ -77,6 +84,13 @@ if [ -n "$fio_files" ]; then
     echo "fio through the kernel initiator (TCG, ${FIO_RUNTIME}s per job, relative figures only):"
     # shellcheck disable=SC2086
     cat $fio_files | sed 's/^/  /'
+fi
+table_files=$(ls "$RUNS"/results/*/fio-table.txt 2>/dev/null || true)
+if [ -n "$table_files" ]; then
+    echo
+    echo "iSER vs TCP, kernel initiator (target transport job MiB/s IOPS; TCG, ${FIO_RUNTIME}s per job):"
+    # shellcheck disable=SC2086
+    cat $table_files | sed 's/^/  /'
 fi
 rt_files=$(ls "$RUNS"/results/*/roundtrip.txt 2>/dev/null || true)
 if [ -n "$rt_files" ]; then

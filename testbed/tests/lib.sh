@@ -152,3 +152,34 @@ lio_chap_acl() {
     printf '%s' "$3" > "$acl/auth/userid"
     printf '%s' "$4" > "$acl/auth/password"
 }
+
+# ---- iSER (Soft-RoCE) --------------------------------------------------------------------
+# rxe cannot sit on lo, so iSER runs over rxe0 on the guest NIC (10.0.2.15; QEMU's user net
+# is restrict=on: nothing leaves the guest; rxe loops local traffic back itself).
+RDMA_IP=10.0.2.15
+# rxe_up: load rdma_rxe, bind rxe0 to eth0, wait until its port is ACTIVE.
+rxe_up() {
+    modprobe -a rdma_rxe rdma_cm ib_uverbs rdma_ucm
+    rdma link show | grep -q '^link rxe0/' || rdma link add rxe0 type rxe netdev eth0 \
+        || die "rdma link add rxe0 on eth0"
+    wait_for 10 "rxe0 ACTIVE" bash -c 'rdma link show | grep -q "^link rxe0/.*state ACTIVE"'
+    ok "$(rdma link show | grep '^link rxe0/' | tr -s ' ') ($RDMA_IP)"
+}
+# lio_iser_portal TPG: an iSER np on $RDMA_IP:3260 beside TCP (LIO keeps TCP on the same np).
+lio_iser_portal() {
+    modprobe ib_isert
+    mkdir -p "$1/np/$RDMA_IP:3260"
+    echo 1 > "$1/np/$RDMA_IP:3260/iser"
+    expect_eq "LIO np $RDMA_IP:3260 iser" "$(cat "$1/np/$RDMA_IP:3260/iser")" 1
+}
+# fio_bench_table TARGET TRANSPORT DEV: fio_bench, and its lines also go to $RES/fio-table.txt as
+# "target transport job MiB/s IOPS" rows (the iSER-vs-TCP table of the note).
+fio_bench_table() {
+    local target=$1 transport=$2 dev=$3 before
+    before=0
+    [ ! -f "$RES/fio.txt" ] || before=$(wc -l < "$RES/fio.txt")
+    fio_bench "$target $transport" "$dev"
+    tail -n +"$((before + 1))" "$RES/fio.txt" |
+        awk -v t="$target" -v x="$transport" '{printf "%-8s %-5s %-18s %8s %8s\n", t, x, $(NF-4), $(NF-3), $(NF-1)}' \
+        >> "$RES/fio-table.txt"
+}
