@@ -860,11 +860,43 @@ pub fn implicit_lu(iqn: &str, l: &LunConfig) -> LuDef {
 /// An iSCSI name of one of the three formats (RFC 7143 §4.2.7).
 pub fn is_iscsi_name(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    (lower.starts_with("iqn.") || lower.starts_with("eui.") || lower.starts_with("naa."))
-        && name.len() <= 223
+    let chars_ok = name.len() <= 223
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b':')
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b':');
+    let hex = |s: &str, lens: &[usize]| {
+        lens.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
+    };
+    chars_ok
+        && if let Some(rest) = lower.strip_prefix("iqn.") {
+            is_iqn_body(rest)
+        } else if let Some(rest) = lower.strip_prefix("eui.") {
+            hex(rest, &[16])
+        } else if let Some(rest) = lower.strip_prefix("naa.") {
+            hex(rest, &[16, 32])
+        } else {
+            false
+        }
+}
+
+/// RFC 7143 §4.2.7.3: `yyyy-mm.reversed.domain[:unique]` after "iqn.".
+fn is_iqn_body(rest: &str) -> bool {
+    let (date, authority) = match rest.split_once('.') {
+        Some(p) => p,
+        None => return false,
+    };
+    let b = date.as_bytes();
+    let month = date.get(5..7).and_then(|m| m.parse::<u8>().ok());
+    let date_ok = b.len() == 7
+        && b.iter().take(4).all(u8::is_ascii_digit)
+        && b.get(4) == Some(&b'-')
+        && matches!(month, Some(1..=12));
+    let domain = authority.split(':').next().unwrap_or("");
+    date_ok
+        && !domain.is_empty()
+        && domain
+            .split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-'))
 }
 
 /// "1GiB", "512MiB", "100M", "4096" → bytes.
@@ -891,6 +923,35 @@ mod tests {
     #[test]
     fn embedded_default_is_valid() {
         Config::embedded_default().validate().unwrap();
+    }
+
+    #[test]
+    fn iscsi_names_follow_rfc_7143_formats() {
+        for good in [
+            "iqn.2026-11.dev.ironstar:t0",
+            "iqn.1994-05.com.redhat:client",
+            "IQN.2001-04.com.example",
+            "iqn.2001-04.com.example:storage:diskarrays-sn-a8675309",
+            "eui.02004567A425678D",
+            "naa.52004567BA64678D",
+            "naa.62004567BA64678D0123456789ABCDEF",
+        ] {
+            assert!(is_iscsi_name(good), "{good}");
+        }
+        for bad in [
+            "not a name",
+            "iqn.20x6-11.dev:x",
+            "iqn.2026-13.dev.x",
+            "iqn.2026-11",
+            "iqn.2026-11.:x",
+            "iqn.2026-11.dev..x",
+            "iqn.2026-1.dev.x",
+            "eui.0200",
+            "naa.52004567BA64678DX",
+            "wwn.1234",
+        ] {
+            assert!(!is_iscsi_name(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -72,7 +72,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     if let Some(path) = &args.check {
-        let config = Config::load(path)?;
+        let config = Config::load(path).map_err(one_line)?;
         // A file LU without a size must exist (with one, it is created).
         let missing: Vec<String> = config
             .all_lus()
@@ -128,7 +128,13 @@ fn raise_open_file_limit() {
 }
 
 fn load(path: &Path) -> anyhow::Result<Config> {
-    Ok(Config::load(&path.to_string_lossy())?)
+    Config::load(&path.to_string_lossy()).map_err(one_line)
+}
+
+/// The error's own text: it already names its cause, and `{:#}` would
+/// repeat it.
+fn one_line(e: iscsi_target::config::ConfigError) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
 }
 
 async fn serve(args: Args, config: Config, path: PathBuf, embedded: bool) -> anyhow::Result<()> {
