@@ -57,6 +57,8 @@ type CompletionT = *mut c_void;
 type UpdateCb = unsafe extern "C" fn(arg: *mut c_void);
 type CompleteCb = unsafe extern "C" fn(c: CompletionT, arg: *mut c_void);
 type ProgressCb = unsafe extern "C" fn(offset: u64, total: u64, arg: *mut c_void) -> c_int;
+type DiffCb =
+    unsafe extern "C" fn(offset: u64, len: usize, exists: c_int, arg: *mut c_void) -> c_int;
 
 /// Declares the C functions we use and loads them all at once.
 macro_rules! api {
@@ -101,6 +103,7 @@ api! {
     rbd_resize2: fn(ImageT, u64, bool, Option<ProgressCb>, *mut c_void) -> c_int;
     rbd_update_watch: fn(ImageT, *mut u64, Option<UpdateCb>, *mut c_void) -> c_int;
     rbd_update_unwatch: fn(ImageT, u64) -> c_int;
+    rbd_diff_iterate2: fn(ImageT, *const c_char, u64, u64, u8, u8, Option<DiffCb>, *mut c_void) -> c_int;
     rbd_aio_create_completion: fn(*mut c_void, Option<CompleteCb>, *mut CompletionT) -> c_int;
     rbd_aio_wait_for_complete: fn(CompletionT) -> c_int;
     rbd_aio_get_return_value: fn(CompletionT) -> isize;
@@ -486,6 +489,56 @@ fn miscompare_offset(range_start: u64, reported: u64, len: u64) -> u64 {
     }
 }
 
+/// Collects the allocated extents `rbd_diff_iterate2` reports.
+unsafe extern "C" fn on_extent(offset: u64, len: usize, exists: c_int, arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` is the Vec that `map_status` passes and keeps borrowed
+    // until rbd_diff_iterate2 returns; librbd calls back on that thread.
+    let v = unsafe { &mut *(arg as *mut Vec<(u64, u64)>) };
+    if exists != 0 {
+        v.push((offset, len as u64));
+    }
+    // Enough to answer one GET LBA STATUS descriptor run.
+    if v.len() >= 4096 {
+        -libc::ECANCELED
+    } else {
+        0
+    }
+}
+
+/// The run at `offset` within `[offset, end)` given the allocated extents:
+/// (mapped, bytes).
+fn run_at(extents: &[(u64, u64)], offset: u64, end: u64) -> (bool, u64) {
+    let covering = |p: u64| {
+        extents
+            .iter()
+            .filter(|&&(o, l)| o <= p && p < o.saturating_add(l))
+            .map(|&(o, l)| o.saturating_add(l))
+            .max()
+    };
+    match covering(offset) {
+        Some(mut e) => {
+            let mut pos;
+            loop {
+                pos = e.min(end);
+                match covering(pos) {
+                    Some(next) if pos < end => e = next,
+                    _ => break,
+                }
+            }
+            (true, pos - offset)
+        }
+        None => {
+            let next = extents
+                .iter()
+                .map(|&(o, _)| o)
+                .filter(|&o| o > offset)
+                .min()
+                .unwrap_or(end);
+            (false, next.min(end) - offset)
+        }
+    }
+}
+
 impl Drop for RbdBackend {
     fn drop(&mut self) {
         if let Some(h) = self.watch.take() {
@@ -591,8 +644,46 @@ impl Backend for RbdBackend {
         self.read_size()
     }
 
+    /// Allocation as librbd's object map knows it, a whole object at a time.
+    fn map_status(&self, offset: u64, max_len: u64) -> Option<(bool, u64)> {
+        let size = self.size_bytes();
+        if offset >= size {
+            return None;
+        }
+        // Bounded so one call stays quick on an image without an object map.
+        let window = 1024 * self.object_size.max(1 << 22);
+        let end = offset.saturating_add(max_len.min(window)).min(size);
+        let mut extents: Vec<(u64, u64)> = Vec::new();
+        // SAFETY: open image; no snapshot (null); the callback only pushes
+        // into `extents`, which outlives the call.
+        let rc = unsafe {
+            (self.api.rbd_diff_iterate2)(
+                self.image.1,
+                std::ptr::null(),
+                offset,
+                end - offset,
+                1,
+                1,
+                Some(on_extent),
+                (&mut extents as *mut Vec<(u64, u64)>).cast(),
+            )
+        };
+        if rc < 0 && rc != -libc::ECANCELED {
+            tracing::debug!(image = %self.name, error = %errno(i64::from(rc)), "rbd_diff_iterate2 failed");
+            return None;
+        }
+        extents.sort_unstable();
+        let (mapped, n) = run_at(&extents, offset, end);
+        Some((mapped, n.max(1)))
+    }
+
     fn write_same(&self, offset: u64, len: u64, pattern: &[u8]) -> io::Result<()> {
         self.check_range(offset, len)?;
+        if pattern.iter().all(|&b| b == 0) {
+            // librbd turns a zero writesame into a discard that may skip
+            // partial objects; write-zeroes always leaves zeros.
+            return self.unmap(offset, len);
+        }
         let plen = pattern.len() as u64;
         if plen == 0 || len % plen != 0 || len == 0 {
             return Err(io::Error::from(io::ErrorKind::Unsupported));
@@ -679,6 +770,20 @@ mod tests {
         assert!(!one_object(os, os - 512, 1024));
         assert!(!one_object(0, 0, 512));
         assert!(!one_object(os, 0, 0));
+    }
+
+    #[test]
+    fn map_runs_follow_the_allocated_extents() {
+        let m = 4u64 << 20;
+        let ext = [(m, m), (2 * m, m), (5 * m, m)];
+        assert_eq!(run_at(&ext, 0, 8 * m), (false, m));
+        assert_eq!(run_at(&ext, m, 8 * m), (true, 2 * m));
+        assert_eq!(run_at(&ext, m + 512, 8 * m), (true, 2 * m - 512));
+        assert_eq!(run_at(&ext, 3 * m, 8 * m), (false, 2 * m));
+        assert_eq!(run_at(&ext, 5 * m, 8 * m), (true, m));
+        assert_eq!(run_at(&ext, 6 * m, 8 * m), (false, 2 * m));
+        assert_eq!(run_at(&[], 0, m), (false, m));
+        assert_eq!(run_at(&ext, m, 2 * m), (true, m));
     }
 
     #[test]
@@ -772,6 +877,15 @@ mod tests {
             Err(e) => assert_eq!(e.kind(), io::ErrorKind::Unsupported),
             other => panic!("{other:?}"),
         }
+        // A zero pattern leaves zeros, in part of an object too.
+        b.write_same(1 << 20, 4 * 512, &[0u8; 512]).unwrap();
+        b.read_at(1 << 20, &mut ws[..2048]).unwrap();
+        assert!(ws[..2048].iter().all(|&x| x == 0));
+        // A whole object written, then unmapped: deallocated.
+        b.write_at(4 << 20, &[1u8; 4096]).unwrap();
+        assert_eq!(b.map_status(4 << 20, 4 << 20).map(|m| m.0), Some(true));
+        b.unmap(4 << 20, 4 << 20).unwrap();
+        assert_eq!(b.map_status(4 << 20, 4 << 20), Some((false, 4 << 20)));
         assert!(b.read_at(b.size_bytes() - 512, &mut [0u8; 1024]).is_err());
     }
 
