@@ -138,6 +138,13 @@ fn one_line(e: iscsi_target::config::ConfigError) -> anyhow::Error {
 }
 
 async fn serve(args: Args, config: Config, path: PathBuf, embedded: bool) -> anyhow::Result<()> {
+    let swept = store::sweep_stale_temps(&path);
+    if swept > 0 {
+        tracing::info!(
+            swept,
+            "removed temporary files of an interrupted configuration write"
+        );
+    }
     let registry = Arc::new(Registry::build(&config).context("building targets")?);
     let admin = Arc::new(admin::Admin::start(registry.clone(), path.clone()).await?);
     for t in &registry.snapshot().targets {

@@ -19,7 +19,7 @@ pub fn save(path: &Path, config: &Config) -> Result<(), String> {
     write_atomic(path, text.as_bytes()).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+fn dir_and_name(path: &Path) -> (std::path::PathBuf, String) {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => std::path::PathBuf::from("."),
@@ -28,6 +28,31 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "config".into());
+    (dir, name)
+}
+
+/// Removes temporary files an earlier daemon left beside `path` when it
+/// was killed between creating one and renaming it (they hold a document
+/// that never became the configuration). Returns how many went.
+pub fn sweep_stale_temps(path: &Path) -> usize {
+    let (dir, name) = dir_and_name(path);
+    let prefix = format!(".{name}.tmp.");
+    let mine = format!("{prefix}{}", std::process::id());
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with(&prefix) && n != mine
+        })
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
+}
+
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let (dir, name) = dir_and_name(path);
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let result = (|| {
         let mut f = OpenOptions::new()
@@ -64,6 +89,24 @@ mod tests {
         assert_eq!(back, c);
         // No temporary file is left behind.
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn stale_temporary_files_of_a_killed_daemon_are_swept() {
+        let dir = std::env::temp_dir().join(format!("ironstar-sweep-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "x").unwrap();
+        std::fs::write(dir.join(".c.toml.tmp.1"), "half").unwrap();
+        std::fs::write(dir.join(".other.toml.tmp.1"), "not ours").unwrap();
+        assert_eq!(sweep_stale_temps(&path), 1);
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec![".other.toml.tmp.1", "c.toml"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
