@@ -4,7 +4,14 @@
 //!
 //! ```text
 //! iser_verbs pair 10.0.2.15:4420     # listener and client in one process, over the device
+//! iser_verbs remove 10.0.2.15:4420   # prints READY; then `rdma link delete rxe0` from outside
 //! ```
+//!
+//! `remove` shows what a device removal does: DEVICE_REMOVAL reaches both QPs, every posted
+//! receive completes as a flush and the QPs let go of the device at once. On Debian 12
+//! (rdma-core 44) `rdma link delete rxe0` still waits for the process to exit, because
+//! librdmacm keeps its own verbs context of the device open for the life of the process, so
+//! the VM tests pull connections (process kill, daemon restart) rather than the device.
 //!
 //! Each check prints `ok: ...`; the first failure prints `FAIL: ...` and exits 1.
 
@@ -263,6 +270,99 @@ mod run {
         }
     }
 
+    /// Counts flushed completions until poll says Disconnected.
+    async fn drain_flushes(qp: &RdmaQp) -> R<usize> {
+        let mut out = Vec::new();
+        let mut n = 0;
+        loop {
+            match qp.poll(&mut out, 64).await {
+                Ok(_) => {}
+                Err(VerbsError::Disconnected) => return Ok(n),
+                Err(e) => return Err(format!("poll: {e}")),
+            }
+            for c in out.drain(..) {
+                if c.status != WcStatus::WrFlushErr {
+                    return Err(format!("not a flush: {c:?}"));
+                }
+                n += 1;
+            }
+        }
+    }
+
+    fn post_recvs(qp: &RdmaQp, n: u64) -> Result<(), VerbsError> {
+        let r = qp.register(4096 * n as usize, Access::LOCAL_WRITE)?;
+        for i in 0..n {
+            let s = LocalSlice::new(Arc::clone(&r), (i * 4096) as usize, 4096)
+                .ok_or(VerbsError::Invalid("slice"))?;
+            qp.post_recv(i, s)?;
+        }
+        Ok(())
+    }
+
+    /// The device disappears under two connected QPs with receives posted (the script runs
+    /// `rdma link delete rxe0` after READY): both flush everything, let go of the device,
+    /// and once the device is back the listener accepts a new connection.
+    pub async fn remove(addr: SocketAddr) -> R<()> {
+        let mut listener = RdmaVerbs::new().listen(addr).await.map_err(err("listen"))?;
+        let accept = tokio::spawn(async move {
+            let req = listener.next_request().await.map_err(err("next_request"))?;
+            let qp = req
+                .accept(QpConfig::default(), &CM_REP, |qp| post_recvs(qp, 4))
+                .await
+                .map_err(err("accept"))?;
+            Ok::<_, String>((listener, qp))
+        });
+        let (cqp, _) = RdmaVerbs::new()
+            .connect(addr, QpConfig::default(), &CM_REQ, |qp| post_recvs(qp, 4))
+            .await
+            .map_err(err("connect"))?;
+        let (mut listener, sqp) = accept.await.map_err(|e| e.to_string())??;
+        println!("READY");
+        let t = Instant::now();
+        let (a, b) = tokio::join!(drain_flushes(&sqp), drain_flushes(&cqp));
+        let (a, b) = (a?, b?);
+        ok(&format!(
+            "device removal: {a} + {b} receives flushed in {:?}, QPs released",
+            t.elapsed()
+        ));
+        drop((sqp, cqp));
+        println!("RELEASED");
+        let srv = tokio::spawn(async move {
+            let req = listener.next_request().await.map_err(err("next_request"))?;
+            req.accept(QpConfig::default(), &CM_REP, |qp| post_recvs(qp, 4))
+                .await
+                .map_err(err("accept again"))
+        });
+        let t = Instant::now();
+        let cqp = loop {
+            match RdmaVerbs::new()
+                .connect(addr, QpConfig::default(), &CM_REQ, |_| Ok(()))
+                .await
+            {
+                Ok((qp, _)) => break qp,
+                Err(e) if t.elapsed().as_secs() < 60 => {
+                    let _ = e;
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(format!("no reconnect within 60 s: {e}")),
+            }
+        };
+        let sqp = srv.await.map_err(|e| e.to_string())??;
+        let msg = cqp.register(16, Access::empty()).map_err(err("register"))?;
+        cqp.post_send(9, LocalSlice::new(msg, 0, 16).ok_or("slice")?, None)
+            .map_err(err("send"))?;
+        let mut pending = Vec::new();
+        let c = wait_for(&sqp, &mut pending, 0).await?;
+        if !c.is_ok() || c.byte_len != 16 {
+            return Err(format!("RECV after the device came back: {c:?}"));
+        }
+        ok(&format!(
+            "the listener is back after the device returned; a new connection carried a SEND ({:?})",
+            t.elapsed()
+        ));
+        Ok(())
+    }
+
     pub async fn pair(addr: SocketAddr) -> R<()> {
         println!("devices: {:?}", device_names());
         let listener = RdmaVerbs::new().listen(addr).await.map_err(err("listen"))?;
@@ -285,8 +385,9 @@ fn main() {
         .get(2)
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| std::net::SocketAddr::from(([10, 0, 2, 15], 4420)));
-    if args.get(1).map(String::as_str) != Some("pair") {
-        eprintln!("usage: iser_verbs pair ADDR:PORT");
+    let mode = args.get(1).cloned().unwrap_or_default();
+    if mode != "pair" && mode != "remove" {
+        eprintln!("usage: iser_verbs pair|remove ADDR:PORT");
         std::process::exit(2);
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -300,7 +401,12 @@ fn main() {
             std::process::exit(1);
         }
     };
-    match rt.block_on(run::pair(addr)) {
+    let r = if mode == "pair" {
+        rt.block_on(run::pair(addr))
+    } else {
+        rt.block_on(run::remove(addr))
+    };
+    match r {
         Ok(()) => println!("iser_verbs: all checks passed"),
         Err(e) => {
             println!("FAIL: {e}");

@@ -65,13 +65,13 @@ impl Verbs for RdmaVerbs {
     type Listener = RdmaListener;
 
     async fn listen(&self, addr: SocketAddr) -> Result<RdmaListener, VerbsError> {
-        let channel = EventChannel::new()?;
-        let id = channel.create_id()?;
-        id.bind(addr)?;
-        id.listen(128)?;
+        let id = listen_id(addr)?;
         let local = id.local_addr().unwrap_or(addr);
         tracing::info!("iser rdma: listening on {local}");
-        Ok(RdmaListener { id, local })
+        Ok(RdmaListener {
+            id: Some(id),
+            local,
+        })
     }
 
     async fn connect<F>(
@@ -143,10 +143,20 @@ impl Verbs for RdmaVerbs {
     }
 }
 
-/// A listening CM id on its own event channel.
+/// A listening CM id on its own event channel. When its device goes away (DEVICE_REMOVAL)
+/// the id is destroyed — the removal waits for that — and the listener binds again, once a
+/// second, until the address has an RDMA device again.
 pub struct RdmaListener {
-    id: CmId,
+    id: Option<CmId>,
     local: SocketAddr,
+}
+
+fn listen_id(addr: SocketAddr) -> Result<CmId, VerbsError> {
+    let channel = EventChannel::new()?;
+    let id = channel.create_id()?;
+    id.bind(addr)?;
+    id.listen(128)?;
+    Ok(id)
 }
 
 impl Listener for RdmaListener {
@@ -159,7 +169,18 @@ impl Listener for RdmaListener {
 
     async fn next_request(&mut self) -> Result<RdmaRequest, VerbsError> {
         loop {
-            let ev = self.id.channel().next_event().await?;
+            let Some(id) = &self.id else {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                match listen_id(self.local) {
+                    Ok(id) => {
+                        tracing::info!("iser rdma: listening again on {}", self.local);
+                        self.id = Some(id);
+                    }
+                    Err(e) => tracing::debug!("iser rdma: listening again on {}: {e}", self.local),
+                }
+                continue;
+            };
+            let ev = id.channel().next_event().await?;
             match (ev.kind, ev.request) {
                 (EventKind::ConnectRequest, Some(id)) => {
                     let peer = id
