@@ -155,6 +155,10 @@ pub struct ViewConfig {
 pub struct PortalGroupConfig {
     pub tag: u16,
     pub portals: Vec<String>,
+    /// Also listen for iSER (RFC 7145) on these addresses, beside TCP
+    /// (LIO's np `iser` attribute; needs an RDMA device on the address).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub iser: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -321,6 +325,7 @@ impl Config {
             portal_groups: vec![PortalGroupConfig {
                 tag: 1,
                 portals: vec!["127.0.0.1:3260".to_string()],
+                iser: false,
             }],
             targets: vec![TargetConfig {
                 iqn: DEFAULT_TARGET_IQN.to_string(),
@@ -1098,6 +1103,16 @@ ceph_id = "admin"
         assert_eq!(c.lus[0].image.as_deref(), Some("lu0"));
         let err = Config::from_toml(&ok.replace("image = \"lu0\"\n", "")).unwrap_err();
         assert!(err.to_string().contains("needs pool and image"), "{err}");
+    }
+
+    #[test]
+    fn an_iser_portal_group_round_trips_and_tcp_groups_stay_unmarked() {
+        let text = "[[portal_group]]\ntag = 1\nportals = [\"10.0.0.1:3260\"]\niser = true\n\n[[portal_group]]\ntag = 2\nportals = [\"10.0.0.1:3261\"]\n";
+        let c = Config::from_toml(text).unwrap();
+        assert!(c.portal_groups[0].iser && !c.portal_groups[1].iser);
+        let out = toml::to_string(&c).unwrap();
+        assert_eq!(out.matches("iser").count(), 1, "{out}");
+        assert_eq!(Config::from_toml(&out).unwrap(), c);
     }
 
     #[test]

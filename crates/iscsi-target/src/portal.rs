@@ -1,5 +1,7 @@
 //! Portals: a listener per configured address, each connection served by
-//! its own task (IPv4 and IPv6).
+//! its own task (IPv4 and IPv6). A portal of an iSER portal group also
+//! listens for iSER on the same address through the rdma-core backend
+//! (feature `rdma`); both kinds of connection reach the same `conn::serve`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +17,8 @@ pub struct Portal {
     pub addr: SocketAddr,
     pub portal_group_tag: u16,
     listener: TcpListener,
+    #[cfg(feature = "rdma")]
+    iser: Option<crate::iser_portal::IserPortal<iser::rdma::RdmaVerbs>>,
 }
 
 impl Portal {
@@ -31,11 +35,44 @@ impl Portal {
             addr,
             portal_group_tag,
             listener,
+            #[cfg(feature = "rdma")]
+            iser: None,
         })
+    }
+
+    /// [`Portal::bind`], plus an iSER listener on the same address when
+    /// `iser` is set (an error when this build has no RDMA backend or the
+    /// address has no RDMA device).
+    pub async fn bind_with(
+        addr: SocketAddr,
+        portal_group_tag: u16,
+        iser: bool,
+    ) -> std::io::Result<Portal> {
+        #[allow(unused_mut)]
+        let mut p = Portal::bind(addr, portal_group_tag).await?;
+        if iser {
+            #[cfg(feature = "rdma")]
+            {
+                let verbs = iser::rdma::RdmaVerbs::new();
+                let l = crate::iser_portal::IserPortal::bind(&verbs, p.addr, portal_group_tag)
+                    .await
+                    .map_err(|e| std::io::Error::other(format!("iSER: {e}")))?;
+                p.iser = Some(l);
+            }
+            #[cfg(not(feature = "rdma"))]
+            return Err(std::io::Error::other(
+                "iSER: this build has no RDMA backend (feature `rdma`)",
+            ));
+        }
+        Ok(p)
     }
 
     /// Accepts connections until the task is dropped.
     pub async fn run(self, registry: Arc<Registry>) {
+        #[cfg(feature = "rdma")]
+        let _iser = self
+            .iser
+            .map(|l| AbortOnDrop(tokio::spawn(l.run(registry.clone()))));
         loop {
             match self.listener.accept().await {
                 Ok((stream, _peer)) => {
@@ -56,14 +93,29 @@ impl Portal {
     }
 }
 
+/// The iSER listener lives exactly as long as its portal's task.
+#[cfg(feature = "rdma")]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+#[cfg(feature = "rdma")]
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Binds every portal of every portal group.
 pub async fn bind_all(registry: &Registry) -> std::io::Result<Vec<Portal>> {
     let mut out = Vec::new();
     for pg in &registry.snapshot().portal_groups {
         for addr in &pg.portals {
-            out.push(Portal::bind(*addr, pg.tag).await.map_err(|e| {
-                std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
-            })?);
+            out.push(
+                Portal::bind_with(*addr, pg.tag, pg.iser)
+                    .await
+                    .map_err(|e| {
+                        std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
+                    })?,
+            );
         }
     }
     Ok(out)

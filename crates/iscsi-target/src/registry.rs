@@ -83,6 +83,8 @@ impl Target {
 pub struct PortalGroup {
     pub tag: u16,
     pub portals: Vec<SocketAddr>,
+    /// The portals also take iSER connections.
+    pub iser: bool,
 }
 
 /// A registered logical unit.
@@ -393,6 +395,7 @@ fn build_model(
         .map(|pg| PortalGroup {
             tag: pg.tag,
             portals: pg.portals.iter().filter_map(|p| p.parse().ok()).collect(),
+            iser: pg.iser,
         })
         .collect();
     let initiators = config

@@ -400,6 +400,7 @@ impl Admin {
 
     async fn create_tpg(&self, p: Params<'_>) -> R {
         let tag = p.tag("tag")?;
+        let iser = p.opt_bool("iser")?.unwrap_or(false);
         let portals = p.str_list("portals")?;
         if portals.is_empty() {
             return Err(RpcError::params("a TPG needs at least one IP[:port]"));
@@ -425,8 +426,9 @@ impl Admin {
             c.portal_groups.push(PortalGroupConfig {
                 tag,
                 portals: portals.clone(),
+                iser,
             });
-            Ok(json!({"tag": tag, "portals": portals}))
+            Ok(json!({"tag": tag, "portals": portals, "iser": iser}))
         })
         .await
     }
@@ -465,7 +467,7 @@ impl Admin {
             .iter()
             .filter(|g| only.is_none_or(|t| t == g.tag))
             .map(|g| {
-                json!({"tag": g.tag, "portals": g.portals, "portal_count": g.portals.len(),
+                json!({"tag": g.tag, "portals": g.portals, "portal_count": g.portals.len(), "iser": g.iser,
                 "targets": m.config.targets.iter().filter(|t| t.portal_groups.contains(&g.tag)).map(|t| t.iqn.clone()).collect::<Vec<_>>()})
             })
             .collect();
@@ -1288,7 +1290,8 @@ async fn bind_missing(c: &Config, running: &Portals) -> Result<Vec<Portal>, RpcE
         if running.contains_key(&(addr, tag)) {
             continue;
         }
-        match Portal::bind(addr, tag).await {
+        let iser = c.portal_groups.iter().any(|g| g.tag == tag && g.iser);
+        match Portal::bind_with(addr, tag, iser).await {
             Ok(p) => out.push(p),
             Err(e) => return Err(RpcError::refused(format!("cannot listen on {addr}: {e}"))),
         }

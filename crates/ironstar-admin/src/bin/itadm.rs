@@ -89,6 +89,9 @@ enum Cmd {
     },
     /// Create a target portal group: TAG and one or more IP[:port].
     CreateTpg {
+        /// Also listen for iSER on these portals (needs an RDMA device).
+        #[arg(long)]
+        iser: bool,
         tag: u64,
         #[arg(required = true)]
         portals: Vec<String>,
@@ -241,8 +244,11 @@ fn main() -> std::process::ExitCode {
                 let r = c("list-target", json!({"name": name}))?;
                 (r, Box::new(move |r| list_target(r, verbose)))
             }
-            Cmd::CreateTpg { tag, portals } => {
-                let r = c("create-tpg", json!({"tag": tag, "portals": portals}))?;
+            Cmd::CreateTpg { tag, portals, iser } => {
+                let r = c(
+                    "create-tpg",
+                    json!({"tag": tag, "portals": portals, "iser": iser}),
+                )?;
                 (r, quiet())
             }
             Cmd::DeleteTpg { tag } => (c("delete-tpg", json!({"tag": tag}))?, quiet()),
@@ -388,6 +394,7 @@ fn list_tpg(r: &Value, verbose: bool) {
             8,
             &[
                 ("portals", cell(g.get("portals"))),
+                ("iser", cell(g.get("iser"))),
                 ("targets", cell(g.get("targets"))),
             ],
         );
