@@ -32,6 +32,13 @@ pub enum Link {
     Iser(Arc<dyn IserConnector>),
 }
 
+impl Link {
+    /// iSER over rdma-core (the `iser` crate's real verbs backend).
+    pub fn rdma() -> Link {
+        Link::Iser(Arc::new(iser::rdma::RdmaVerbs::new()))
+    }
+}
+
 impl std::fmt::Debug for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

@@ -91,9 +91,21 @@ pub async fn discover(
     auth: Auth,
     timeout: Duration,
 ) -> Result<Vec<DiscoveredTarget>, Error> {
+    discover_over(&conn::Link::Tcp, portal, initiator_name, auth, timeout).await
+}
+
+/// [`discover`] over the transport `link` names (iSER discovery sessions
+/// are what `iscsiadm -m discovery -I iser` does).
+pub async fn discover_over(
+    link: &conn::Link,
+    portal: &Portal,
+    initiator_name: &str,
+    auth: Auth,
+    timeout: Duration,
+) -> Result<Vec<DiscoveredTarget>, Error> {
     let mut cfg = crate::login::login_config(initiator_name, None);
     cfg.auth = auth;
-    let mut conn = conn::login(portal, &cfg, timeout).await?;
+    let mut conn = conn::login_over(link, portal, &cfg, timeout).await?;
     let work = async {
         let mut cmd_sn = conn.result.cmd_sn;
         let mut exp_stat_sn = conn.result.exp_stat_sn;

@@ -1,5 +1,6 @@
 //! libiscsi-style URLs: `iscsi://[user[%password]@]host[:port]/target-iqn/lun`
-//! (host may be `[ipv6]`). A URL without the LUN part names a target.
+//! (host may be `[ipv6]`), and the same with `iser://` for iSER (RFC 7145)
+//! instead of TCP. A URL without the LUN part names a target.
 
 use crate::portal::Portal;
 
@@ -11,6 +12,8 @@ pub struct IscsiUrl {
     pub lun: Option<u64>,
     pub user: Option<String>,
     pub password: Option<String>,
+    /// `iser://`: the connections are iSER, not TCP.
+    pub iser: bool,
 }
 
 impl std::fmt::Debug for IscsiUrl {
@@ -21,20 +24,27 @@ impl std::fmt::Debug for IscsiUrl {
             .field("lun", &self.lun)
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .field("iser", &self.iser)
             .finish()
     }
 }
 
 /// Why a URL was not understood.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid iSCSI URL: {0} (expected iscsi://[user[%password]@]host[:port]/iqn/lun)")]
+#[error("invalid iSCSI URL: {0} (expected iscsi://[user[%password]@]host[:port]/iqn/lun, or iser://...)")]
 pub struct UrlError(pub String);
 
 impl IscsiUrl {
     pub fn parse(s: &str) -> Result<IscsiUrl, UrlError> {
-        let rest = s
-            .strip_prefix("iscsi://")
-            .ok_or_else(|| UrlError("it does not start with iscsi://".into()))?;
+        let (rest, iser) = match (s.strip_prefix("iscsi://"), s.strip_prefix("iser://")) {
+            (Some(r), _) => (r, false),
+            (None, Some(r)) => (r, true),
+            (None, None) => {
+                return Err(UrlError(
+                    "it does not start with iscsi:// or iser://".into(),
+                ))
+            }
+        };
         let (authority, path) = rest
             .split_once('/')
             .ok_or_else(|| UrlError("no target name".into()))?;
@@ -69,8 +79,21 @@ impl IscsiUrl {
             lun,
             user,
             password,
+            iser,
         })
     }
+}
+
+/// A portal for discovery: `host[:port]`, `iscsi://host[:port]` or
+/// `iser://host[:port]`; says whether it is iSER.
+pub fn parse_portal(s: &str) -> Result<(Portal, bool), UrlError> {
+    let (rest, iser) = match (s.strip_prefix("iscsi://"), s.strip_prefix("iser://")) {
+        (Some(r), _) => (r, false),
+        (None, Some(r)) => (r, true),
+        (None, None) => (s, false),
+    };
+    let portal = Portal::parse(rest.trim_end_matches('/')).map_err(|e| UrlError(e.to_string()))?;
+    Ok((portal, iser))
 }
 
 #[cfg(test)]
@@ -94,6 +117,27 @@ mod tests {
         let u = IscsiUrl::parse("iscsi://[::1]/iqn.x:y").unwrap();
         assert_eq!(u.portal, Portal::new("::1", 3260));
         assert_eq!(u.lun, None);
+    }
+
+    #[test]
+    fn iser_urls_name_the_same_things_over_iser() {
+        let u = IscsiUrl::parse("iser://10.0.0.2/iqn.2001-04.com.ex:disk/1").unwrap();
+        assert!(u.iser);
+        assert_eq!(u.portal, Portal::new("10.0.0.2", 3260));
+        assert_eq!(
+            (u.target.as_str(), u.lun),
+            ("iqn.2001-04.com.ex:disk", Some(1))
+        );
+        assert!(!IscsiUrl::parse("iscsi://h/iqn.x:y/0").unwrap().iser);
+        assert_eq!(
+            parse_portal("iser://[::1]:3261").unwrap(),
+            (Portal::new("::1", 3261), true)
+        );
+        assert_eq!(
+            parse_portal("10.0.0.1").unwrap(),
+            (Portal::new("10.0.0.1", 3260), false)
+        );
+        assert!(IscsiUrl::parse("rdma://h/iqn.x:y/0").is_err());
     }
 
     #[test]

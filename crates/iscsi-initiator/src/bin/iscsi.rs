@@ -2,7 +2,8 @@
 //! read, write, dd, bench, nbd), a thin client of the `iscsi_initiator`
 //! library.
 //!
-//! URLs are libiscsi's: `iscsi://[user[%password]@]host[:port]/iqn/lun`.
+//! URLs are libiscsi's: `iscsi://[user[%password]@]host[:port]/iqn/lun`, and
+//! `iser://...` for the same over iSER (RFC 7145, through rdma-core).
 //! Secrets are better given by file (`--chap-secret-file`) or the
 //! environment (`IRONSTAR_CHAP_SECRET` or `ISCSI_CHAP_SECRET`,
 //! `IRONSTAR_TARGET_SECRET` or `ISCSI_TARGET_SECRET`) than on the command
@@ -30,11 +31,11 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
-use iscsi_initiator::discovery::discover;
+use iscsi_initiator::conn::Link;
+use iscsi_initiator::discovery::discover_over;
 use iscsi_initiator::login::{Auth, ChapCredentials};
-use iscsi_initiator::portal::Portal;
 use iscsi_initiator::session::default_initiator_name;
-use iscsi_initiator::url::IscsiUrl;
+use iscsi_initiator::url::{parse_portal, IscsiUrl};
 use iscsi_initiator::{vpd, Lun, Session, SessionOptions};
 use iscsi_proto::chap::ChapAlgorithm;
 
@@ -89,9 +90,11 @@ pub(crate) struct Common {
 
 #[derive(Subcommand)]
 enum Command {
-    /// SendTargets discovery: targets and their portals.
+    /// SendTargets discovery: targets and their portals
+    /// (`host[:port]`, or `iser://host[:port]` for iSER).
     Discover { portal: String },
-    /// Targets behind a portal, with their LUNs, types and sizes.
+    /// Targets behind a portal, with their LUNs, types and sizes
+    /// (`iser://host[:port]`: discovery and logins over iSER).
     Ls { portal: String },
     /// Standard INQUIRY data and every supported VPD page, decoded (or one
     /// VPD page with --vpd).
@@ -230,7 +233,11 @@ pub(crate) async fn open_lun(common: &Common, url: &str) -> Result<(Session, Lun
     let lun = url
         .lun
         .ok_or_else(|| anyhow!("the URL names no LUN (iscsi://host/iqn/LUN)"))?;
-    let session = Session::login(&url.portal, &url.target, common.options(Some(&url))?)
+    let mut opts = common.options(Some(&url))?;
+    if url.iser {
+        opts.link = Link::rdma();
+    }
+    let session = Session::login(&url.portal, &url.target, opts)
         .await
         .with_context(|| format!("logging in to {} at {}", url.target, url.portal))?;
     let l = session.lun(lun);
@@ -282,8 +289,9 @@ async fn run(cli: Cli) -> Result<()> {
     let timeout = Duration::from_secs(c.timeout);
     match cli.cmd {
         Command::Discover { portal } => {
-            let p = Portal::parse(&portal)?;
-            let targets = discover(&p, &c.initiator_name(), c.auth(None)?, timeout)
+            let (p, iser) = parse_portal(&portal)?;
+            let link = if iser { Link::rdma() } else { Link::Tcp };
+            let targets = discover_over(&link, &p, &c.initiator_name(), c.auth(None)?, timeout)
                 .await
                 .with_context(|| format!("discovery at {p}"))?;
             for t in targets {
@@ -297,13 +305,14 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Ls { portal } => {
-            let p = Portal::parse(&portal)?;
+            let (p, iser) = parse_portal(&portal)?;
+            let link = if iser { Link::rdma() } else { Link::Tcp };
             let auth = if c.discovery_chap {
                 c.auth(None)?
             } else {
                 Auth::None
             };
-            let targets = discover(&p, &c.initiator_name(), auth, timeout)
+            let targets = discover_over(&link, &p, &c.initiator_name(), auth, timeout)
                 .await
                 .with_context(|| format!("discovery at {p}"))?;
             for t in targets {
@@ -312,7 +321,9 @@ async fn run(cli: Cli) -> Result<()> {
                     let tag = tpgt.map(|t| t.to_string()).unwrap_or_else(|| "?".into());
                     println!("  Portal: {addr},{tag}");
                 }
-                let s = match Session::login(&p, &t.name, c.options(None)?).await {
+                let mut opts = c.options(None)?;
+                opts.link = link.clone();
+                let s = match Session::login(&p, &t.name, opts).await {
                     Ok(s) => s,
                     Err(e) => {
                         println!("  (cannot log in: {e})");
