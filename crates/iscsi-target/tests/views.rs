@@ -130,5 +130,8 @@ async fn view_changes_reach_open_sessions_as_unit_attentions() {
     assert!(read.data.is_empty(), "no data from an LU outside the view");
     assert_eq!(tur(&mut a, 0).await, Some((6, 0x3F, 0x0E)));
     assert_eq!(report_luns(&mut a).await, vec![0, 2]);
+    // REPORT LUNS answered the question: the attention LUN 2 still held
+    // for this nexus is gone without being reported (SAM-5 §5.14).
+    assert_eq!(tur(&mut a, 2).await, None);
     assert_eq!(tur(&mut b, 0).await, None);
 }

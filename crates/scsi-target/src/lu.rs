@@ -133,6 +133,18 @@ impl NexusEntry {
         self.pending.store(true, Ordering::Release);
     }
 
+    /// Drops a pending `code` without reporting it.
+    fn clear(&self, code: SenseCode) {
+        if !self.pending.load(Ordering::Acquire) {
+            return;
+        }
+        let mut q = self.ua.lock().unwrap_or_else(|e| e.into_inner());
+        q.retain(|c| *c != code);
+        if q.is_empty() {
+            self.pending.store(false, Ordering::Release);
+        }
+    }
+
     fn pop(&self) -> Option<SenseCode> {
         if !self.pending.load(Ordering::Acquire) {
             return None;
@@ -385,6 +397,20 @@ impl LogicalUnit {
                 Arc::new(e)
             })
             .clone()
+    }
+
+    /// Clears a pending unit attention of a nexus without reporting it (a
+    /// nexus this LU does not know has none).
+    pub(crate) fn clear_ua(&self, nexus: NexusId, code: SenseCode) {
+        let e = self
+            .nexuses
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&nexus)
+            .cloned();
+        if let Some(e) = e {
+            e.clear(code);
+        }
     }
 
     /// Takes the oldest pending unit attention of a nexus (REQUEST SENSE).

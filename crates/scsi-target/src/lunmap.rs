@@ -122,7 +122,12 @@ impl LunMap {
         };
         if cdb.opcode() == op::REPORT_LUNS {
             // Unit attentions do not stop REPORT LUNS, so answering here
-            // (without the LU) loses nothing.
+            // (without the LU) loses nothing. It does clear 3F/0E for the
+            // nexus on every LU it sees (SAM-5 §5.14): the initiator now
+            // has the inventory the attention was about.
+            for lu in self.luns.values() {
+                lu.clear_ua(task.nexus.id, sense::REPORTED_LUNS_DATA_HAS_CHANGED);
+            }
             return match spc::report_luns(self.luns(), cdb) {
                 Ok(r) => r,
                 Err(f) => f.into_response(),
