@@ -12,6 +12,16 @@ use iser::{IserConfig, IserTransport};
 use crate::conn;
 use crate::registry::Registry;
 
+/// Receives to keep posted per connection: a whole CmdSN window of commands
+/// (each one SEND: InitialR2T=Yes over iSER, see `conn`) plus room for the
+/// unexpected PDUs (NOP-Out, task management, text, logout) beside them.
+fn iser_config(queue_depth: u32) -> IserConfig {
+    IserConfig {
+        recv_depth: queue_depth.saturating_add(64).max(128),
+        ..IserConfig::default()
+    }
+}
+
 /// A listening iSER portal over the verbs backend `V`.
 pub struct IserPortal<V: Verbs> {
     pub addr: SocketAddr,
@@ -43,11 +53,12 @@ impl<V: Verbs> IserPortal<V> {
                     return;
                 }
             };
+            let cfg = iser_config(registry.defaults().queue_depth);
             let registry = registry.clone();
             let tag = self.portal_group_tag;
             tokio::spawn(async move {
                 let peer = req.peer_addr();
-                match IserTransport::accept(req, IserConfig::default()).await {
+                match IserTransport::accept(req, cfg).await {
                     Ok(t) => conn::serve(t, registry, tag).await,
                     Err(e) => tracing::info!(%peer, error = %e, "iSER accept failed"),
                 }

@@ -1024,6 +1024,81 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn unsolicited_data_out_goes_in_sends_and_the_rest_waits_for_rdma_read() {
+        let (_f, ini, tgt) = pair().await;
+        let (_irx, mut itx) = ini.into_split();
+        let (mut trx, mut ttx) = tgt.into_split();
+        itx.enable_datamover(&params());
+        ttx.enable_datamover(&params());
+        let len = 100_000u32;
+        let data = Bytes::from((0..len).map(|i| (i % 241) as u8).collect::<Vec<_>>());
+        let (imm, first_burst) = (8192u32, 32768u32);
+        // As IDM builds it with InitialR2T=No: F clear on the command, the
+        // unsolicited sequence closed with F, then the staged remainder.
+        let mut batch = vec![Pdu::new(
+            Header::ScsiCommand(ScsiCommand {
+                final_: false,
+                write: true,
+                itt: 4,
+                expected_data_transfer_length: len,
+                ..Default::default()
+            }),
+            data.slice(..imm as usize),
+        )];
+        batch.extend(idm::initiator_data::data_out_pdus(
+            0,
+            4,
+            pdu::RESERVED_TAG,
+            &data,
+            imm,
+            first_burst,
+            8192,
+            0,
+        ));
+        batch.extend(idm::initiator_data::data_out_pdus(
+            0,
+            4,
+            pdu::RESERVED_TAG,
+            &data,
+            first_burst,
+            len,
+            len,
+            0,
+        ));
+        itx.send(&batch).await.unwrap();
+        let _cmd = trx.recv().await.unwrap().unwrap();
+        let mut offset = imm;
+        while offset < first_burst {
+            let p = trx.recv().await.unwrap().unwrap().parse().unwrap();
+            let Header::DataOut(h) = &p.header else {
+                panic!("{p:?}")
+            };
+            assert_eq!((h.buffer_offset, h.ttt), (offset, pdu::RESERVED_TAG));
+            offset += p.data.len() as u32;
+        }
+        // The staged part never crossed as a SEND: the next thing up is the
+        // RDMA READ's Data-Out.
+        ttx.send(&[Pdu::new(
+            Header::R2t(R2t {
+                itt: 4,
+                ttt: 7,
+                buffer_offset: first_burst,
+                desired_data_transfer_length: len - first_burst,
+                ..Default::default()
+            }),
+            Bytes::new(),
+        )])
+        .await
+        .unwrap();
+        let p = trx.recv().await.unwrap().unwrap().parse().unwrap();
+        let Header::DataOut(h) = &p.header else {
+            panic!("{p:?}")
+        };
+        assert_eq!((h.ttt, h.buffer_offset), (7, first_burst));
+        assert_eq!(p.data, data.slice(first_burst as usize..));
+    }
+
+    #[tokio::test]
     async fn disconnect_ends_both_receive_halves() {
         let (fab, ini, tgt) = pair().await;
         let (mut irx, _itx) = ini.into_split();
