@@ -93,6 +93,16 @@ fn bad_cli_arguments_and_refused_changes_fail_clearly_and_change_nothing() {
         ("stmfadm", &["modify-lu", "-s", "1M", "disk"], "only grow"),
         ("itadm", &["create-tpg", "70000", "127.0.0.1:2"], "70000"),
         ("itadm", &["create-tpg", "2", "300.1.1.1"], "IP"),
+        (
+            "itadm",
+            &["modify-defaults", "--isns-server", "10.0.0.1,isns server!"],
+            "iSNS server",
+        ),
+        (
+            "itadm",
+            &["modify-defaults", "--isns-server", "h:70000"],
+            "port",
+        ),
         // Things that are not there.
         (
             "itadm",

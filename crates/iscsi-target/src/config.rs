@@ -488,6 +488,14 @@ impl Config {
         if d.chap_algorithms.is_empty() {
             errs.push("defaults: chap_algorithms must name at least one algorithm".into());
         }
+        for s in &d.isns_servers {
+            if let Err(e) = crate::isns::parse_server(s) {
+                errs.push(format!("defaults: isns_servers: {e}"));
+            }
+        }
+        if d.isns_servers.len() > 8 {
+            errs.push("defaults: isns_servers: at most 8 servers".into());
+        }
         if !(512..=16_777_215).contains(&d.max_recv_data_segment_length) {
             errs.push("defaults: max_recv_data_segment_length must be 512..16777215".into());
         }

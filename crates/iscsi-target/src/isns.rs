@@ -504,6 +504,44 @@ impl Registration {
     }
 }
 
+/// Where an iSNS server is, as configured: an address, or a host name to
+/// resolve when connecting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Server {
+    Addr(SocketAddr),
+    Host(String, u16),
+}
+
+/// Reads "IP", "IP:port", "[v6]:port", "host" or "host:port" (port 3205
+/// when absent).
+pub fn parse_server(s: &str) -> Result<Server, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(Server::Addr(a));
+    }
+    if let Ok(ip) = s.trim_matches(|c| c == '[' || c == ']').parse::<IpAddr>() {
+        return Ok(Server::Addr(SocketAddr::new(ip, PORT)));
+    }
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => match p.parse::<u16>() {
+            Ok(p) if p > 0 => (h, p),
+            _ => return Err(format!("iSNS server {s:?}: port must be 1..65535")),
+        },
+        None => (s, PORT),
+    };
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+    };
+    if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+        return Err(format!(
+            "iSNS server {s:?} is not IP[:port], [IPv6]:port or host[:port]"
+        ));
+    }
+    Ok(Server::Host(host.to_string(), port))
+}
+
 /// DevDereg (§5.6.5.4) of a whole entity (its portals, nodes and PGs).
 pub fn dereg_entity(source: &str, entity: &str, xid: u16) -> Message {
     Message {
@@ -805,6 +843,38 @@ mod tests {
             ..esi.clone()
         };
         assert_eq!(answer_server_message(&hb), None);
+    }
+
+    #[test]
+    fn server_addresses_take_the_default_port_and_refuse_nonsense() {
+        let a = |s: &str| parse_server(s).unwrap();
+        assert_eq!(
+            a("10.0.0.1"),
+            Server::Addr("10.0.0.1:3205".parse().unwrap())
+        );
+        assert_eq!(
+            a("10.0.0.1:3206"),
+            Server::Addr("10.0.0.1:3206".parse().unwrap())
+        );
+        assert_eq!(a("[::1]:9"), Server::Addr("[::1]:9".parse().unwrap()));
+        assert_eq!(a("::1"), Server::Addr("[::1]:3205".parse().unwrap()));
+        assert_eq!(
+            a("isns.example.com"),
+            Server::Host("isns.example.com".into(), 3205)
+        );
+        assert_eq!(a("isns-1:4000"), Server::Host("isns-1".into(), 4000));
+        for bad in [
+            "",
+            "a b",
+            "host:0",
+            "host:99999",
+            "-x.example",
+            "x..y",
+            "10.0.0.1:",
+            "a/b",
+        ] {
+            assert!(parse_server(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -269,25 +269,14 @@ async fn sync(
 
 /// Resolves "IP", "IP:port", "[v6]:port", "host" or "host:port".
 async fn resolve(server: &str) -> Result<SocketAddr, String> {
-    if let Ok(a) = server.parse::<SocketAddr>() {
-        return Ok(a);
+    match isns::parse_server(server)? {
+        isns::Server::Addr(a) => Ok(a),
+        isns::Server::Host(h, p) => tokio::net::lookup_host((h.as_str(), p))
+            .await
+            .map_err(|e| format!("cannot resolve {server}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{server} has no address")),
     }
-    if let Ok(ip) = server
-        .trim_matches(|c| c == '[' || c == ']')
-        .parse::<std::net::IpAddr>()
-    {
-        return Ok(SocketAddr::new(ip, isns::PORT));
-    }
-    let hp = if server.contains(':') {
-        server.to_string()
-    } else {
-        format!("{server}:{}", isns::PORT)
-    };
-    tokio::net::lookup_host(hp)
-        .await
-        .map_err(|e| format!("cannot resolve {server}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{server} has no address"))
 }
 
 /// One request and its response on a fresh connection; a server-initiated
