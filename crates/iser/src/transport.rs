@@ -152,6 +152,13 @@ impl Pool {
         Ok(r)
     }
 
+    /// Never hands `region` out again: it is deregistered when the last
+    /// holder lets go, so a late RDMA access through its rkey fails with a
+    /// remote access error instead of landing in another task's data.
+    fn retire(&self, region: &Arc<MemoryRegion>) {
+        lock(&self.regions).retain(|r| !Arc::ptr_eq(r, region));
+    }
+
     fn live(&self) -> usize {
         lock(&self.regions)
             .iter()
@@ -567,6 +574,19 @@ impl IserTx {
         self.shared.send_pool.live() + self.shared.data_pool.live()
     }
 
+    /// An ITT reused while its old buffer was still advertised (the task
+    /// timed out or was aborted without a response): the target may yet
+    /// RDMA into the old buffer, so it must never serve another task.
+    fn retire_stale(&self, stale: Option<(Arc<MemoryRegion>, u32)>) {
+        if let Some((old, _)) = stale {
+            tracing::debug!(
+                rkey = old.rkey(),
+                "retiring a buffer of a task that got no response"
+            );
+            self.shared.data_pool.retire(&old);
+        }
+    }
+
     async fn credit(&self) -> Result<(), TransportError> {
         self.shared
             .send_credits
@@ -731,7 +751,8 @@ impl IserTx {
                 stag: buf.rkey(),
                 va: buf.addr(),
             });
-            lock(&s.tasks).read_bufs.insert(itt, (buf, read_len));
+            let stale = lock(&s.tasks).read_bufs.insert(itt, (buf, read_len));
+            self.retire_stale(stale);
         }
         if cmd.write && edtl as usize > pdu.data.len() {
             let buf = s
@@ -769,12 +790,21 @@ impl IserTx {
                 stag: buf.rkey(),
                 va: buf.addr(),
             });
-            lock(&s.tasks)
+            let stale = lock(&s.tasks)
                 .write_bufs
                 .insert(itt, (buf, unsolicited_end));
+            self.retire_stale(stale);
         }
         self.send_control(IserHeader::Control { write, read }, pdu)
             .await
+    }
+}
+
+impl Drop for IserTx {
+    /// The send half going away ends the connection, so the completion task
+    /// (which holds the queue pair) sees the flushes and stops.
+    fn drop(&mut self) {
+        self.shared.qp.disconnect();
     }
 }
 
