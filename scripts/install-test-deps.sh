@@ -10,6 +10,13 @@
 #                                     builds a small shim with cmake and runs bindgen)
 #   libibverbs-dev librdmacm-dev      rdma-core headers; rdma-core ibverbs-providers: the run-time
 #   rdma-core ibverbs-providers       libraries and user-space drivers (rxe) the backend loads
+#   ceph-mon ceph-mgr ceph-osd        a throw-away single-node Ceph cluster for the RBD LU tests
+#   ceph-common uuid-runtime          (tests/ceph/single-node.sh); librbd1 comes with them and is
+#                                     what iscsitd loads at run time for RBD LUs
+#   librbd-dev tgt-rbd                librbd's headers (checking our declarations against them);
+#                                     tgt's rbd backing store, for bench/ceph.sh
+# The Ceph packages would start system services on install: a policy-rc.d that refuses is in
+# place while apt runs (only if the machine has none of its own).
 #
 # qemu-utils on these machines comes from bookworm-backports, and qemu-block-extra must match
 # it exactly. If the machine's apt sources do not carry that version, bookworm-backports is
@@ -22,7 +29,8 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 SUITE=${SUITE:-bookworm}
 PKGS=(libiscsi-bin tgt open-isns-server open-isns-utils sg3-utils
-      cmake clang libclang-dev libibverbs-dev librdmacm-dev rdma-core ibverbs-providers)
+      cmake clang libclang-dev libibverbs-dev librdmacm-dev rdma-core ibverbs-providers
+      ceph-mon ceph-mgr ceph-osd ceph-common uuid-runtime librbd-dev tgt-rbd)
 APT=(apt-get -y -q -o DPkg::Lock::Timeout=600 -o Dpkg::Options::=--force-confdef
      -o Dpkg::Options::=--force-confold --no-install-recommends)
 
@@ -59,7 +67,16 @@ for p in "${PKGS[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
-    "${APT[@]}" install "${missing[@]}" >/dev/null
+    if [ -e /usr/sbin/policy-rc.d ]; then
+        "${APT[@]}" install "${missing[@]}" >/dev/null
+    else
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        rc=0
+        "${APT[@]}" install "${missing[@]}" >/dev/null || rc=$?
+        rm -f /usr/sbin/policy-rc.d
+        [ "$rc" = 0 ] || exit "$rc"
+    fi
 fi
 
 # Private apt configuration that adds $SUITE-backports beside the machine's own suites.

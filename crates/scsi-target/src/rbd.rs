@@ -890,6 +890,27 @@ mod tests {
     }
 
     #[test]
+    fn real_image_zeroes_seen_after_the_lock_moves() {
+        let (Some(a), Some(b)) = (real_image(), real_image()) else {
+            return;
+        };
+        for round in 0..4u8 {
+            b.write_at(8 << 20, &[round + 1; 4096]).unwrap();
+            let mut buf = [9u8; 4096];
+            a.read_at(8 << 20, &mut buf).unwrap();
+            assert!(buf.iter().all(|&x| x == round + 1), "round {round}: read");
+            a.unmap(8 << 20, 128 * 1024).unwrap();
+            a.read_at(8 << 20, &mut buf).unwrap();
+            assert!(buf.iter().all(|&x| x == 0), "round {round}: unmap via a");
+            b.read_at(8 << 20, &mut buf).unwrap();
+            assert!(
+                buf.iter().all(|&x| x == 0),
+                "round {round}: unmap seen by b"
+            );
+        }
+    }
+
+    #[test]
     fn missing_conf_file_is_named_in_the_error() {
         if !librbd_available() {
             return;
