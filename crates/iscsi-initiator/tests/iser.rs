@@ -176,14 +176,16 @@ async fn reads_and_writes_of_4k_and_1m_round_trip() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writes_use_immediate_then_unsolicited_then_rdma_read() {
-    // InitialR2T=No: immediate data, unsolicited Data-Out SENDs up to
-    // FirstBurstLength, the rest by RDMA READ.
+async fn writes_send_immediate_data_inline_and_the_rest_by_rdma_read() {
+    // Even a target configured for InitialR2T=No asks for Yes over iSER:
+    // immediate data rides in the command's SEND, the rest is RDMA READ
+    // (the unsolicited Data-Out SEND path is the transport's unit test).
     let f = start("initial_r2t = false\nfirst_burst_length = 65536").await;
     let mut o = options(&f);
     o.policy.initial_r2t = false;
     let s = login(&f, o).await;
-    assert!(!s.params().initial_r2t);
+    let p = s.params();
+    assert!(p.initial_r2t && p.immediate_data);
     round_trip(&s, 0, pattern(1 << 20, 4)).await;
     round_trip(&s, 4096, pattern(48 * 1024, 5)).await;
     // ImmediateData=No, InitialR2T=Yes: everything by RDMA READ.
@@ -279,6 +281,30 @@ async fn pulled_link_mid_io_ends_every_task_and_the_initiator_recovers() {
     }
     assert!(s.reconnects() + s.connection_reinstatements() > 0);
     round_trip(&s, 0, pattern(4096, 99)).await;
+    s.logout().await.unwrap();
+    all_gone(&f).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_window_of_writes_never_overruns_the_receives() {
+    // The initiator keeps the whole CmdSN window busy with writes.
+    let f = start("initial_r2t = false\nfirst_burst_length = 65536\nqueue_depth = 128").await;
+    let mut o = options(&f);
+    o.policy.initial_r2t = false;
+    o.io_depth = 64;
+    o.max_io_bytes = 128 * 1024;
+    let s = login(&f, o).await;
+    let mut jobs = Vec::new();
+    for i in 0..4u64 {
+        let s = s.clone();
+        jobs.push(tokio::spawn(async move {
+            round_trip(&s, i * 8192, pattern(4 << 20, 70 + i as u32)).await;
+        }));
+    }
+    for j in jobs {
+        j.await.unwrap();
+    }
+    assert_eq!(s.reconnects() + s.connection_reinstatements(), 0);
     s.logout().await.unwrap();
     all_gone(&f).await;
 }

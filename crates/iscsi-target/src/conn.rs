@@ -255,7 +255,11 @@ impl Authority {
             first_burst_length: d.first_burst_length,
             max_outstanding_r2t: d.max_outstanding_r2t,
             max_connections: d.max_connections,
-            initial_r2t: d.initial_r2t,
+            // Over iSER, data the initiator does not send inline is fetched
+            // by RDMA READ, which costs neither side a receive buffer; so ask
+            // for InitialR2T=Yes (as LIO's isert does) and keep unsolicited
+            // Data-Out SENDs from eating the receives posted for commands.
+            initial_r2t: d.initial_r2t || self.rdma,
             immediate_data: d.immediate_data,
             header_digest: vec![Digest::None, Digest::Crc32c],
             data_digest: vec![Digest::None, Digest::Crc32c],
