@@ -232,6 +232,27 @@ impl Luns {
         map.execute(task)
     }
 
+    /// The session's nexus is gone: every LU it sees now, and every LU of
+    /// the table it last worked with (one a view change took away before
+    /// its next command), forgets it.
+    pub fn nexus_lost(&self, nexus: NexusId) {
+        let now = self.map();
+        let before = lock(&self.acked).clone();
+        for lu in now.luns().filter_map(|l| now.get(l)) {
+            lu.nexus_lost(nexus);
+        }
+        if let Some(old) = before.filter(|o| !Arc::ptr_eq(o, &now)) {
+            for lu in old.luns().filter_map(|l| old.get(l)) {
+                if !now
+                    .luns()
+                    .any(|l| now.get(l).is_some_and(|n| Arc::ptr_eq(n, lu)))
+                {
+                    lu.nexus_lost(nexus);
+                }
+            }
+        }
+    }
+
     pub fn reset_all(&self, by: Option<NexusId>) {
         self.map().reset_all(by)
     }
@@ -677,6 +698,28 @@ lun = 5
         r.apply(&c, |_| Ok::<(), String>(())).unwrap();
         assert_eq!(tur(&b, &nb, 5), Some((6, 0x2A, 0x09)));
         assert_eq!(tur(&b, &nb, 5), None);
+    }
+
+    #[test]
+    fn a_lost_nexus_is_forgotten_by_lus_a_view_change_took_away_too() {
+        let r = Registry::build(&config()).unwrap();
+        let a = r.target_for(T1, A).unwrap();
+        let na = nexus(A, T1);
+        assert_eq!(tur(&a, &na, 3), Some((6, 0x29, 0)));
+        assert_eq!(tur(&a, &na, 3), None);
+        let lu1 = a.luns.get(3).unwrap();
+        // LUN 3 leaves A's view; A sends nothing more and logs out.
+        let mut c = r.snapshot().config.clone();
+        let view = c.views.remove(0);
+        r.apply(&c, |_| Ok::<(), String>(())).unwrap();
+        a.luns.nexus_lost(na.id);
+        // The view comes back: had LU 1 kept the nexus, its next command
+        // would be GOOD; forgotten, it is greeted as a new nexus.
+        c.views.insert(0, view);
+        r.apply(&c, |_| Ok::<(), String>(())).unwrap();
+        let again = r.target_for(T1, A).unwrap();
+        assert!(Arc::ptr_eq(&again.luns.get(3).unwrap(), &lu1));
+        assert_eq!(tur(&again, &na, 3), Some((6, 0x29, 0)));
     }
 
     #[test]
