@@ -31,6 +31,7 @@
 //! through [`cdb::Cdb`], which answers zero past the end, and parameter lists
 //! are length-checked before use.
 
+pub mod alua;
 pub mod backend;
 mod bufpool;
 pub mod cdb;
@@ -49,6 +50,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+pub use alua::{AluaGroup, AluaState};
 pub use backend::{Backend, BackendCaps, CompareAndWrite, FileBackend, MemoryBackend, NullBackend};
 pub use lu::{DataDirection, LogicalUnit, LuConfig, LuError, LuStats};
 pub use lunmap::LunMap;

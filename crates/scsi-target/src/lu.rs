@@ -178,6 +178,8 @@ pub struct LogicalUnit {
     /// Quick check that no RESERVE(6) or persistent reservation is held.
     pub(crate) res_active: AtomicBool,
     pub(crate) counters: Counters,
+    /// Target port groups and their states (empty: one group, optimized).
+    alua: RwLock<Arc<[crate::AluaGroup]>>,
 }
 
 impl std::fmt::Debug for LogicalUnit {
@@ -231,6 +233,7 @@ impl LogicalUnit {
             res: Mutex::new(ResState::default()),
             res_active: AtomicBool::new(false),
             counters: Counters::default(),
+            alua: RwLock::new(Arc::from(Vec::new())),
         }))
     }
 
@@ -352,6 +355,15 @@ impl LogicalUnit {
                 self.queue_ua_others(None, sense::CAPACITY_DATA_HAS_CHANGED);
             }
         }
+    }
+
+    /// Sets the target port groups (every gateway's, with their states).
+    pub fn set_alua(&self, groups: Vec<crate::AluaGroup>) {
+        *self.alua.write().unwrap_or_else(|e| e.into_inner()) = Arc::from(groups);
+    }
+
+    pub(crate) fn alua(&self) -> Arc<[crate::AluaGroup]> {
+        self.alua.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Queues a unit attention for every known nexus except `except`.

@@ -97,24 +97,13 @@ pub(crate) fn prevent_allow(_lu: &LogicalUnit, _cdb: Cdb<'_>) -> CmdResult {
 /// REPORT TARGET PORT GROUPS: implicit ALUA with a single target port group,
 /// active/optimized, holding the port the command arrived on.
 pub(crate) fn report_target_port_groups(
-    _lu: &LogicalUnit,
+    lu: &LogicalUnit,
     t: &ScsiTask<'_>,
     cdb: Cdb<'_>,
 ) -> CmdResult {
     let extended = (cdb.byte(1) >> 5) == 0x01;
     let alloc = u64::from(cdb.u32(6));
-    let mut desc = Vec::with_capacity(12);
-    // PREF=1, asymmetric access state 0 (active/optimized).
-    desc.push(0x80);
-    // Supported states: active/optimized only.
-    desc.push(0x01);
-    desc.extend_from_slice(&t.nexus.target_port_group_id.to_be_bytes());
-    desc.push(0);
-    desc.push(0); // status code: no status available
-    desc.push(0);
-    desc.push(1); // target port count
-    desc.extend_from_slice(&[0, 0]);
-    desc.extend_from_slice(&t.nexus.relative_target_port_id.to_be_bytes());
+    let desc = crate::alua::descriptors(&lu.alua(), t.nexus);
 
     let mut v = Vec::with_capacity(8 + desc.len());
     v.extend_from_slice(&(desc.len() as u32).to_be_bytes());

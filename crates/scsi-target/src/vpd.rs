@@ -139,7 +139,7 @@ fn device_identification(lu: &LogicalUnit, t: &ScsiTask<'_>) -> Vec<u8> {
 
     let rtpi = t.nexus.relative_target_port_id.to_be_bytes();
     designator(&mut v, BINARY, ASSOC_PORT, 0x4, &[0, 0, rtpi[0], rtpi[1]]);
-    let tpg = t.nexus.target_port_group_id.to_be_bytes();
+    let tpg = crate::alua::group_of(&lu.alua(), t.nexus).to_be_bytes();
     designator(&mut v, BINARY, ASSOC_PORT, 0x5, &[0, 0, tpg[0], tpg[1]]);
 
     // SCSI name string: null terminated, padded to a multiple of four.
