@@ -45,6 +45,7 @@ rm -rf "$RUNS"
 mkdir -p "$RUNS/bin" "$RUNS/results"
 cp "$BIN/iscsitd" "$BIN/iscsi" "$RUNS/bin/"
 [ ! -x "$BIN/examples/iser_verbs" ] || cp "$BIN/examples/iser_verbs" "$RUNS/bin/"
+[ ! -x "$BIN/itadm" ] || cp "$BIN/itadm" "$RUNS/bin/"   # iser-cli-iscsitd: itadm inspect
 cp -r "$HERE/tests" "$RUNS/tests"
 echo "run-tests: image $IMAGE ($(cat "$IMAGE/kernel.version"))"
 echo "run-tests: iscsitd and iscsi from $BIN, built $(date -r "$BIN/iscsitd" "+%F %T")"

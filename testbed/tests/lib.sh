@@ -183,3 +183,13 @@ fio_bench_table() {
         awk -v t="$target" -v x="$transport" '{printf "%-8s %-5s %-18s %8s %8s\n", t, x, $(NF-4), $(NF-3), $(NF-1)}' \
         >> "$RES/fio-table.txt"
 }
+# start_iscsitd_iser CONFIG: start_iscsitd for a config whose portal group on $RDMA_IP:3260
+# has iser = true; ready once TCP answers there and the daemon logged its iSER listener.
+start_iscsitd_iser() {
+    iscsitd --check "$1" >/dev/null || die "iscsitd --check $1"
+    RUST_LOG=${RUST_LOG:-info} iscsitd --config "$1" >>"$RES/iscsitd.log" 2>&1 &
+    ISCSITD_PID=$!
+    wait_for 20 "iscsitd listening on $RDMA_IP:3260" port_open "$RDMA_IP" 3260
+    wait_for 20 "iscsitd's iSER listener" grep -q "iser rdma: listening on $RDMA_IP:3260" "$RES/iscsitd.log"
+    kill -0 "$ISCSITD_PID" || die "iscsitd exited at start"
+}
