@@ -19,7 +19,11 @@ pub fn run(data: &[u8]) {
     let items = match jsonrpc::parse(data) {
         Parsed::One(i) => vec![i],
         Parsed::Batch(v) => {
-            assert!(!v.is_empty() && v.len() <= jsonrpc::MAX_BATCH, "batch of {}", v.len());
+            assert!(
+                !v.is_empty() && v.len() <= jsonrpc::MAX_BATCH,
+                "batch of {}",
+                v.len()
+            );
             v
         }
     };
@@ -57,7 +61,9 @@ pub fn run(data: &[u8]) {
                     matches!(code, Some(-32700 | -32600 | -32602)),
                     "code {code:?}"
                 );
-                assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+                assert!(v["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty()));
                 assert!(matches!(
                     v["id"],
                     Value::Null | Value::Number(_) | Value::String(_)
