@@ -127,12 +127,14 @@ async fn round_trip(s: &Session, lba: u64, data: Bytes) {
 /// Waits until the target has no session and the fabric no connection.
 async fn all_gone(f: &Fixture) {
     let deadline = tokio::time::Instant::now() + LIMIT;
-    while !f.registry.sessions.all().is_empty() || f.fab.connected_qps() > 0 {
+    let budget = &f.registry.sessions.write_budget;
+    while !f.registry.sessions.all().is_empty() || f.fab.connected_qps() > 0 || budget.used() > 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "left behind: {} sessions, {} queue pairs",
+            "left behind: {} sessions, {} queue pairs, {} bytes of write buffers",
             f.registry.sessions.all().len(),
-            f.fab.connected_qps()
+            f.fab.connected_qps(),
+            budget.used()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -305,6 +307,41 @@ async fn a_full_window_of_writes_never_overruns_the_receives() {
         j.await.unwrap();
     }
     assert_eq!(s.reconnects() + s.connection_reinstatements(), 0);
+    s.logout().await.unwrap();
+    all_gone(&f).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_lost_connection_is_reinstated_and_its_commands_aborted_and_reissued() {
+    let f = start("").await;
+    let mut o = options(&f);
+    o.connections = 2;
+    o.io_depth = 8;
+    o.max_io_bytes = 64 * 1024;
+    let s = login(&f, o).await;
+    let mut jobs = Vec::new();
+    for i in 0..4u64 {
+        let s = s.clone();
+        jobs.push(tokio::spawn(async move {
+            round_trip(&s, i * 8192, pattern(2 << 20, 80 + i as u32)).await;
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(f.fab.break_one(), "a connection to break");
+    for j in jobs {
+        tokio::time::timeout(LIMIT, j)
+            .await
+            .expect("I/O hung across the lost connection")
+            .unwrap();
+    }
+    // The same session went on: one connection reinstated (its lost
+    // commands closed with ABORT TASK on the other and reissued), no
+    // session reinstatement.
+    assert_eq!(s.reconnects(), 0);
+    assert!(s.connection_reinstatements() >= 1);
+    assert!(s.reissued_commands() > 0, "commands were in flight on it");
+    assert_eq!(s.connection_commands().len(), 2);
+    round_trip(&s, 0, pattern(4096, 98)).await;
     s.logout().await.unwrap();
     all_gone(&f).await;
 }

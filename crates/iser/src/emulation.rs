@@ -80,6 +80,22 @@ impl Emulation {
         }
     }
 
+    /// Breaks one live connection (the oldest), as a single cable or port
+    /// failing would; returns whether there was one.
+    pub fn break_one(&self) -> bool {
+        let qp = lock(&self.shared.qps)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .find(|q| lock(&q.state).connected);
+        match qp {
+            Some(qp) => {
+                qp.to_error();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Live (connected) queue pairs on the fabric, for leak checks in tests.
     pub fn connected_qps(&self) -> usize {
         let mut qps = lock(&self.shared.qps);
