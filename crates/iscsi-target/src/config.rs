@@ -47,6 +47,11 @@ pub struct Config {
     pub target_groups: Vec<GroupConfig>,
     #[serde(default, rename = "view")]
     pub views: Vec<ViewConfig>,
+    /// ALUA target port groups, the same list on every gateway of a set
+    /// (each gateway's portal group tags in its own group); empty: one
+    /// active/optimized group.
+    #[serde(default, rename = "alua_group", skip_serializing_if = "Vec::is_empty")]
+    pub alua_groups: Vec<AluaGroupConfig>,
     #[serde(default, skip_serializing_if = "MetricsConfig::is_off")]
     pub metrics: MetricsConfig,
 }
@@ -126,6 +131,17 @@ pub struct LuDef {
 
 fn default_true() -> bool {
     true
+}
+
+/// One ALUA target port group: a gateway's portal group tags (its relative
+/// target port ids) and the state initiators see them in.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AluaGroupConfig {
+    pub id: u16,
+    /// "active-optimized" or "active-non-optimized".
+    pub state: String,
+    pub portal_groups: Vec<u16>,
 }
 
 /// A host group (initiator names) or a target group (target names).
@@ -353,6 +369,7 @@ impl Config {
             lus: vec![],
             host_groups: vec![],
             target_groups: vec![],
+            alua_groups: vec![],
             views: vec![],
             metrics: MetricsConfig::default(),
         }
@@ -476,6 +493,18 @@ impl Config {
             }
         }
         self.validate_model(&mut errs);
+        let mut alua_ids = HashSet::new();
+        for (i, g) in self.alua_groups.iter().enumerate() {
+            if g.id == 0 || !alua_ids.insert(g.id) {
+                errs.push(format!("alua_group[{i}]: id must be 1..65535 and unique"));
+            }
+            if scsi_target::AluaState::parse(&g.state).is_none() {
+                errs.push(format!(
+                    "alua_group[{i}]: state {:?} is not active-optimized or active-non-optimized",
+                    g.state
+                ));
+            }
+        }
         let d = &self.defaults;
         for a in &d.chap_algorithms {
             if !CHAP_ALGORITHMS.contains(&a.to_ascii_lowercase().as_str()) {
@@ -1121,6 +1150,21 @@ ceph_id = "admin"
         let out = toml::to_string(&c).unwrap();
         assert_eq!(out.matches("iser").count(), 1, "{out}");
         assert_eq!(Config::from_toml(&out).unwrap(), c);
+    }
+
+    #[test]
+    fn alua_groups_need_unique_ids_and_known_states() {
+        let text = "[[alua_group]]\nid = 1\nstate = \"active-optimized\"\nportal_groups = [1]\n\
+                    [[alua_group]]\nid = 2\nstate = \"active-non-optimized\"\nportal_groups = [2]\n";
+        assert_eq!(Config::from_toml(text).unwrap().alua_groups.len(), 2);
+        let err = Config::from_toml(
+            &text
+                .replace("id = 2", "id = 1")
+                .replace("active-non", "standby"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unique") && err.contains("standby"), "{err}");
     }
 
     #[test]

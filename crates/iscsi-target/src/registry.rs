@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use scsi_target::{
-    Backend, FileBackend, LogicalUnit, LuConfig, LunMap, MemoryBackend, NexusId, NullBackend,
-    RbdBackend, RbdConfig, ScsiResponse, ScsiTask,
+    AluaGroup, AluaState, Backend, FileBackend, LogicalUnit, LuConfig, LunMap, MemoryBackend,
+    NexusId, NullBackend, RbdBackend, RbdConfig, ScsiResponse, ScsiTask,
 };
 use thiserror::Error;
 
@@ -392,6 +392,7 @@ fn build_model(
             }
             None => build_lu(&def).map_err(|what| lu_error(&def, &implicit, what))?,
         };
+        lu.set_alua(alua_groups(config));
         lus.insert(key, Arc::new(LuEntry { def, implicit, lu }));
     }
     let mut targets = Vec::new();
@@ -476,6 +477,21 @@ fn resize_if_needed(lu: &LogicalUnit, def: &LuDef) -> Result<(), String> {
         lu.resize(Some(want)).map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// The configured ALUA groups (validated, so every state parses).
+fn alua_groups(config: &Config) -> Vec<AluaGroup> {
+    config
+        .alua_groups
+        .iter()
+        .filter_map(|g| {
+            Some(AluaGroup {
+                id: g.id,
+                state: AluaState::parse(&g.state)?,
+                relative_ports: g.portal_groups.clone(),
+            })
+        })
+        .collect()
 }
 
 /// Opens the LU's RBD image (blocking, bounded by the cluster timeouts).
