@@ -171,8 +171,9 @@ impl Pool {
 /// response.
 #[derive(Default)]
 struct Tasks {
-    /// Target: the buffers the initiator advertised.
-    advertised: HashMap<u32, (Option<Tagged>, Option<Tagged>)>,
+    /// Target: the buffers the initiator advertised (write, read), and the
+    /// buffer offset the write VA stands for (see [`Advertised`]).
+    advertised: HashMap<u32, Advertised>,
     /// Initiator: where the target RDMA-writes read data, and its length.
     read_bufs: HashMap<u32, (Arc<MemoryRegion>, u32)>,
     /// Initiator: staged write data (kept until the response) and where its
@@ -180,6 +181,20 @@ struct Tasks {
     write_bufs: HashMap<u32, (Arc<MemoryRegion>, u32)>,
     /// Target: RDMA READs in flight, by wr_id.
     reads: HashMap<u64, PendingRead>,
+}
+
+/// What a SCSI Command's iSER header advertised.
+///
+/// The read VA is buffer offset 0. The write VA is the first byte the
+/// target must fetch, i.e. buffer offset "unsolicited data length" (Linux's
+/// ib_iser advertises `addr + unsol_sz` and LIO's isert reads from it at
+/// `write_data_done`), so the offset it stands for is learnt from the first
+/// R2T of the task, which IDM issues from the end of the unsolicited data.
+#[derive(Debug, Clone, Copy)]
+struct Advertised {
+    write: Option<Tagged>,
+    read: Option<Tagged>,
+    write_base: Option<u32>,
 }
 
 struct PendingRead {
@@ -456,9 +471,14 @@ fn received(
     let mut out = Vec::with_capacity(2);
     match shared.role {
         Role::Target if opcode == 0x01 && (write.is_some() || read.is_some()) => {
-            lock(&shared.tasks)
-                .advertised
-                .insert(raw.itt(), (write, read));
+            lock(&shared.tasks).advertised.insert(
+                raw.itt(),
+                Advertised {
+                    write,
+                    read,
+                    write_base: None,
+                },
+            );
         }
         Role::Initiator if opcode == 0x21 => {
             if let Some(data_in) = landed_data(shared, &raw) {
@@ -634,7 +654,7 @@ impl IserTx {
             let read = lock(&s.tasks)
                 .advertised
                 .get(&first.itt)
-                .and_then(|(_, r)| *r);
+                .and_then(|a| a.read);
             let Some(tag) = read else {
                 tracing::info!(itt = first.itt, "Data-In for a task without a read STag");
                 return Err(TransportError::Io(std::io::ErrorKind::InvalidData.into()));
@@ -684,11 +704,11 @@ impl IserTx {
     /// Target "get data": an R2T becomes an RDMA READ of that burst.
     async fn get_data(&self, r2t: &pdu::R2t) -> Result<(), TransportError> {
         let s = &self.shared;
-        let write = lock(&s.tasks)
-            .advertised
-            .get(&r2t.itt)
-            .and_then(|(w, _)| *w);
-        let Some(tag) = write else {
+        let write = lock(&s.tasks).advertised.get_mut(&r2t.itt).and_then(|a| {
+            let base = *a.write_base.get_or_insert(r2t.buffer_offset);
+            Some((a.write?, base))
+        });
+        let Some((tag, base)) = write else {
             tracing::info!(itt = r2t.itt, "data wanted for a task without a write STag");
             return Err(TransportError::Io(std::io::ErrorKind::InvalidData.into()));
         };
@@ -711,8 +731,15 @@ impl IserTx {
                 len,
             },
         );
+        let Some(from_base) = r2t.buffer_offset.checked_sub(base) else {
+            tracing::info!(
+                itt = r2t.itt,
+                "data wanted before the advertised write buffer"
+            );
+            return Err(TransportError::Io(std::io::ErrorKind::InvalidData.into()));
+        };
         let remote = RemoteAddr {
-            addr: tag.va.wrapping_add(u64::from(r2t.buffer_offset)),
+            addr: tag.va.wrapping_add(u64::from(from_base)),
             rkey: tag.stag,
         };
         self.credit().await?;
@@ -786,9 +813,11 @@ impl IserTx {
                     }
                 }
             }
+            // The write VA names the first byte the target fetches (as
+            // Linux's ib_iser does): buffer offset `unsolicited_end`.
             write = Some(Tagged {
                 stag: buf.rkey(),
-                va: buf.addr(),
+                va: buf.addr().wrapping_add(u64::from(unsolicited_end)),
             });
             let stale = lock(&s.tasks)
                 .write_bufs
@@ -1126,6 +1155,84 @@ mod tests {
         };
         assert_eq!((h.ttt, h.buffer_offset), (7, first_burst));
         assert_eq!(p.data, data.slice(first_burst as usize..));
+    }
+
+    /// A peer that speaks iSER the way Linux's ib_iser does, written
+    /// straight on the verbs: its write VA points at the first byte after
+    /// the immediate data.
+    #[tokio::test]
+    async fn target_reads_from_a_linux_style_write_va() {
+        use crate::verbs::{Access, LocalSlice, QueuePair};
+        let fab = Emulation::new();
+        let mut l = fab.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = l.local_addr();
+        let f2 = fab.clone();
+        let ini = tokio::spawn(async move {
+            f2.connect(addr, QpConfig::default(), &CmHeader::OURS.encode(), |_| {
+                Ok(())
+            })
+            .await
+            .unwrap()
+            .0
+        });
+        let req = l.next_request().await.unwrap();
+        let tgt = IserTransport::accept(req, IserConfig::default())
+            .await
+            .unwrap();
+        let qp = ini.await.unwrap();
+        let (mut trx, mut ttx) = tgt.into_split();
+        ttx.enable_datamover(&params());
+        let (len, imm) = (20_000u32, 4096u32);
+        let data: Vec<u8> = (0..len).map(|i| (i % 239) as u8).collect();
+        let buf = QueuePair::register(&qp, len as usize, Access::REMOTE_READ).unwrap();
+        buf.write_at(0, &data).unwrap();
+        let cmd = Pdu::new(
+            Header::ScsiCommand(ScsiCommand {
+                final_: true,
+                write: true,
+                itt: 11,
+                expected_data_transfer_length: len,
+                ..Default::default()
+            }),
+            Bytes::copy_from_slice(&data[..imm as usize]),
+        );
+        let iser = IserHeader::Control {
+            write: Some(Tagged {
+                stag: buf.rkey(),
+                va: buf.addr() + u64::from(imm),
+            }),
+            read: None,
+        };
+        let mut msg = BytesMut::new();
+        msg.put_slice(&iser.encode());
+        cmd.encode(false, false, &mut msg);
+        let tx = QueuePair::register(&qp, msg.len(), Access::LOCAL_WRITE).unwrap();
+        tx.write_at(0, &msg).unwrap();
+        QueuePair::post_send(
+            &qp,
+            1,
+            LocalSlice::new(tx, 0, msg.len() as u32).unwrap(),
+            None,
+        )
+        .unwrap();
+        let _cmd = trx.recv().await.unwrap().unwrap();
+        // Two bursts, as IDM would ask with a small MaxBurstLength.
+        for (ttt, off, n) in [(1u32, imm, 8192u32), (2, imm + 8192, len - imm - 8192)] {
+            ttx.send(&[Pdu::new(
+                Header::R2t(R2t {
+                    itt: 11,
+                    ttt,
+                    buffer_offset: off,
+                    desired_data_transfer_length: n,
+                    ..Default::default()
+                }),
+                Bytes::new(),
+            )])
+            .await
+            .unwrap();
+            let p = trx.recv().await.unwrap().unwrap().parse().unwrap();
+            assert_eq!(&p.data[..], &data[off as usize..(off + n) as usize]);
+        }
     }
 
     #[tokio::test]
