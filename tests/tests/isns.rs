@@ -154,6 +154,11 @@ fn targets_and_portals_are_registered_followed_and_deregistered_with_isnsd() {
         .wait_for("nodes", |l| l.contains(&named(TARGET_IQN)))
         .unwrap_or_else(|l| panic!("target not registered:\n{l}\n{}", d.log_tail()));
     assert!(nodes.contains("iSCSI node type = Target"), "{nodes}");
+    let defaults = itadm(&sock, &["list-defaults"]);
+    assert!(
+        defaults.contains("127.0.0.1: registered: 1 target(s), 1 portal(s)"),
+        "{defaults}"
+    );
     let port = d.port().to_string();
     let portals = isnsd.list("portals");
     assert!(
@@ -185,6 +190,15 @@ fn targets_and_portals_are_registered_followed_and_deregistered_with_isnsd() {
     let nodes = isnsd
         .wait_for("nodes", |l| !l.contains(&named(SECOND_IQN)))
         .unwrap_or_else(|l| panic!("deleted target still registered:\n{l}"));
+    assert!(nodes.contains(&named(TARGET_IQN)), "{nodes}");
+
+    // Off, and on again at once: the late deregistration of the old
+    // worker must not undo the new registration.
+    itadm(&sock, &["modify-defaults", "-i", "disable"]);
+    std::thread::sleep(Duration::from_millis(300));
+    itadm(&sock, &["modify-defaults", "-i", "enable"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let nodes = isnsd.list("nodes");
     assert!(nodes.contains(&named(TARGET_IQN)), "{nodes}");
 
     // A clean stop deregisters the whole entity.
@@ -238,5 +252,10 @@ fn an_absent_isns_server_neither_blocks_admin_nor_data() {
         d.log().contains("iSNS: server unreachable"),
         "{}",
         d.log_tail()
+    );
+    let defaults = itadm(&sock, &["list-defaults"]);
+    assert!(
+        defaults.contains("127.0.0.1:9: not registered: connect"),
+        "{defaults}"
     );
 }

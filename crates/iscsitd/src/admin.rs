@@ -37,6 +37,8 @@ pub struct Admin {
     portals: Mutex<Portals>,
     /// The Prometheus endpoint, when `[metrics] listen` is set.
     metrics_http: crate::metrics_http::Listener,
+    /// The iSNS client's word on each server (set once it runs).
+    isns_status: std::sync::OnceLock<crate::isns::Status>,
 }
 
 type R = Result<Value, RpcError>;
@@ -49,6 +51,7 @@ impl Admin {
             config_path,
             portals: Mutex::new(HashMap::new()),
             metrics_http: Default::default(),
+            isns_status: std::sync::OnceLock::new(),
         };
         let want = admin
             .registry
@@ -603,6 +606,11 @@ impl Admin {
         self.list_defaults()
     }
 
+    /// Lets list-defaults show where each iSNS server stands.
+    pub fn set_isns_status(&self, status: crate::isns::Status) {
+        let _ = self.isns_status.set(status);
+    }
+
     fn list_defaults(&self) -> R {
         let mut v = serde_json::to_value(&self.registry.snapshot().config.defaults)
             .map_err(|e| RpcError::refused(e.to_string()))?;
@@ -615,6 +623,15 @@ impl Admin {
                 "metrics_listen".into(),
                 json!(self.registry.snapshot().config.metrics.listen),
             );
+            let isns = self
+                .isns_status
+                .get()
+                .map(|s| match s.lock() {
+                    Ok(m) => m.clone(),
+                    Err(p) => p.into_inner().clone(),
+                })
+                .unwrap_or_default();
+            o.insert("isns_status".into(), json!(isns));
         }
         Ok(v)
     }

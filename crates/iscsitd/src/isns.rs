@@ -13,7 +13,7 @@
 //! on the data path or holds a lock an RPC waits for. The messages
 //! themselves come from `iscsi_target::isns` (sans-IO).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -44,18 +44,43 @@ enum Want {
     Gone,
 }
 
+/// Each server's state in words, for `itadm list-defaults`.
+pub type Status = Arc<std::sync::Mutex<BTreeMap<String, String>>>;
+
+fn set_status(status: &Status, server: &str, text: Option<String>) {
+    let mut m = match status.lock() {
+        Ok(m) => m,
+        Err(p) => p.into_inner(),
+    };
+    match text {
+        Some(t) => m.insert(server.to_string(), t),
+        None => m.remove(server),
+    };
+}
+
 /// The running client; [`IsnsClient::shutdown`] deregisters everywhere.
 pub struct IsnsClient {
     stop: watch::Sender<bool>,
     supervisor: JoinHandle<()>,
+    status: Status,
 }
 
 impl IsnsClient {
     pub fn spawn(registry: Arc<Registry>, config_path: &Path) -> IsnsClient {
         let entity = entity_id(config_path);
         let (stop, stop_rx) = watch::channel(false);
-        let supervisor = tokio::spawn(supervise(registry, entity, stop_rx));
-        IsnsClient { stop, supervisor }
+        let status = Status::default();
+        let supervisor = tokio::spawn(supervise(registry, entity, stop_rx, status.clone()));
+        IsnsClient {
+            stop,
+            supervisor,
+            status,
+        }
+    }
+
+    /// Where each configured server stands (shared, kept current).
+    pub fn status(&self) -> Status {
+        self.status.clone()
     }
 
     /// Deregisters from every server (bounded wait), then returns.
@@ -125,21 +150,34 @@ fn desired(config: &Config, entity: &str) -> (Vec<String>, Registration) {
     )
 }
 
-async fn supervise(registry: Arc<Registry>, entity: String, mut stop: watch::Receiver<bool>) {
+async fn supervise(
+    registry: Arc<Registry>,
+    entity: String,
+    mut stop: watch::Receiver<bool>,
+    status: Status,
+) {
     let mut workers: HashMap<String, (watch::Sender<Want>, JoinHandle<()>)> = HashMap::new();
+    // Workers deregistering from a server that was removed; one added back
+    // waits for them, so a late deregistration cannot undo its register.
+    let mut retiring: HashMap<String, JoinHandle<()>> = HashMap::new();
     let mut seen = u64::MAX;
     loop {
         let model = registry.snapshot();
         if model.generation != seen {
             seen = model.generation;
             let (servers, reg) = desired(&model.config, &entity);
-            workers.retain(|server, (tx, _)| {
-                let keep = servers.contains(server);
-                if !keep {
+            let gone: Vec<String> = workers
+                .keys()
+                .filter(|k| !servers.contains(k))
+                .cloned()
+                .collect();
+            for server in gone {
+                if let Some((tx, task)) = workers.remove(&server) {
                     let _ = tx.send(Want::Gone);
+                    retiring.insert(server, task);
                 }
-                keep
-            });
+            }
+            retiring.retain(|_, t| !t.is_finished());
             for s in servers {
                 let want = Want::Registered(reg.clone());
                 match workers.get(&s) {
@@ -152,7 +190,8 @@ async fn supervise(registry: Arc<Registry>, entity: String, mut stop: watch::Rec
                     }
                     None => {
                         let (tx, rx) = watch::channel(want);
-                        let task = tokio::spawn(work(s.clone(), rx));
+                        let before = retiring.remove(&s);
+                        let task = tokio::spawn(work(s.clone(), rx, before, status.clone()));
                         workers.insert(s, (tx, task));
                     }
                 }
@@ -167,10 +206,21 @@ async fn supervise(registry: Arc<Registry>, entity: String, mut stop: watch::Rec
         let _ = tx.send(Want::Gone);
         let _ = task.await;
     }
+    for (_, task) in retiring.drain() {
+        let _ = task.await;
+    }
 }
 
 /// One server's worker (see the module doc).
-async fn work(server: String, mut want: watch::Receiver<Want>) {
+async fn work(
+    server: String,
+    mut want: watch::Receiver<Want>,
+    before: Option<JoinHandle<()>>,
+    status: Status,
+) {
+    if let Some(b) = before {
+        let _ = b.await;
+    }
     // What the server holds as far as we know (None: nothing of ours).
     let mut held: Option<Registration> = None;
     let mut xid: u16 = 0;
@@ -196,6 +246,7 @@ async fn work(server: String, mut want: watch::Receiver<Want>) {
                         }
                     }
                 }
+                set_status(&status, &server, None);
                 return;
             }
             Want::Registered(r) => sync(&server, r, held.as_ref(), &mut xid).await,
@@ -207,6 +258,17 @@ async fn work(server: String, mut want: watch::Receiver<Want>) {
                         tracing::info!(server, entity = %r.entity, nodes = r.nodes.len(),
                             portals = r.portals().len(), "iSNS: registered");
                     }
+                    let text = if r.nodes.is_empty() {
+                        "nothing to register (no targets)".to_string()
+                    } else {
+                        format!(
+                            "registered: {} target(s), {} portal(s), entity {}",
+                            r.nodes.len(),
+                            r.portals().len(),
+                            r.entity
+                        )
+                    };
+                    set_status(&status, &server, Some(text));
                     held = Some(r);
                 }
                 backoff = BACKOFF_MIN;
@@ -220,6 +282,14 @@ async fn work(server: String, mut want: watch::Receiver<Want>) {
             }
             Err(e) => {
                 tracing::warn!(server, error = %e, retry_in = ?backoff, "iSNS: server unreachable or refused");
+                set_status(
+                    &status,
+                    &server,
+                    Some(format!(
+                        "not registered: {e} (retry in {}s)",
+                        backoff.as_secs()
+                    )),
+                );
                 let b = backoff;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
                 b

@@ -151,6 +151,7 @@ async fn serve(args: Args, config: Config, path: PathBuf, embedded: bool) -> any
         tracing::info!(target = %t.iqn, luns = t.luns.len(), "target ready");
     }
     let isns = isns::IsnsClient::spawn(registry.clone(), &path);
+    admin.set_isns_status(isns.status());
     let socket_explicit = args.socket != Path::new(DEFAULT_SOCKET);
     let rpc_task = match rpc::bind(&args.socket).await {
         Ok(l) => {

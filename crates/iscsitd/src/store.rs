@@ -64,13 +64,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
-        std::fs::rename(&tmp, path)?;
-        File::open(&dir)?.sync_all()
+        std::fs::rename(&tmp, path)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
+        return result;
     }
-    result
+    // The new document is in place: from here a failure cannot be undone,
+    // and refusing the change would leave the file and the daemon
+    // disagreeing. The rename reaches the disk with the directory's next
+    // flush at the latest; say that it was not forced now.
+    if let Err(e) = File::open(&dir).and_then(|d| d.sync_all()) {
+        tracing::warn!(dir = %dir.display(), error = %e, "configuration written, but its directory could not be flushed");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -420,6 +420,19 @@ fn list_defaults(r: &Value) {
                 },
             ),
             ("isns server", cell(r.get("isns_servers"))),
+            (
+                "isns status",
+                r.get("isns_status")
+                    .and_then(Value::as_object)
+                    .filter(|m| !m.is_empty())
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| format!("{k}: {}", v.as_str().unwrap_or("?")))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    })
+                    .unwrap_or_else(|| "-".into()),
+            ),
             ("metrics listener", cell(r.get("metrics_listen"))),
             (
                 "max recv data segment",
