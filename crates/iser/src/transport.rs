@@ -43,6 +43,9 @@ use crate::verbs::{
 const AHS_ROOM: usize = 1024;
 /// Registered regions a pool keeps for reuse.
 const POOL_KEEP: usize = 256;
+/// Tasks with advertised buffers one connection may have: far above any
+/// CmdSN window, so only a peer that floods us with commands meets it.
+const MAX_ADVERTISED: usize = 16_384;
 /// Receive WR ids carry this bit; the low bits index the receive ring.
 const RECV_BIT: u64 = 1 << 63;
 
@@ -384,16 +387,17 @@ async fn drive<Q: QueuePair>(
                 continue;
             }
             match wc.opcode {
-                WcOpcode::Recv => {
-                    let item = received(&shared, &ring, &wc);
-                    let stop = item.is_err();
-                    for i in item.into_iter().flatten() {
-                        let _ = up.send(Ok(i));
+                WcOpcode::Recv => match received(&shared, &ring, &wc) {
+                    Ok(pdus) => {
+                        for p in pdus {
+                            let _ = up.send(Ok(p));
+                        }
                     }
-                    if let Err(e) = received_error(stop, &wc) {
+                    Err(e) => {
+                        tracing::debug!(len = wc.byte_len, error = %e, "unusable iSER receive");
                         let _ = up.send(Err(e));
                     }
-                }
+                },
                 WcOpcode::RdmaRead => {
                     if let Some(pdu) = read_done(&shared, wc.wr_id) {
                         let _ = up.send(Ok(pdu));
@@ -407,14 +411,6 @@ async fn drive<Q: QueuePair>(
     *lock(&shared.tasks) = Tasks::default();
     shared.send_credits.close();
     drop(ring);
-}
-
-fn received_error(stop: bool, wc: &Completion) -> Result<(), TransportError> {
-    if stop {
-        tracing::debug!(len = wc.byte_len, "unreadable iSER receive");
-        return Err(TransportError::TruncatedPdu);
-    }
-    Ok(())
 }
 
 /// One SEND from the peer: copies it out of the ring, reposts the receive,
@@ -471,7 +467,14 @@ fn received(
     let mut out = Vec::with_capacity(2);
     match shared.role {
         Role::Target if opcode == 0x01 && (write.is_some() || read.is_some()) => {
-            lock(&shared.tasks).advertised.insert(
+            let mut tasks = lock(&shared.tasks);
+            if tasks.advertised.len() >= MAX_ADVERTISED
+                && !tasks.advertised.contains_key(&raw.itt())
+            {
+                tracing::info!("too many tasks with advertised buffers: closing");
+                return Err(TransportError::TruncatedPdu);
+            }
+            tasks.advertised.insert(
                 raw.itt(),
                 Advertised {
                     write,
@@ -874,6 +877,13 @@ impl PduTx for IserTx {
                     lock(&self.shared.tasks).advertised.remove(&r.itt);
                     self.send_control(IserHeader::PLAIN, p).await?;
                 }
+                (Header::Reject(_), Role::Target) => {
+                    // A refused command gets no response: forget its buffers.
+                    if let Some(bhs) = p.data.get(..BHS_LEN).and_then(|b| b.try_into().ok()) {
+                        lock(&self.shared.tasks).advertised.remove(&pdu::itt(bhs));
+                    }
+                    self.send_control(IserHeader::PLAIN, p).await?;
+                }
                 (Header::ScsiCommand(c), Role::Initiator) => self.command(c, p, rest).await?,
                 (Header::DataOut(d), Role::Initiator) => {
                     let unsolicited_end = lock(&self.shared.tasks)
@@ -1155,6 +1165,72 @@ mod tests {
         };
         assert_eq!((h.ttt, h.buffer_offset), (7, first_burst));
         assert_eq!(p.data, data.slice(first_burst as usize..));
+    }
+
+    /// A raw verbs peer (initiator side) facing our target transport.
+    async fn raw_peer() -> (Emulation, crate::emulation::EmuQp, IserTransport) {
+        let fab = Emulation::new();
+        let mut l = fab.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = l.local_addr();
+        let f2 = fab.clone();
+        let ini = tokio::spawn(async move {
+            f2.connect(addr, QpConfig::default(), &CmHeader::OURS.encode(), |_| {
+                Ok(())
+            })
+            .await
+            .unwrap()
+            .0
+        });
+        let req = l.next_request().await.unwrap();
+        let tgt = IserTransport::accept(req, IserConfig::default())
+            .await
+            .unwrap();
+        (fab, ini.await.unwrap(), tgt)
+    }
+
+    fn raw_send(qp: &crate::emulation::EmuQp, msg: &[u8]) {
+        use crate::verbs::{Access, LocalSlice, QueuePair};
+        let tx = QueuePair::register(qp, msg.len(), Access::LOCAL_WRITE).unwrap();
+        tx.write_at(0, msg).unwrap();
+        QueuePair::post_send(
+            qp,
+            1,
+            LocalSlice::new(tx, 0, msg.len() as u32).unwrap(),
+            None,
+        )
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn hostile_sends_end_in_errors_not_panics() {
+        let (_f, qp, tgt) = raw_peer().await;
+        let (mut trx, _ttx) = tgt.into_split();
+        // Shorter than an iSER header.
+        raw_send(&qp, &[0x10; 10]);
+        assert!(trx.recv().await.is_err());
+        // A data segment longer than we accept: the BHS comes back with it.
+        let (_f, qp, tgt) = raw_peer().await;
+        let (mut trx, _ttx) = tgt.into_split();
+        let mut msg = IserHeader::PLAIN.encode().to_vec();
+        let mut bhs = [0u8; BHS_LEN];
+        bhs[0] = 0x00; // NOP-Out
+        bhs[5..8].copy_from_slice(&[0x01, 0x00, 0x00]); // 64 KiB
+        msg.extend_from_slice(&bhs);
+        raw_send(&qp, &msg);
+        assert!(matches!(
+            trx.recv().await,
+            Err(TransportError::Decode(
+                DecodeError::DataSegmentTooLong { .. }
+            ))
+        ));
+        // A data segment length beyond what actually arrived.
+        let (_f, qp, tgt) = raw_peer().await;
+        let (mut trx, _ttx) = tgt.into_split();
+        let mut msg = IserHeader::PLAIN.encode().to_vec();
+        bhs[5..8].copy_from_slice(&[0x00, 0x01, 0x00]); // 256 bytes, none sent
+        msg.extend_from_slice(&bhs);
+        raw_send(&qp, &msg);
+        assert!(trx.recv().await.is_err());
     }
 
     /// A peer that speaks iSER the way Linux's ib_iser does, written
