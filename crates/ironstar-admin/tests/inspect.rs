@@ -243,7 +243,12 @@ fn a_libiscsi_session_shows_with_the_values_it_negotiated_and_its_tasks_in_fligh
     let sessions = wait_for("the session", || {
         let v = json(&d, "itadm", &["list-session", "-v"]);
         let a = v.as_array()?.clone();
-        (!a.is_empty() && !libiscsi_negotiated(&perf.log).is_empty()).then_some(a)
+        // The session exists from the login's bind; its connection joins
+        // it once the final Login Response is out.
+        let joined = a.first()?["connections"].as_array()?.len() == 1;
+        let logged =
+            std::fs::read_to_string(&perf.log).is_ok_and(|l| l.contains("login successful"));
+        (joined && logged && libiscsi_local_addr(&perf.log).is_some()).then_some(a)
     });
     assert_eq!(sessions.len(), 1, "{sessions:?}");
     let s = &sessions[0];

@@ -122,7 +122,6 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
         params.clone(),
         state,
         session.io.clone(),
-        session.target_io.clone(),
     ));
     session.attach(ConnHandle {
         cid,
@@ -589,9 +588,6 @@ fn finish(
     f.latency_ns = now_ns().saturating_sub(start_ns);
     let info = &writer.info;
     info.session_io.record(&f);
-    if let Some(t) = &info.target_io {
-        t.record(&f);
-    }
     if let Some(l) = lu_io {
         l.record(&f);
     }
@@ -635,9 +631,6 @@ impl Conn {
 
     fn count_aborts(&self, n: u64) {
         self.info.session_io.aborted(n);
-        if let Some(io) = &self.info.target_io {
-            io.aborted(n);
-        }
     }
 
     fn alloc_ttt(&mut self) -> u32 {

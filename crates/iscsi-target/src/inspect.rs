@@ -434,9 +434,8 @@ pub struct ConnInfo {
     state: Mutex<StateLog<ConnState>>,
     pub counters: ConnCounters,
     pub tasks: TaskTable,
-    /// The session's and target's counters, taken once at login.
+    /// The session's counters (its target's are summed from its sessions').
     pub session_io: Arc<IoStats>,
-    pub target_io: Option<Arc<IoStats>>,
 }
 
 impl std::fmt::Debug for ConnInfo {
@@ -457,8 +456,8 @@ impl ConnInfo {
         params: NegotiatedParams,
         log: StateLog<ConnState>,
         session_io: Arc<IoStats>,
-        target_io: Option<Arc<IoStats>>,
     ) -> ConnInfo {
+        crate::metrics::start_clock();
         ConnInfo {
             cid,
             peer_addr,
@@ -469,7 +468,6 @@ impl ConnInfo {
             counters: ConnCounters::default(),
             tasks: TaskTable::new(TASK_SLOTS),
             session_io,
-            target_io,
         }
     }
 

@@ -92,7 +92,7 @@ pub struct Session {
     pub created_unix_ms: u64,
     /// This session's counters.
     pub io: Arc<IoStats>,
-    /// Its target's counters (shared with the target's other sessions).
+    /// Its target's counters, which take this session's when it ends.
     pub target_io: Option<Arc<IoStats>>,
 }
 
@@ -357,6 +357,27 @@ impl SessionTable {
         self.sessions.lock().ok()?.get(&tsih).cloned()
     }
 
+    /// Target `iqn`'s counters: its ended sessions' and its live ones'.
+    pub fn target_io(&self, iqn: &str) -> crate::metrics::IoSnapshot {
+        let Ok(sessions) = self.sessions.lock() else {
+            return Default::default();
+        };
+        let mut total = self
+            .metrics
+            .target_if_any(iqn)
+            .map(|t| t.snapshot())
+            .unwrap_or_default();
+        for s in sessions.values() {
+            if s.target_name
+                .as_deref()
+                .is_some_and(|t| t.eq_ignore_ascii_case(iqn))
+            {
+                total.add(&s.io.snapshot());
+            }
+        }
+        total
+    }
+
     pub fn all(&self) -> Vec<Arc<Session>> {
         self.sessions
             .lock()
@@ -471,14 +492,21 @@ impl SessionTable {
     }
 
     /// Takes a session out of the table (logout, reinstatement, last
-    /// connection gone) and tells its LUs the nexus is gone.
+    /// connection gone) and tells its LUs the nexus is gone. Its counters
+    /// go to its target's (under the table's lock, so a reader of
+    /// [`SessionTable::target_io`] sees them once, never twice).
     pub fn remove(&self, session: &Arc<Session>, why: SessionEvent) {
         let removed = self
             .sessions
             .lock()
             .ok()
             .and_then(|mut s| match s.get(&session.tsih) {
-                Some(cur) if Arc::ptr_eq(cur, session) => s.remove(&session.tsih),
+                Some(cur) if Arc::ptr_eq(cur, session) => {
+                    if let Some(t) = &session.target_io {
+                        t.absorb(&session.io.snapshot());
+                    }
+                    s.remove(&session.tsih)
+                }
                 _ => None,
             });
         if removed.is_some() {

@@ -337,7 +337,7 @@ pub fn inspect(reg: &Registry, only: Option<&str>) -> Result<Value, String> {
                 {"holder": "configuration snapshot", "refs": Arc::strong_count(t)},
                 {"holder": "sessions (each holds its own view of the target)", "count": of_target.len()},
             ],
-            "counters": io_json(&io_of(reg.sessions.metrics.target_if_any(&t.iqn))),
+            "counters": io_json(&reg.sessions.target_io(&t.iqn)),
             "tpgs": tpgs,
         }));
     }
@@ -376,7 +376,7 @@ pub fn with_target_io(reg: &Registry, mut v: Value) -> Value {
             let io = t
                 .get("name")
                 .and_then(Value::as_str)
-                .map(|n| io_of(reg.sessions.metrics.target_if_any(n)))
+                .map(|n| reg.sessions.target_io(n))
                 .unwrap_or_default();
             let online = t
                 .get("name")
@@ -422,7 +422,7 @@ pub fn metrics(reg: &Registry) -> Value {
         "targets": m.targets.iter().map(|t| json!({
             "target": t.iqn,
             "sessions": sessions.iter().filter(|s| s.target_name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(&t.iqn))).count(),
-            "counters": io_json(&io_of(reg.sessions.metrics.target_if_any(&t.iqn))),
+            "counters": io_json(&reg.sessions.target_io(&t.iqn)),
         })).collect::<Vec<_>>(),
         "lus": m.lus.values().map(|e| json!({
             "guid": e.def.guid,
@@ -593,7 +593,7 @@ pub fn prometheus(reg: &Registry) -> String {
             .map(|t| {
                 (
                     format!("target=\"{}\"", label(&t.iqn)),
-                    io_of(reg.sessions.metrics.target_if_any(&t.iqn)),
+                    reg.sessions.target_io(&t.iqn),
                 )
             })
             .collect(),
