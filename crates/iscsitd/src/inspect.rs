@@ -137,9 +137,15 @@ pub fn session_json(s: &Arc<Session>, tasks: bool) -> Value {
                     "bytes_queued": k.bytes_queued.load(Relaxed),
                     "commands": k.commands.load(Relaxed),
                 },
-                // The reader task, the writer task and the login task that
-                // spawned them each hold the connection's state.
                 "refs": Arc::strong_count(i).saturating_sub(1),
+                "holders": [
+                    {"holder": "session's connection list", "refs": 1},
+                    // The reader, the writer, and each command running on a
+                    // blocking thread (its reply path) hold the connection.
+                    {"holder": "reader, writer and commands in backend",
+                     "refs": Arc::strong_count(i).saturating_sub(2)},
+                    {"holder": "this inspection", "refs": 1},
+                ],
             });
             if tasks {
                 if let Some(o) = v.as_object_mut() {

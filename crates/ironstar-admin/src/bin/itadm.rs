@@ -582,14 +582,14 @@ fn print_session(s: &Value, indent: usize) {
     }
     for c in arr_at(s, "connections") {
         println!(
-            "{}Connection CID {}  {} -> {}  {}  refs {}",
+            "{}Connection CID {}  {} -> {}  {}",
             pad(4),
             cell(c.get("cid")),
             cell(c.get("peer")),
             cell(c.get("local")),
-            cell(c.get("state")),
-            cell(c.get("refs"))
+            cell(c.get("state"))
         );
+        println!("{}held by: {}", pad(8), holders_line(c.get("holders")));
         print_transitions(indent + 8, c.get("transitions"));
         println!("{}params: {}", pad(8), pairs_line(c.get("params")));
         let k = c.get("counters");
