@@ -512,11 +512,8 @@ impl SessionTable {
         if removed.is_some() {
             session.transition(why);
             if let Some(t) = &session.target {
-                for lun in t.luns.luns() {
-                    if let Some(lu) = t.luns.get(lun) {
-                        lu.nexus_lost(session.nexus.id);
-                    }
-                }
+                // Also the LUs a view change took away since its last command.
+                t.luns.nexus_lost(session.nexus.id);
             }
         }
     }
