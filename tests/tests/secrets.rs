@@ -134,3 +134,47 @@ fn secrets_stay_out_of_logs_listings_and_errors() {
         assert!(!seen.contains(s), "a CHAP secret is in the tools' output");
     }
 }
+
+/// The RPC socket answers root (and the daemon's own user) only: even with the socket and
+/// its directory opened to everyone by a mistaken chmod, another user's `itadm` gets a
+/// readable refusal and changes nothing.
+#[test]
+fn the_admin_socket_refuses_other_users_even_when_chmodded_open() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || peers::which("setpriv").is_none() {
+        assert!(!peers::strict(), "this test needs root and setpriv");
+        println!("skipped: needs root and setpriv");
+        return;
+    }
+    let d = Daemon::start(&Config::single_memory_lu(16 << 20));
+    let sock = d.scratch().join("iscsitd.sock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "no admin socket");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for p in [d.scratch().to_path_buf(), sock.clone()] {
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let config_before = admin(&d, "itadm", &["--json", "list-target"]).stdout;
+    let o = run(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(tool("itadm"))
+            .arg("--socket")
+            .arg(&sock)
+            .args(["create-tpg", "9", "127.0.0.1:3299"]),
+        Duration::from_secs(30),
+    );
+    println!("{o}");
+    assert!(!o.success(), "uid 65534 administered the daemon");
+    assert!(
+        o.stderr.contains("may not administer"),
+        "the refusal is not readable: {o}"
+    );
+    let o = admin(&d, "itadm", &["--json", "list-target"]);
+    assert!(o.success());
+    assert_eq!(o.stdout, config_before, "the refused change took effect");
+    assert!(!admin(&d, "itadm", &["list-tpg"]).stdout.contains("3299"));
+}

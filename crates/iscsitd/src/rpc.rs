@@ -68,6 +68,10 @@ pub async fn serve(listener: UnixListener, admin: Arc<Admin>, path: PathBuf) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                if let Some(refusal) = refuse_peer(&stream) {
+                    tokio::spawn(refuse(stream, refusal));
+                    continue;
+                }
                 tokio::spawn(client(stream, admin.clone()));
             }
             Err(e) => {
@@ -76,6 +80,42 @@ pub async fn serve(listener: UnixListener, admin: Arc<Admin>, path: PathBuf) {
             }
         }
     }
+}
+
+/// Only root and the daemon's own user administer it, whatever the socket's
+/// file mode says (a chmod by mistake must not open the daemon to everyone).
+fn refuse_peer(stream: &UnixStream) -> Option<String> {
+    let own = own_uid();
+    match stream.peer_cred() {
+        Ok(cred) if cred.uid() == 0 || cred.uid() == own => None,
+        Ok(cred) => {
+            tracing::warn!(uid = cred.uid(), "administration refused: not root");
+            Some(format!(
+                "uid {} may not administer iscsitd (root or uid {own} only)",
+                cred.uid()
+            ))
+        }
+        Err(e) => Some(format!("cannot tell who is connecting: {e}")),
+    }
+}
+
+/// The daemon's effective uid.
+fn own_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Answers the refused client's first request with the reason (reading it
+/// first, so the client is not cut off mid-write and sees the message).
+async fn refuse(stream: UnixStream, why: String) {
+    let (r, mut w) = stream.into_split();
+    let mut first = Vec::new();
+    let mut limited = BufReader::new(r).take(64 * 1024);
+    let read = limited.read_until(b'\n', &mut first);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
+    let mut text = jsonrpc::error(Value::Null, INVALID_REQUEST, &why).to_string();
+    text.push('\n');
+    let _ = w.write_all(text.as_bytes()).await;
 }
 
 async fn client(stream: UnixStream, admin: Arc<Admin>) {
