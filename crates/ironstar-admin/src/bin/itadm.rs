@@ -92,6 +92,9 @@ enum Cmd {
         /// Also listen for iSER on these portals (needs an RDMA device).
         #[arg(long)]
         iser: bool,
+        /// Listen for iSER only, not TCP.
+        #[arg(long, conflicts_with = "iser")]
+        iser_only: bool,
         tag: u64,
         #[arg(required = true)]
         portals: Vec<String>,
@@ -124,7 +127,7 @@ enum Cmd {
         verbose: bool,
         name: Option<String>,
     },
-    /// Change the defaults: auth method, CHAP algorithms, iSNS.
+    /// Change the defaults: auth method, CHAP algorithms, iSNS, metrics listener.
     ModifyDefaults {
         /// chap or none.
         #[arg(short, long)]
@@ -150,9 +153,10 @@ enum Cmd {
         verbose: bool,
         target: Option<String>,
     },
-    /// The live tree: target, TPG/portals, session, connection and tasks in
-    /// flight, with state machines, recent transitions, negotiated values,
-    /// counters, and who holds each object.
+    /// The live tree: target → TPG → session → connection → tasks in flight.
+    ///
+    /// Each session and connection with its state machine (Q1–Q5, S1–S8) and
+    /// recent transitions, negotiated values, counters, and who holds it.
     #[command(
         after_help = "Examples:\n  itadm inspect\n  itadm inspect iqn.2026-11.dev.ironstar:db\n  itadm --json inspect   # for scripts"
     )]
@@ -244,11 +248,15 @@ fn main() -> std::process::ExitCode {
                 let r = c("list-target", json!({"name": name}))?;
                 (r, Box::new(move |r| list_target(r, verbose)))
             }
-            Cmd::CreateTpg { tag, portals, iser } => {
-                let r = c(
-                    "create-tpg",
-                    json!({"tag": tag, "portals": portals, "iser": iser}),
-                )?;
+            Cmd::CreateTpg {
+                tag,
+                portals,
+                iser,
+                iser_only,
+            } => {
+                let params = json!({"tag": tag, "portals": portals,
+                    "iser": iser || iser_only, "tcp": !iser_only});
+                let r = c("create-tpg", params)?;
                 (r, quiet())
             }
             Cmd::DeleteTpg { tag } => (c("delete-tpg", json!({"tag": tag}))?, quiet()),
@@ -395,6 +403,7 @@ fn list_tpg(r: &Value, verbose: bool) {
             &[
                 ("portals", cell(g.get("portals"))),
                 ("iser", cell(g.get("iser"))),
+                ("tcp", cell(g.get("tcp"))),
                 ("targets", cell(g.get("targets"))),
             ],
         );
