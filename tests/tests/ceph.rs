@@ -166,11 +166,15 @@ impl Drop for Gateway {
     }
 }
 
-/// Separate portal and portal group per gateway; the same LUs (GUID, serial) on both.
+/// Separate portal and portal group per gateway; the same LUs (GUID, serial) on both, and
+/// the same ALUA groups: gateway A's ports (tag 1) active/optimized, B's (tag 2)
+/// active/non-optimized.
 fn gateway_toml(addr: SocketAddr, tag: u16, ceph_conf: &Path) -> String {
     let mut s = format!(
         "[[portal_group]]\ntag = {tag}\nportals = [\"{addr}\"]\n\n\
-         [[target]]\niqn = \"{TARGET_IQN}\"\nportal_groups = [{tag}]\nauth = \"none\"\n\n"
+         [[target]]\niqn = \"{TARGET_IQN}\"\nportal_groups = [{tag}]\nauth = \"none\"\n\n\
+         [[alua_group]]\nid = 1\nstate = \"active-optimized\"\nportal_groups = [1]\n\n\
+         [[alua_group]]\nid = 2\nstate = \"active-non-optimized\"\nportal_groups = [2]\n\n"
     );
     for (lun, image, guid, serial, _) in LUS {
         s.push_str(&format!(
