@@ -122,6 +122,7 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
         params.clone(),
         state,
         session.io.clone(),
+        crate::inspect::task_slots(registry.defaults().queue_depth),
     ));
     session.attach(ConnHandle {
         cid,

@@ -175,8 +175,18 @@ pub struct TaskTable {
     pub untracked: AtomicU64,
 }
 
-/// Slots per connection: the default queue depth with room to spare.
-pub const TASK_SLOTS: usize = 256;
+/// Most slots a connection gets (each is about 80 bytes).
+pub const MAX_TASK_SLOTS: usize = 1024;
+
+/// Slots for a session allowed `queue_depth` commands at once: its CmdSN
+/// window plus room for immediate commands. More tasks than that still
+/// run, uncounted in the table (`untracked`).
+pub fn task_slots(queue_depth: u32) -> usize {
+    usize::try_from(queue_depth)
+        .unwrap_or(MAX_TASK_SLOTS)
+        .saturating_add(16)
+        .min(MAX_TASK_SLOTS)
+}
 
 impl TaskTable {
     pub fn new(n: usize) -> TaskTable {
@@ -456,6 +466,7 @@ impl ConnInfo {
         params: NegotiatedParams,
         log: StateLog<ConnState>,
         session_io: Arc<IoStats>,
+        task_slots: usize,
     ) -> ConnInfo {
         crate::metrics::start_clock();
         ConnInfo {
@@ -466,7 +477,7 @@ impl ConnInfo {
             logged_in_unix_ms: unix_ms(),
             state: Mutex::new(log),
             counters: ConnCounters::default(),
-            tasks: TaskTable::new(TASK_SLOTS),
+            tasks: TaskTable::new(task_slots),
             session_io,
         }
     }
