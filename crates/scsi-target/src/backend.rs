@@ -71,6 +71,26 @@ pub trait Backend: Send + Sync {
         let _ = (offset, compare, write);
         Err(io::Error::from(io::ErrorKind::Unsupported))
     }
+    /// Where persistent reservations live when the store is shared by
+    /// several gateways (`None`: in this process only).
+    fn pr_store(&self) -> Option<&dyn PrStore> {
+        None
+    }
+}
+
+/// Persistent reservation state kept beside a shared store, so that every
+/// gateway serving the LU enforces the same registrations and reservation
+/// and they survive a gateway's restart.
+pub trait PrStore: Send + Sync {
+    /// The stored state (an opaque encoding of the core's).
+    fn load(&self) -> io::Result<Vec<u8>>;
+    /// Replaces the state if it still is `expected`; `Ok(false)` when
+    /// someone else changed it first. Other gateways learn of the change
+    /// before this returns.
+    fn replace(&self, expected: &[u8], new: &[u8]) -> io::Result<bool>;
+    /// True (once) when the state may have changed since the last call;
+    /// called on every command, so it must be cheap.
+    fn take_changed(&self) -> bool;
 }
 
 /// How an atomic compare-and-write ended.

@@ -51,7 +51,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 pub use alua::{AluaGroup, AluaState};
-pub use backend::{Backend, BackendCaps, CompareAndWrite, FileBackend, MemoryBackend, NullBackend};
+pub use backend::{
+    Backend, BackendCaps, CompareAndWrite, FileBackend, MemoryBackend, NullBackend, PrStore,
+};
 pub use lu::{DataDirection, LogicalUnit, LuConfig, LuError, LuStats};
 pub use lunmap::LunMap;
 pub use rbd::{RbdBackend, RbdConfig, RbdError};

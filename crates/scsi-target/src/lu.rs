@@ -499,6 +499,7 @@ impl LogicalUnit {
         let opcode = cdb.opcode();
         let entry = self.entry_for(task.nexus);
         self.notice_size_change();
+        reservation::refresh_shared(self);
         if !matches!(opcode, op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE) {
             if let Some(ua) = entry.pop() {
                 self.counters

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 
 use std::sync::Arc;
 
+use crate::backend::PrStore;
 use crate::cdb::{be_at, op, Cdb};
 use crate::lu::LogicalUnit;
 use crate::sense::{self, Sense};
@@ -172,6 +173,100 @@ fn lock(lu: &LogicalUnit) -> std::sync::MutexGuard<'_, ResState> {
     lu.res.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+// ----- persistent reservations kept in a shared store (several gateways) -----
+
+const SHARED_MAGIC: &str = "ironstar-pr 1";
+
+/// The persistent part of the state as the shared store keeps it: one line
+/// per item, names as they are (iSCSI port names hold no spaces).
+fn encode_shared(st: &ResState) -> Vec<u8> {
+    let mut s = format!("{SHARED_MAGIC}\ngen {}\n", st.generation);
+    for r in &st.registrations {
+        let n = &r.nexus;
+        s.push_str(&format!(
+            "reg {:016x} {} {} {}\n",
+            r.key, n.rtpi, n.initiator, n.target
+        ));
+    }
+    if let Some(h) = &st.reservation {
+        let n = &h.holder;
+        s.push_str(&format!(
+            "res {} {} {} {}\n",
+            h.ptype, n.rtpi, n.initiator, n.target
+        ));
+    }
+    s.into_bytes()
+}
+
+/// Reads what `encode_shared` wrote into `st` (RESERVE(6) stays local).
+/// The bytes come from the cluster: anything malformed is refused whole.
+fn decode_shared(data: &[u8], st: &mut ResState) -> Result<(), String> {
+    let text = std::str::from_utf8(data).map_err(|_| "not UTF-8".to_string())?;
+    let mut lines = text.lines();
+    if lines.next() != Some(SHARED_MAGIC) {
+        return Err("unknown format".into());
+    }
+    let nexus = |rtpi: &str, i: &str, t: &str| -> Result<ItNexus, String> {
+        Ok(ItNexus {
+            initiator: Arc::from(i),
+            target: Arc::from(t),
+            rtpi: rtpi.parse().map_err(|_| format!("bad port id {rtpi:?}"))?,
+        })
+    };
+    let (mut generation, mut regs, mut res) = (0u32, Vec::new(), None);
+    for line in lines {
+        let f: Vec<&str> = line.split(' ').collect();
+        match f.as_slice() {
+            ["gen", g] => generation = g.parse().map_err(|_| format!("bad generation {g:?}"))?,
+            ["reg", key, rtpi, i, t] if regs.len() < MAX_REGISTRATIONS => regs.push(Registration {
+                key: u64::from_str_radix(key, 16).map_err(|_| format!("bad key {key:?}"))?,
+                nexus: nexus(rtpi, i, t)?,
+            }),
+            ["res", ptype, rtpi, i, t] => {
+                let ptype: u8 = ptype.parse().map_err(|_| format!("bad type {ptype:?}"))?;
+                if !pr_type::valid(ptype) {
+                    return Err(format!("bad type {ptype}"));
+                }
+                res = Some(PrHold {
+                    holder: nexus(rtpi, i, t)?,
+                    ptype,
+                });
+            }
+            [] | [""] => {}
+            _ => return Err(format!("bad line {line:?}")),
+        }
+    }
+    st.generation = generation;
+    st.registrations = regs;
+    st.reservation = res;
+    Ok(())
+}
+
+fn store_failed(e: impl std::fmt::Display) -> Fail {
+    tracing::warn!(error = %e, "shared persistent reservation state unavailable");
+    sense::INTERNAL_TARGET_FAILURE.into()
+}
+
+/// Loads the shared state into `st`; returns the bytes it was read from.
+fn load_shared(store: &dyn PrStore, st: &mut ResState) -> Result<Vec<u8>, Fail> {
+    let data = store.load().map_err(store_failed)?;
+    decode_shared(&data, st).map_err(store_failed)?;
+    Ok(data)
+}
+
+/// Before each command: take in what another gateway changed.
+pub(crate) fn refresh_shared(lu: &LogicalUnit) {
+    let Some(store) = lu.backend.pr_store() else {
+        return;
+    };
+    if store.take_changed() {
+        let mut st = lock(lu);
+        if load_shared(store, &mut st).is_ok() {
+            publish(lu, &st);
+        }
+    }
+}
+
 fn publish(lu: &LogicalUnit, st: &ResState) {
     lu.res_active.store(st.active(), Ordering::Release);
 }
@@ -328,7 +423,11 @@ fn transport_id(initiator: &str) -> Vec<u8> {
 
 pub(crate) fn pr_in(lu: &LogicalUnit, _t: &ScsiTask<'_>, cdb: Cdb<'_>) -> CmdResult {
     let alloc = u64::from(cdb.u16(7));
-    let st = lock(lu);
+    let mut st = lock(lu);
+    if let Some(store) = lu.backend.pr_store() {
+        load_shared(store, &mut st)?;
+        publish(lu, &st);
+    }
     let mut v = Vec::with_capacity(64);
     match cdb.service_action() {
         pri::READ_KEYS => {
@@ -430,13 +529,47 @@ pub(crate) fn pr_out(lu: &LogicalUnit, t: &ScsiTask<'_>, cdb: Cdb<'_>) -> CmdRes
     if st.reserve6.is_some_and(|h| h != t.nexus.id) {
         return Err(conflict());
     }
+    let Some(store) = lu.backend.pr_store() else {
+        return pr_out_apply(lu, &mut st, t, &me, &p, action, scope, ptype);
+    };
+    // Read, apply, compare-and-swap; another gateway's change in between
+    // means doing it again on the newer state.
+    for _ in 0..16 {
+        let old = load_shared(store, &mut st)?;
+        let r = pr_out_apply(lu, &mut st, t, &me, &p, action, scope, ptype);
+        if r.is_err() {
+            publish(lu, &st);
+            return r;
+        }
+        if store
+            .replace(&old, &encode_shared(&st))
+            .map_err(store_failed)?
+        {
+            return r;
+        }
+    }
+    Err(store_failed("the shared state kept changing under us"))
+}
+
+/// One PERSISTENT RESERVE OUT action applied to `st`.
+#[allow(clippy::too_many_arguments)]
+fn pr_out_apply(
+    lu: &LogicalUnit,
+    st: &mut ResState,
+    t: &ScsiTask<'_>,
+    me: &ItNexus,
+    p: &ProParams,
+    action: u8,
+    scope: u8,
+    ptype: u8,
+) -> CmdResult {
     let r = match action {
         pro::REGISTER | pro::REGISTER_AND_IGNORE => {
-            register(lu, &mut st, t, &me, &p, action == pro::REGISTER_AND_IGNORE)
+            register(lu, st, t, me, p, action == pro::REGISTER_AND_IGNORE)
         }
         _ => {
             // Every other action needs the caller registered under that key.
-            match st.registration(&me) {
+            match st.registration(me) {
                 Some(r) if r.key == p.key => {}
                 _ => return Err(conflict()),
             }
@@ -445,17 +578,17 @@ pub(crate) fn pr_out(lu: &LogicalUnit, t: &ScsiTask<'_>, cdb: Cdb<'_>) -> CmdRes
                 return Err(Sense::invalid_cdb(2, None).into());
             }
             match action {
-                pro::RESERVE => reserve(&mut st, &me, ptype),
-                pro::RELEASE => release(lu, &mut st, t, &me, scope, ptype),
+                pro::RESERVE => reserve(st, me, ptype),
+                pro::RELEASE => release(lu, st, t, me, scope, ptype),
                 pro::CLEAR => {
-                    clear(lu, &mut st, t);
+                    clear(lu, st, t);
                     Ok(())
                 }
-                _ => preempt(lu, &mut st, t, &me, &p, ptype),
+                _ => preempt(lu, st, t, me, p, ptype),
             }
         }
     };
-    publish(lu, &st);
+    publish(lu, st);
     r.map(|()| ScsiResponse::good_empty())
 }
 
@@ -710,6 +843,158 @@ mod tests {
         let r = exec(lu, n, &WRITE, &[0u8; 512]);
         assert!(r.status == status::GOOD || r.status == status::RESERVATION_CONFLICT);
         r.status == status::GOOD
+    }
+
+    /// The state one "cluster" keeps; each gateway holds a handle that
+    /// notices other gateways' changes by the version.
+    #[derive(Default)]
+    struct Shared {
+        data: std::sync::Mutex<(u64, Vec<u8>)>,
+    }
+
+    struct Gateway {
+        mem: crate::MemoryBackend,
+        shared: std::sync::Arc<Shared>,
+        seen: std::sync::atomic::AtomicU64,
+    }
+
+    impl super::PrStore for Gateway {
+        fn load(&self) -> std::io::Result<Vec<u8>> {
+            let d = self.shared.data.lock().unwrap();
+            self.seen.store(d.0, std::sync::atomic::Ordering::SeqCst);
+            Ok(if d.1.is_empty() {
+                super::encode_shared(&super::ResState::default())
+            } else {
+                d.1.clone()
+            })
+        }
+        fn replace(&self, expected: &[u8], new: &[u8]) -> std::io::Result<bool> {
+            let mut d = self.shared.data.lock().unwrap();
+            let cur = if d.1.is_empty() {
+                super::encode_shared(&super::ResState::default())
+            } else {
+                d.1.clone()
+            };
+            if cur != expected {
+                return Ok(false);
+            }
+            d.0 += 1;
+            d.1 = new.to_vec();
+            self.seen.store(d.0, std::sync::atomic::Ordering::SeqCst);
+            Ok(true)
+        }
+        fn take_changed(&self) -> bool {
+            let v = self.shared.data.lock().unwrap().0;
+            self.seen.swap(v, std::sync::atomic::Ordering::SeqCst) != v
+        }
+    }
+
+    impl crate::Backend for Gateway {
+        fn size_bytes(&self) -> u64 {
+            self.mem.size_bytes()
+        }
+        fn read_at(&self, o: u64, b: &mut [u8]) -> std::io::Result<()> {
+            self.mem.read_at(o, b)
+        }
+        fn write_at(&self, o: u64, d: &[u8]) -> std::io::Result<()> {
+            self.mem.write_at(o, d)
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn unmap(&self, o: u64, l: u64) -> std::io::Result<()> {
+            self.mem.unmap(o, l)
+        }
+        fn caps(&self) -> crate::BackendCaps {
+            self.mem.caps()
+        }
+        fn pr_store(&self) -> Option<&dyn super::PrStore> {
+            Some(self)
+        }
+    }
+
+    fn gateway(shared: &std::sync::Arc<Shared>) -> std::sync::Arc<LogicalUnit> {
+        LogicalUnit::new(
+            crate::LuConfig::default(),
+            Box::new(Gateway {
+                mem: crate::MemoryBackend::new(MIB),
+                shared: shared.clone(),
+                seen: Default::default(),
+            }),
+        )
+        .unwrap()
+    }
+
+    /// The same initiator port through another gateway's target port.
+    fn via(n: &Nexus, tpgt: u16) -> Nexus {
+        let mut n = n.clone();
+        n.target_port_name = format!("iqn.2024-01.test:tgt,t,0x{tpgt:04x}").into();
+        n.relative_target_port_id = tpgt;
+        n
+    }
+
+    #[test]
+    fn a_reservation_through_one_gateway_binds_the_others_and_outlives_a_restart() {
+        let cluster = std::sync::Arc::new(Shared::default());
+        let (a, b) = (gateway(&cluster), gateway(&cluster));
+        let x = ready_nexus(&a, 1);
+        let y_on_b = via(&ready_nexus(&b, 2), 2);
+        let _ = exec(&b, &y_on_b, &TUR, &[]);
+        assert_good(&pr(&a, &x, 0, 0, 0, 0xAA));
+        // Write Exclusive through A: Y through B may read, not write.
+        assert_good(&pr(&a, &x, 1, 1, 0xAA, 0));
+        assert!(can_read(&b, &y_on_b));
+        assert!(!can_write(&b, &y_on_b));
+        assert_eq!(keys(&b, &y_on_b), vec![0xAA]);
+        // A second reservation through B conflicts; X through A still writes.
+        assert_good(&pr(&b, &y_on_b, 0, 0, 0, 0xBB));
+        assert_eq!(
+            pr(&b, &y_on_b, 1, 1, 0xBB, 0).status,
+            status::RESERVATION_CONFLICT
+        );
+        assert!(can_write(&a, &x));
+        // Gateway A restarts: the new process sees both keys and the reservation.
+        drop(a);
+        let a2 = gateway(&cluster);
+        let x2 = ready_nexus(&a2, 1);
+        assert_eq!(keys(&a2, &x2), vec![0xAA, 0xBB]);
+        assert!(can_write(&a2, &x2));
+        let z = ready_nexus(&a2, 3);
+        assert!(!can_write(&a2, &z));
+        // Released through the new A: B writes again.
+        assert_good(&pr(&a2, &x2, 2, 1, 0xAA, 0));
+        assert!(can_write(&b, &y_on_b));
+    }
+
+    #[test]
+    fn shared_state_round_trips_and_refuses_garbage() {
+        let mut st = super::ResState {
+            generation: 7,
+            ..Default::default()
+        };
+        st.registrations.push(super::Registration {
+            nexus: super::ItNexus::of(&nexus(1)),
+            key: 0xDEAD,
+        });
+        st.reservation = Some(super::PrHold {
+            holder: super::ItNexus::of(&nexus(1)),
+            ptype: 3,
+        });
+        let mut back = super::ResState::default();
+        super::decode_shared(&super::encode_shared(&st), &mut back).unwrap();
+        assert_eq!(back.generation, 7);
+        assert_eq!(back.registrations.len(), 1);
+        assert_eq!(back.reservation.as_ref().map(|h| h.ptype), Some(3));
+        for bad in [
+            "",
+            "ironstar-pr 1\nres 9 1 a b\n",
+            "ironstar-pr 1\nreg zz 1 a b\n",
+        ] {
+            assert!(
+                super::decode_shared(bad.as_bytes(), &mut back).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]
