@@ -48,7 +48,7 @@ use std::ptr::null_mut;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use crate::backend::{Backend, BackendCaps, CompareAndWrite};
+use crate::backend::{Backend, BackendCaps, CompareAndWrite, PrStore};
 
 type RadosT = *mut c_void;
 type IoCtxT = *mut c_void;
@@ -57,6 +57,16 @@ type CompletionT = *mut c_void;
 type UpdateCb = unsafe extern "C" fn(arg: *mut c_void);
 type CompleteCb = unsafe extern "C" fn(c: CompletionT, arg: *mut c_void);
 type ProgressCb = unsafe extern "C" fn(offset: u64, total: u64, arg: *mut c_void) -> c_int;
+type WatchCb = unsafe extern "C" fn(
+    arg: *mut c_void,
+    notify_id: u64,
+    handle: u64,
+    notifier_id: u64,
+    data: *mut c_void,
+    data_len: usize,
+);
+type WatchErrCb = unsafe extern "C" fn(arg: *mut c_void, cookie: u64, err: c_int);
+type WriteOpT = *mut c_void;
 type DiffCb =
     unsafe extern "C" fn(offset: u64, len: usize, exists: c_int, arg: *mut c_void) -> c_int;
 
@@ -104,6 +114,19 @@ api! {
     rbd_update_watch: fn(ImageT, *mut u64, Option<UpdateCb>, *mut c_void) -> c_int;
     rbd_update_unwatch: fn(ImageT, u64) -> c_int;
     rbd_diff_iterate2: fn(ImageT, *const c_char, u64, u64, u8, u8, Option<DiffCb>, *mut c_void) -> c_int;
+    rados_getxattr: fn(IoCtxT, *const c_char, *const c_char, *mut c_char, usize) -> c_int;
+    rados_create_write_op: fn() -> WriteOpT;
+    rados_release_write_op: fn(WriteOpT);
+    rados_write_op_create: fn(WriteOpT, c_int, *const c_char);
+    rados_write_op_cmpxattr: fn(WriteOpT, *const c_char, u8, *const c_char, usize);
+    rados_write_op_setxattr: fn(WriteOpT, *const c_char, *const c_char, usize);
+    rados_write_op_operate: fn(WriteOpT, IoCtxT, *const c_char, *mut libc::time_t, c_int) -> c_int;
+    rados_watch2: fn(IoCtxT, *const c_char, *mut u64, Option<WatchCb>, Option<WatchErrCb>, *mut c_void) -> c_int;
+    rados_unwatch2: fn(IoCtxT, u64) -> c_int;
+    rados_watch_flush: fn(RadosT) -> c_int;
+    rados_notify2: fn(IoCtxT, *const c_char, *const c_char, c_int, u64, *mut *mut c_char, *mut usize) -> c_int;
+    rados_notify_ack: fn(IoCtxT, *const c_char, u64, u64, *const c_char, c_int) -> c_int;
+    rados_buffer_free: fn(*mut c_char);
     rbd_aio_create_completion: fn(*mut c_void, Option<CompleteCb>, *mut CompletionT) -> c_int;
     rbd_aio_wait_for_complete: fn(CompletionT) -> c_int;
     rbd_aio_get_return_value: fn(CompletionT) -> isize;
@@ -276,6 +299,8 @@ pub struct RbdBackend {
     /// `size_bytes` re-reads the size.
     size_stale: Arc<AtomicBool>,
     watch: Option<u64>,
+    /// Where the LU's persistent reservations live (None: this process only).
+    pr: Option<PrObject>,
     // Declaration order is drop order: image, then pool, then cluster.
     image: Image,
     _ioctx: IoCtx,
@@ -392,6 +417,13 @@ impl RbdBackend {
         } else {
             Some(handle)
         };
+        let pr = match PrObject::open(api, io, &cfg.image) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(image = %name, error = %e, "persistent reservations stay in this gateway");
+                None
+            }
+        };
         tracing::info!(image = %name, size, object_size, "RBD image open");
         Ok(RbdBackend {
             api,
@@ -400,6 +432,7 @@ impl RbdBackend {
             object_size,
             size_stale,
             watch,
+            pr,
             image,
             _ioctx: ioctx,
             _cluster: cluster,
@@ -539,8 +572,232 @@ fn run_at(extents: &[(u64, u64)], offset: u64, end: u64) -> (bool, u64) {
     }
 }
 
+/// The persistent reservation state of an RBD LU: the xattr
+/// [`PR_XATTR`] of the object `ironstar.pr.<image>` in the image's pool,
+/// replaced by one OSD operation that compares the old value and sets the
+/// new one (so concurrent changes from two gateways cannot both win). Every
+/// gateway watches the object and is notified after each change.
+struct PrObject {
+    api: &'static Api,
+    io: IoCtxT,
+    oid: CString,
+    cookie: u64,
+    /// Boxed so the watch callback's pointer stays valid; freed after unwatch.
+    ctx: Box<PrWatch>,
+}
+
+// SAFETY: an ioctx may be used from any thread (librados is thread-safe);
+// the rest is owned data and atomics.
+unsafe impl Send for PrObject {}
+// SAFETY: as above; &self methods only issue librados calls.
+unsafe impl Sync for PrObject {}
+
+struct PrWatch {
+    api: &'static Api,
+    io: IoCtxT,
+    oid: CString,
+    changed: AtomicBool,
+    /// The watch failed: every command re-reads the state from then on.
+    broken: AtomicBool,
+}
+
+const PR_XATTR: &str = "ironstar.pr";
+/// The state with nothing registered, as the core encodes it.
+pub(crate) const EMPTY_PR_STATE: &[u8] = b"ironstar-pr 1\ngen 0\n";
+const PR_NOTIFY_TIMEOUT_MS: u64 = 3000;
+
+unsafe extern "C" fn on_pr_notify(
+    arg: *mut c_void,
+    notify_id: u64,
+    handle: u64,
+    _notifier: u64,
+    _data: *mut c_void,
+    _len: usize,
+) {
+    // SAFETY: `arg` is the boxed PrWatch, alive until after rados_unwatch2
+    // and rados_watch_flush (PrObject::drop).
+    let w = unsafe { &*(arg as *const PrWatch) };
+    w.changed.store(true, Ordering::Release);
+    // SAFETY: acknowledging with the ids librados gave us; no payload.
+    unsafe {
+        (w.api.rados_notify_ack)(w.io, w.oid.as_ptr(), notify_id, handle, std::ptr::null(), 0)
+    };
+}
+
+unsafe extern "C" fn on_pr_watch_error(arg: *mut c_void, _cookie: u64, _err: c_int) {
+    // SAFETY: as in on_pr_notify.
+    let w = unsafe { &*(arg as *const PrWatch) };
+    w.broken.store(true, Ordering::Release);
+}
+
+impl PrObject {
+    fn open(api: &'static Api, io: IoCtxT, image: &str) -> io::Result<PrObject> {
+        let oid = CString::new(format!("ironstar.pr.{image}"))
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let name =
+            CString::new(PR_XATTR).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: a fresh op filled with NUL-terminated names and a static
+        // value, run once and released.
+        let rc = unsafe {
+            let op = (api.rados_create_write_op)();
+            if op.is_null() {
+                return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+            }
+            (api.rados_write_op_create)(op, 1, std::ptr::null());
+            (api.rados_write_op_setxattr)(
+                op,
+                name.as_ptr(),
+                EMPTY_PR_STATE.as_ptr().cast(),
+                EMPTY_PR_STATE.len(),
+            );
+            let rc = (api.rados_write_op_operate)(op, io, oid.as_ptr(), null_mut(), 0);
+            (api.rados_release_write_op)(op);
+            rc
+        };
+        if rc < 0 && rc != -libc::EEXIST {
+            return Err(errno(i64::from(rc)));
+        }
+        let ctx = Box::new(PrWatch {
+            api,
+            io,
+            oid: oid.clone(),
+            // Read the state on the first command.
+            changed: AtomicBool::new(true),
+            broken: AtomicBool::new(false),
+        });
+        let mut cookie = 0u64;
+        // SAFETY: the callbacks only touch the boxed PrWatch, which outlives
+        // the watch (see Drop).
+        let rc = unsafe {
+            (api.rados_watch2)(
+                io,
+                oid.as_ptr(),
+                &mut cookie,
+                Some(on_pr_notify),
+                Some(on_pr_watch_error),
+                (&*ctx as *const PrWatch).cast_mut().cast(),
+            )
+        };
+        if rc < 0 {
+            return Err(errno(i64::from(rc)));
+        }
+        Ok(PrObject {
+            api,
+            io,
+            oid,
+            cookie,
+            ctx,
+        })
+    }
+
+    fn xattr_name() -> &'static std::ffi::CStr {
+        c"ironstar.pr"
+    }
+
+    /// Tells every watching gateway (this one included) to re-read.
+    fn notify(&self) {
+        let mut reply: *mut c_char = null_mut();
+        let mut len = 0usize;
+        // SAFETY: no payload; librados allocates the reply, freed here.
+        let rc = unsafe {
+            (self.api.rados_notify2)(
+                self.io,
+                self.oid.as_ptr(),
+                std::ptr::null(),
+                0,
+                PR_NOTIFY_TIMEOUT_MS,
+                &mut reply,
+                &mut len,
+            )
+        };
+        if !reply.is_null() {
+            // SAFETY: allocated by rados_notify2 for us.
+            unsafe { (self.api.rados_buffer_free)(reply) };
+        }
+        if rc < 0 {
+            // A dead gateway's watch lingers until the OSD drops it.
+            tracing::debug!(error = %errno(i64::from(rc)), "PR change notify incomplete");
+        }
+    }
+}
+
+impl PrStore for PrObject {
+    fn load(&self) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; 64 * 1024];
+        // SAFETY: `buf` is valid for writes of its length.
+        let rc = unsafe {
+            (self.api.rados_getxattr)(
+                self.io,
+                self.oid.as_ptr(),
+                Self::xattr_name().as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if rc == -libc::ENOENT || rc == -libc::ENODATA {
+            return Ok(EMPTY_PR_STATE.to_vec());
+        }
+        let n = usize::try_from(rc).map_err(|_| errno(i64::from(rc)))?;
+        buf.truncate(n.min(buf.len()));
+        Ok(buf)
+    }
+
+    fn replace(&self, expected: &[u8], new: &[u8]) -> io::Result<bool> {
+        let name = Self::xattr_name();
+        // SAFETY: a fresh op whose buffers all outlive the synchronous
+        // operate call; released afterwards.
+        let rc = unsafe {
+            let op = (self.api.rados_create_write_op)();
+            if op.is_null() {
+                return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+            }
+            // LIBRADOS_CMPXATTR_OP_EQ
+            (self.api.rados_write_op_cmpxattr)(
+                op,
+                name.as_ptr(),
+                1,
+                expected.as_ptr().cast(),
+                expected.len(),
+            );
+            (self.api.rados_write_op_setxattr)(op, name.as_ptr(), new.as_ptr().cast(), new.len());
+            let rc =
+                (self.api.rados_write_op_operate)(op, self.io, self.oid.as_ptr(), null_mut(), 0);
+            (self.api.rados_release_write_op)(op);
+            rc
+        };
+        match rc {
+            0.. => {
+                self.notify();
+                Ok(true)
+            }
+            e if e == -libc::ECANCELED => Ok(false),
+            e => Err(errno(i64::from(e))),
+        }
+    }
+
+    fn take_changed(&self) -> bool {
+        self.ctx.broken.load(Ordering::Acquire) || self.ctx.changed.swap(false, Ordering::AcqRel)
+    }
+}
+
+impl Drop for PrObject {
+    fn drop(&mut self) {
+        // SAFETY: the cookie came from rados_watch2 on this ioctx, which is
+        // destroyed only after the backend (and so this object) is gone.
+        let rc = unsafe { (self.api.rados_unwatch2)(self.io, self.cookie) };
+        if rc < 0 {
+            tracing::warn!(error = %errno(i64::from(rc)), "rados_unwatch2 failed");
+        }
+    }
+}
+
 impl Drop for RbdBackend {
     fn drop(&mut self) {
+        if self.pr.take().is_some() {
+            // SAFETY: waits until no watch callback runs any more, so the
+            // PrWatch just freed is not touched again.
+            unsafe { (self.api.rados_watch_flush)(self._cluster.1) };
+        }
         if let Some(h) = self.watch.take() {
             // SAFETY: the handle came from rbd_update_watch on this open
             // image; after it returns the callback is never called again.
@@ -675,6 +932,10 @@ impl Backend for RbdBackend {
         extents.sort_unstable();
         let (mapped, n) = run_at(&extents, offset, end);
         Some((mapped, n.max(1)))
+    }
+
+    fn pr_store(&self) -> Option<&dyn PrStore> {
+        self.pr.as_ref().map(|p| p as &dyn PrStore)
     }
 
     fn write_same(&self, offset: u64, len: u64, pattern: &[u8]) -> io::Result<()> {
@@ -908,6 +1169,24 @@ mod tests {
                 "round {round}: unmap seen by b"
             );
         }
+    }
+
+    #[test]
+    fn real_image_reservation_state_is_swapped_and_announced() {
+        let (Some(a), Some(b)) = (real_image(), real_image()) else {
+            return;
+        };
+        let (pa, pb) = (a.pr_store().unwrap(), b.pr_store().unwrap());
+        let old = pa.load().unwrap();
+        let new = format!("ironstar-pr 1\ngen {}\n", old.len() + 1).into_bytes();
+        let _ = pb.take_changed();
+        assert!(pa.replace(&old, &new).unwrap());
+        // The notify is acknowledged before replace returns.
+        assert!(pb.take_changed());
+        assert_eq!(pb.load().unwrap(), new);
+        // A swap from a stale state loses.
+        assert!(!pb.replace(&old, b"ironstar-pr 1\ngen 99\n").unwrap());
+        assert!(pa.replace(&new, &old).unwrap());
     }
 
     #[test]

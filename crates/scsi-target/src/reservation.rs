@@ -980,6 +980,10 @@ mod tests {
             holder: super::ItNexus::of(&nexus(1)),
             ptype: 3,
         });
+        assert_eq!(
+            super::encode_shared(&super::ResState::default()),
+            crate::rbd::EMPTY_PR_STATE
+        );
         let mut back = super::ResState::default();
         super::decode_shared(&super::encode_shared(&st), &mut back).unwrap();
         assert_eq!(back.generation, 7);
