@@ -175,6 +175,9 @@ pub struct PortalGroupConfig {
     /// (LIO's np `iser` attribute; needs an RDMA device on the address).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub iser: bool,
+    /// Listen for iSCSI over TCP (`false` with `iser = true`: iSER only).
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub tcp: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -342,6 +345,7 @@ impl Config {
                 tag: 1,
                 portals: vec!["127.0.0.1:3260".to_string()],
                 iser: false,
+                tcp: true,
             }],
             targets: vec![TargetConfig {
                 iqn: DEFAULT_TARGET_IQN.to_string(),
@@ -412,6 +416,11 @@ impl Config {
             }
             if pg.tag == 0 {
                 errs.push(format!("portal_group[{i}]: tag must be 1..65535"));
+            }
+            if !pg.tcp && !pg.iser {
+                errs.push(format!(
+                    "portal_group[{i}]: tcp = false needs iser = true (it would listen on nothing)"
+                ));
             }
             for p in &pg.portals {
                 if p.parse::<SocketAddr>().is_err() {
@@ -1147,9 +1156,17 @@ ceph_id = "admin"
         let text = "[[portal_group]]\ntag = 1\nportals = [\"10.0.0.1:3260\"]\niser = true\n\n[[portal_group]]\ntag = 2\nportals = [\"10.0.0.1:3261\"]\n";
         let c = Config::from_toml(text).unwrap();
         assert!(c.portal_groups[0].iser && !c.portal_groups[1].iser);
+        assert!(c.portal_groups.iter().all(|g| g.tcp));
         let out = toml::to_string(&c).unwrap();
         assert_eq!(out.matches("iser").count(), 1, "{out}");
+        assert!(!out.contains("tcp"), "{out}");
         assert_eq!(Config::from_toml(&out).unwrap(), c);
+        let only =
+            "[[portal_group]]\ntag = 1\nportals = [\"10.0.0.1:3260\"]\niser = true\ntcp = false\n";
+        let c = Config::from_toml(only).unwrap();
+        assert!(c.portal_groups[0].iser && !c.portal_groups[0].tcp);
+        let neither = "[[portal_group]]\ntag = 1\nportals = [\"10.0.0.1:3260\"]\ntcp = false\n";
+        assert!(Config::from_toml(neither).is_err());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Portals: a listener per configured address, each connection served by
-//! its own task (IPv4 and IPv6). A portal of an iSER portal group also
-//! listens for iSER on the same address through the rdma-core backend
+//! its own task (IPv4 and IPv6). A portal of an iSER portal group also (or
+//! only) listens for iSER on the same address through the rdma-core backend
 //! (feature `rdma`); both kinds of connection reach the same `conn::serve`.
 
 use std::net::SocketAddr;
@@ -16,7 +16,8 @@ use crate::registry::Registry;
 pub struct Portal {
     pub addr: SocketAddr,
     pub portal_group_tag: u16,
-    listener: TcpListener,
+    /// None for an iSER-only portal.
+    listener: Option<TcpListener>,
     #[cfg(feature = "rdma")]
     iser: Option<crate::iser_portal::IserPortal<iser::rdma::RdmaVerbs>>,
 }
@@ -34,10 +35,56 @@ impl Portal {
         Ok(Portal {
             addr,
             portal_group_tag,
-            listener,
+            listener: Some(listener),
             #[cfg(feature = "rdma")]
             iser: None,
         })
+    }
+
+    /// A portal listening for TCP, iSER or both (`tcp` and `iser`; an
+    /// iSER-only portal listens on `addr` as given, port 0 is not picked).
+    pub async fn bind_kinds(
+        addr: SocketAddr,
+        portal_group_tag: u16,
+        tcp: bool,
+        iser: bool,
+    ) -> std::io::Result<Portal> {
+        if tcp {
+            return Portal::bind_with(addr, portal_group_tag, iser).await;
+        }
+        if !iser {
+            return Err(std::io::Error::other(
+                "a portal must listen for TCP or iSER",
+            ));
+        }
+        #[allow(unused_mut)]
+        let mut p = Portal {
+            addr,
+            portal_group_tag,
+            listener: None,
+            #[cfg(feature = "rdma")]
+            iser: None,
+        };
+        p.add_iser().await?;
+        Ok(p)
+    }
+
+    /// Adds the iSER listener on this portal's address.
+    async fn add_iser(&mut self) -> std::io::Result<()> {
+        #[cfg(feature = "rdma")]
+        {
+            let verbs = iser::rdma::RdmaVerbs::new();
+            let tag = self.portal_group_tag;
+            let l = crate::iser_portal::IserPortal::bind(&verbs, self.addr, tag)
+                .await
+                .map_err(|e| std::io::Error::other(format!("iSER: {e}")))?;
+            self.iser = Some(l);
+            Ok(())
+        }
+        #[cfg(not(feature = "rdma"))]
+        Err(std::io::Error::other(
+            "iSER: this build has no RDMA backend (feature `rdma`)",
+        ))
     }
 
     /// [`Portal::bind`], plus an iSER listener on the same address when
@@ -48,21 +95,9 @@ impl Portal {
         portal_group_tag: u16,
         iser: bool,
     ) -> std::io::Result<Portal> {
-        #[allow(unused_mut)]
         let mut p = Portal::bind(addr, portal_group_tag).await?;
         if iser {
-            #[cfg(feature = "rdma")]
-            {
-                let verbs = iser::rdma::RdmaVerbs::new();
-                let l = crate::iser_portal::IserPortal::bind(&verbs, p.addr, portal_group_tag)
-                    .await
-                    .map_err(|e| std::io::Error::other(format!("iSER: {e}")))?;
-                p.iser = Some(l);
-            }
-            #[cfg(not(feature = "rdma"))]
-            return Err(std::io::Error::other(
-                "iSER: this build has no RDMA backend (feature `rdma`)",
-            ));
+            p.add_iser().await?;
         }
         Ok(p)
     }
@@ -73,8 +108,12 @@ impl Portal {
         let _iser = self
             .iser
             .map(|l| AbortOnDrop(tokio::spawn(l.run(registry.clone()))));
+        let Some(listener) = self.listener else {
+            // iSER only: the listener task above does the work.
+            return std::future::pending().await;
+        };
         loop {
-            match self.listener.accept().await {
+            match listener.accept().await {
                 Ok((stream, _peer)) => {
                     let Ok(transport) = TcpTransport::new(stream) else {
                         continue;
@@ -110,7 +149,7 @@ pub async fn bind_all(registry: &Registry) -> std::io::Result<Vec<Portal>> {
     for pg in &registry.snapshot().portal_groups {
         for addr in &pg.portals {
             out.push(
-                Portal::bind_with(*addr, pg.tag, pg.iser)
+                Portal::bind_kinds(*addr, pg.tag, pg.tcp, pg.iser)
                     .await
                     .map_err(|e| {
                         std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))

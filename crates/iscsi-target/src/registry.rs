@@ -85,6 +85,8 @@ pub struct PortalGroup {
     pub portals: Vec<SocketAddr>,
     /// The portals also take iSER connections.
     pub iser: bool,
+    /// The portals take TCP connections.
+    pub tcp: bool,
 }
 
 /// A registered logical unit.
@@ -418,6 +420,7 @@ fn build_model(
             tag: pg.tag,
             portals: pg.portals.iter().filter_map(|p| p.parse().ok()).collect(),
             iser: pg.iser,
+            tcp: pg.tcp,
         })
         .collect();
     let initiators = config

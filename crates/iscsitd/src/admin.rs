@@ -404,6 +404,7 @@ impl Admin {
     async fn create_tpg(&self, p: Params<'_>) -> R {
         let tag = p.tag("tag")?;
         let iser = p.opt_bool("iser")?.unwrap_or(false);
+        let tcp = p.opt_bool("tcp")?.unwrap_or(true);
         let portals = p.str_list("portals")?;
         if portals.is_empty() {
             return Err(RpcError::params("a TPG needs at least one IP[:port]"));
@@ -430,8 +431,9 @@ impl Admin {
                 tag,
                 portals: portals.clone(),
                 iser,
+                tcp,
             });
-            Ok(json!({"tag": tag, "portals": portals, "iser": iser}))
+            Ok(json!({"tag": tag, "portals": portals, "iser": iser, "tcp": tcp}))
         })
         .await
     }
@@ -470,7 +472,7 @@ impl Admin {
             .iter()
             .filter(|g| only.is_none_or(|t| t == g.tag))
             .map(|g| {
-                json!({"tag": g.tag, "portals": g.portals, "portal_count": g.portals.len(), "iser": g.iser,
+                json!({"tag": g.tag, "portals": g.portals, "portal_count": g.portals.len(), "iser": g.iser, "tcp": g.tcp,
                 "targets": m.config.targets.iter().filter(|t| t.portal_groups.contains(&g.tag)).map(|t| t.iqn.clone()).collect::<Vec<_>>()})
             })
             .collect();
@@ -1307,8 +1309,10 @@ async fn bind_missing(c: &Config, running: &Portals) -> Result<Vec<Portal>, RpcE
         if running.contains_key(&(addr, tag)) {
             continue;
         }
-        let iser = c.portal_groups.iter().any(|g| g.tag == tag && g.iser);
-        match Portal::bind_with(addr, tag, iser).await {
+        let group = c.portal_groups.iter().find(|g| g.tag == tag);
+        let iser = group.is_some_and(|g| g.iser);
+        let tcp = group.is_none_or(|g| g.tcp);
+        match Portal::bind_kinds(addr, tag, tcp, iser).await {
             Ok(p) => out.push(p),
             Err(e) => return Err(RpcError::refused(format!("cannot listen on {addr}: {e}"))),
         }
