@@ -21,7 +21,8 @@ SYSCALL_GROUPS = {
     "sendmsg": "send", "sendto": "send", "writev": "send", "write": "send", "sendmmsg": "send",
     "recvfrom": "receive", "recvmsg": "receive", "read": "receive", "readv": "receive",
     "epoll_wait": "epoll_wait", "epoll_pwait": "epoll_wait", "epoll_pwait2": "epoll_wait",
-    "futex": "futex (thread park/wake)",
+    "futex": "futex (thread park/wake)", "syscall": "futex (thread park/wake)",
+    "recv": "receive", "send": "send",
 }
 
 
@@ -46,8 +47,14 @@ def parse(stream):
 
 
 def kernel_area(frames):
+    in_syscall = False
     for sym, dso in frames:
         if dso != "[kernel.kallsyms]":
+            # The kernel often inlines its __x64_sys_* entry; then the libc wrapper that made
+            # the call (__GI___writev, __libc_recv, epoll_wait, ...) names the syscall.
+            if in_syscall:
+                name = re.sub(r"^(__GI_|__libc_|_+)+", "", sym)
+                return "kernel: %s syscalls" % SYSCALL_GROUPS.get(name, name)
             break
         m = SYSCALL.search(sym)
         if m:
@@ -55,7 +62,14 @@ def kernel_area(frames):
             return "kernel: %s syscalls" % SYSCALL_GROUPS.get(name, name)
         if "page_fault" in sym:
             return "kernel: page faults"
+        if sym.startswith("entry_SYSCALL"):
+            in_syscall = True
     return "kernel: interrupts, softirq, scheduler (no syscall on stack)"
+
+
+def crate_of(sym):
+    m = CRATE.match(sym)
+    return m.group(1) if m else None
 
 
 def user_area(sym, dso):
@@ -81,22 +95,42 @@ def user_area(sym, dso):
         return "Rust core/std/alloc"
     if crate:
         return "crate %s" % crate
+    if dso == "[vdso]":
+        return "clock_gettime (vdso)"
     if "libc.so" in dso:
         return "libc other (syscall wrappers, locks)"
     return "other (%s)" % dso.rsplit("/", 1)[-1]
 
 
-def short(sym):
-    """An Ironstar function name without generic arguments."""
+def strip_generics(text):
     out, depth = [], 0
-    for ch in sym:
+    for ch in text:
         if ch == "<":
             depth += 1
         elif ch == ">":
             depth -= 1
         elif depth == 0:
             out.append(ch)
-    return "".join(out) or sym
+    return "".join(out)
+
+
+def short(sym):
+    """A function name without generic arguments; "<T as Trait>::f" becomes "T::f"."""
+    if sym.startswith("<"):
+        depth = 0
+        for i, ch in enumerate(sym):
+            depth += (ch == "<") - (ch == ">")
+            if depth == 0:
+                inner = sym[1:i]
+                # " as " at the inner's own level separates the type from the trait.
+                level, cut = 0, len(inner)
+                for j, c in enumerate(inner):
+                    level += (c == "<") - (c == ">")
+                    if level == 0 and inner.startswith(" as ", j):
+                        cut = j
+                        break
+                return strip_generics(inner[:cut]) + strip_generics(sym[i + 1:])
+    return strip_generics(sym) or sym
 
 
 def main():
@@ -108,7 +142,7 @@ def main():
         sym, dso = frames[0]
         areas[kernel_area(frames) if dso == "[kernel.kallsyms]" else user_area(sym, dso)] += 1
         leaves[sym if len(sym) < 90 else sym[:87] + "..."] += 1
-        nearest = next((s for s, _ in frames if (CRATE.match(s) or [None, None])[1] in OURS), None)
+        nearest = next((s for s, _ in frames if crate_of(s) in OURS), None)
         ours[short(nearest) if nearest else "(no Ironstar frame: runtime threads, unwound short)"] += 1
     if not total:
         print("no samples")
