@@ -1167,6 +1167,53 @@ mod tests {
         assert_eq!(p.data, data.slice(first_burst as usize..));
     }
 
+    #[tokio::test]
+    async fn pool_never_hands_out_a_region_someone_still_holds() {
+        let (_f, a, _b) = {
+            let fab = Emulation::new();
+            let mut l = fab.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+            let addr = l.local_addr();
+            let f2 = fab.clone();
+            let c = tokio::spawn(async move {
+                f2.connect(addr, QpConfig::default(), &[], |_| Ok(()))
+                    .await
+                    .unwrap()
+                    .0
+            });
+            let req = l.next_request().await.unwrap();
+            let s = req
+                .accept(QpConfig::default(), &[], |_| Ok(()))
+                .await
+                .unwrap();
+            (fab, c.await.unwrap(), s)
+        };
+        let pool = Pool::default();
+        // Keys are unique per registration, so they tell regions apart.
+        let r1 = pool.get(&a, 5000, Access::LOCAL_WRITE).unwrap();
+        let k1 = r1.rkey();
+        let view = r1.bytes(0, 10).unwrap();
+        drop(r1);
+        // Still viewed: a second get must not return it.
+        let r2 = pool.get(&a, 5000, Access::LOCAL_WRITE).unwrap();
+        assert_ne!(r2.rkey(), k1);
+        let k2 = r2.rkey();
+        drop(r2);
+        // Free again: reused, not registered anew.
+        let r3 = pool.get(&a, 5000, Access::LOCAL_WRITE).unwrap();
+        assert_eq!(r3.rkey(), k2);
+        // Another access right never shares a region.
+        let r4 = pool.get(&a, 5000, Access::REMOTE_READ).unwrap();
+        assert_ne!(r4.rkey(), r3.rkey());
+        // A retired region is not handed out again even once free...
+        pool.retire(&r3);
+        drop(r3);
+        drop(view);
+        let r5 = pool.get(&a, 5000, Access::LOCAL_WRITE).unwrap();
+        assert_ne!(r5.rkey(), k2);
+        // ... while the other free one is.
+        assert_eq!(r5.rkey(), k1);
+    }
+
     /// A raw verbs peer (initiator side) facing our target transport.
     async fn raw_peer() -> (Emulation, crate::emulation::EmuQp, IserTransport) {
         let fab = Emulation::new();
