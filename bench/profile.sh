@@ -5,6 +5,7 @@
 #
 #   bench/profile.sh                     # 4k random reads QD32, 8 s of samples
 #   SECS=5 QD=1 bench/profile.sh         # QD1 instead
+#   JOBS=64 QD=1 bench/profile.sh        # 64 sessions (fio jobs, one libiscsi session each) at QD1
 #   REV=HEAD bench/profile.sh            # build a commit (git archive), not the working tree
 #
 # Prints the summary (markdown) on stdout; perf.data is left in $OUT (default /tmp/ironstar-profile).
@@ -14,6 +15,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SECS=${SECS:-8}
 QD=${QD:-32}
+JOBS=${JOBS:-1}
 FREQ=${FREQ:-999}
 OUT=${OUT:-/tmp/ironstar-profile}
 PORT=${BASE_PORT:-$((20000 + RANDOM % 12000))}
@@ -68,13 +70,19 @@ log "touching the LU"
 "$FIO" --name=touch "${fio_args[@]}" --rw=write --bs=1m --iodepth=4 >/dev/null
 
 # fio runs 2 s longer than perf on each side so the samples see only the steady state.
-log "fio 4k randread QD$QD for $((SECS + 4)) s; perf record for $SECS s in the middle"
-"$FIO" --name=profile "${fio_args[@]}" --rw=randread --bs=4k --iodepth="$QD" \
-    --time_based --runtime=$((SECS + 4)) >"$OUT/fio.json" &
+log "fio 4k randread, $JOBS session(s) x QD$QD for $((SECS + 4)) s; perf record for $SECS s in the middle"
+"$FIO" --name=profile "${fio_args[@]}" --rw=randread --bs=4k --iodepth="$QD" --numjobs="$JOBS" \
+    --group_reporting --time_based --runtime=$((SECS + 4)) >"$OUT/fio.json" &
 FIO_PID=$!
 sleep 2
 t0=$(awk '{print $14 + $15}' "/proc/$PID/stat")
+# Syscalls and context switches per I/O, counted over the same window as the samples.
+events=raw_syscalls:sys_enter,context-switches
+for sc in writev recvfrom read epoll_wait futex; do events+=,syscalls:sys_enter_$sc; done
+perf stat -x, -e "$events" -p "$PID" -o "$OUT/perf-stat.csv" -- sleep "$SECS" &
+STAT_PID=$!
 perf record -q -e cpu-clock -F "$FREQ" --call-graph dwarf,16384 -p "$PID" -o "$OUT/perf.data" -- sleep "$SECS" 2>"$OUT/perf-record.err"
+wait "$STAT_PID"
 t1=$(awk '{print $14 + $15}' "/proc/$PID/stat")
 wait "$FIO_PID"
 read -r iops _ lat < <(python3 "$ROOT/bench/parse_fio.py" <"$OUT/fio.json")
@@ -82,7 +90,11 @@ cpu_us=$(awk -v a="$t0" -v b="$t1" -v hz="$HZ" -v i="$iops" -v s="$SECS" 'BEGIN{
 log "fio: $iops IOPS, clat p50/p99 $lat µs; iscsitd ${cpu_us} µs CPU per I/O while sampled"
 
 perf script -i "$OUT/perf.data" -F comm,tid,ip,sym,dso 2>/dev/null >"$OUT/perf.script"
-echo "Profile: iscsitd $(git -C "$ROOT" rev-parse --short "${REV:-HEAD}"), fio libiscsi 4k random read QD$QD, memory LU,"
+echo "Profile: iscsitd $(git -C "$ROOT" rev-parse --short "${REV:-HEAD}"), fio libiscsi 4k random read, $JOBS session(s) x QD$QD, memory LU,"
 echo "$iops IOPS, clat p50/p99 $lat µs; iscsitd used ${cpu_us} µs of CPU per I/O while sampled ($SECS s, cpu-clock at $FREQ Hz, DWARF call graphs)."
+echo -n "Per I/O over the same window: "
+awk -F, -v n="$(awk -v i="$iops" -v s="$SECS" 'BEGIN{print i*s}')" '$1 ~ /^[0-9]+$/ {
+    name = $3; sub(/^(raw_)?syscalls:sys_enter_?/, "", name); if (name == "") name = "all syscalls"
+    printf "%s%s %.2f", (k++ ? ", " : ""), name, $1 / n } END { print "" }' "$OUT/perf-stat.csv"
 echo
 python3 "$ROOT/bench/profile_summary.py" "$cpu_us" <"$OUT/perf.script"
