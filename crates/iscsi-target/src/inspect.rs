@@ -3,16 +3,17 @@
 //! runs: its state with its recent transitions, its negotiated
 //! parameters, its PDU and byte counters and its tasks in flight.
 //!
-//! The connection writes, the inspector reads. Tasks sit in a fixed table
-//! of slots made of atomics ([`TaskTable`]): claiming, updating and
-//! releasing a slot takes no lock and allocates nothing, so the data path
-//! pays a few atomic stores per command. A reader may see a task a moment
+//! The connection writes, the inspector reads. Tasks sit in a table of
+//! slots made of atomics ([`TaskTable`]): claiming, updating and releasing
+//! a slot takes no lock and allocates nothing (slots come 16 at a time the
+//! first time a connection has that many tasks at once, and stay), so the
+//! data path pays a few atomic stores per command. A reader may see a task a moment
 //! late or early; it never sees a torn one (each slot carries a generation
 //! that the reader checks before and after).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use idm::state::{ConnEvent, ConnState, SessionState};
@@ -167,9 +168,17 @@ pub struct TaskView {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TaskSlot(Option<usize>);
 
+/// Slots are allocated this many at a time, as a connection first needs
+/// them: an idle connection costs a few hundred bytes, a busy one a chunk
+/// per 16 tasks it has had in flight at once (allocated once, kept).
+const CHUNK: usize = 16;
+
 /// The tasks in flight on one connection.
 pub struct TaskTable {
-    slots: Box<[Slot]>,
+    chunks: Box<[OnceLock<Box<[Slot]>>]>,
+    /// Chunks allocated so far (only the connection's reader claims slots,
+    /// so only it grows this).
+    used: AtomicUsize,
     hint: AtomicUsize,
     /// Tasks that found no free slot.
     pub untracked: AtomicU64,
@@ -189,21 +198,55 @@ pub fn task_slots(queue_depth: u32) -> usize {
 }
 
 impl TaskTable {
+    /// A table of up to `n` slots (rounded up to whole chunks).
     pub fn new(n: usize) -> TaskTable {
         TaskTable {
-            slots: (0..n.max(1)).map(|_| Slot::default()).collect(),
+            chunks: (0..n.max(1).div_ceil(CHUNK))
+                .map(|_| OnceLock::new())
+                .collect(),
+            used: AtomicUsize::new(0),
             hint: AtomicUsize::new(0),
             untracked: AtomicU64::new(0),
         }
     }
 
-    /// Takes a free slot for `t` (or one whose response has gone out).
+    fn at(&self, i: usize) -> Option<&Slot> {
+        self.chunks.get(i / CHUNK)?.get()?.get(i % CHUNK)
+    }
+
+    /// The slots allocated so far.
+    fn allocated(&self) -> usize {
+        self.used.load(Ordering::Acquire) * CHUNK
+    }
+
+    /// Takes a free slot for `t` (or one whose response has gone out),
+    /// allocating another chunk when all are busy and the table may grow.
     pub fn claim(&self, t: &NewTask<'_>, bytes_sent: u64) -> TaskSlot {
-        let n = self.slots.len();
+        if let Some(i) = self.claim_in(t, bytes_sent) {
+            return TaskSlot(Some(i));
+        }
+        let used = self.used.load(Ordering::Acquire);
+        if let Some(c) = self.chunks.get(used) {
+            c.get_or_init(|| (0..CHUNK).map(|_| Slot::default()).collect());
+            self.used.store(used + 1, Ordering::Release);
+            self.hint.store(used * CHUNK, Ordering::Relaxed);
+            if let Some(i) = self.claim_in(t, bytes_sent) {
+                return TaskSlot(Some(i));
+            }
+        }
+        self.untracked.fetch_add(1, Ordering::Relaxed);
+        TaskSlot(None)
+    }
+
+    fn claim_in(&self, t: &NewTask<'_>, bytes_sent: u64) -> Option<usize> {
+        let n = self.allocated();
+        if n == 0 {
+            return None;
+        }
         let start = self.hint.load(Ordering::Relaxed);
         for k in 0..n {
             let i = (start + k) % n;
-            let Some(s) = self.slots.get(i) else { continue };
+            let Some(s) = self.at(i) else { continue };
             let cur = s.state.load(Ordering::Acquire);
             let free = cur == FREE
                 || (cur == TaskState::Sending as u8
@@ -234,14 +277,13 @@ impl TaskTable {
             s.start_ns.store(t.start_ns, Ordering::Relaxed);
             s.state.store(t.state as u8, Ordering::Release);
             self.hint.store((i + 1) % n, Ordering::Relaxed);
-            return TaskSlot(Some(i));
+            return Some(i);
         }
-        self.untracked.fetch_add(1, Ordering::Relaxed);
-        TaskSlot(None)
+        None
     }
 
     fn slot(&self, t: TaskSlot) -> Option<&Slot> {
-        self.slots.get(t.0?)
+        self.at(t.0?)
     }
 
     pub fn set_state(&self, t: TaskSlot, state: TaskState) {
@@ -281,7 +323,7 @@ impl TaskTable {
     pub fn snapshot(&self, bytes_sent: u64) -> Vec<TaskView> {
         let now = now_ns();
         let mut out = Vec::new();
-        for s in self.slots.iter() {
+        for s in (0..self.allocated()).filter_map(|i| self.at(i)) {
             let g = s.generation.load(Ordering::Acquire);
             let st = s.state.load(Ordering::Acquire);
             let Some(state) = TaskState::from_u8(st) else {
@@ -579,10 +621,28 @@ mod tests {
     }
 
     #[test]
+    fn slots_come_a_chunk_at_a_time() {
+        let t = TaskTable::new(40);
+        assert_eq!(t.allocated(), 0, "an idle connection has none");
+        let mut held: Vec<TaskSlot> = (0..17).map(|i| t.claim(&task(i), 0)).collect();
+        assert_eq!(t.allocated(), 2 * CHUNK);
+        assert!(held.iter().all(|s| s.is_tracked()));
+        for s in held.drain(..) {
+            t.release(s);
+        }
+        let _again: Vec<TaskSlot> = (0..20).map(|i| t.claim(&task(i), 0)).collect();
+        assert_eq!(t.allocated(), 2 * CHUNK, "freed slots are reused first");
+        assert_eq!(t.snapshot(0).len(), 20);
+    }
+
+    #[test]
     fn a_full_table_leaves_tasks_untracked_and_reuses_sent_slots() {
         let t = TaskTable::new(2);
         let a = t.claim(&task(1), 0);
         let _b = t.claim(&task(2), 0);
+        for i in 3..(CHUNK as u32 + 1) {
+            assert!(t.claim(&task(i), 0).is_tracked());
+        }
         assert!(!t.claim(&task(3), 0).is_tracked());
         assert_eq!(t.untracked.load(Ordering::Relaxed), 1);
         t.sending(a, 0, 10);
