@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ALL_TARGETS=(pdu_decoder text_negotiation scsi_cdb config rpc_request)
+ALL_TARGETS=(pdu_decoder text_negotiation scsi_cdb config rpc_request isns_decoder)
 mode=
 seconds=
 case "${1:-}" in

@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod format;
+pub mod isns;
 pub mod login;
 pub mod pdu;
 pub mod rpc;
