@@ -10,7 +10,11 @@
 //! 3. `rbd resize` on the cluster: the LU's new capacity is seen through both gateways;
 //! 4. `iscsi-test-cu --dataloss --test=ALL` against an RBD LU (both nexuses on gateway A),
 //!    then the MultipathIO suite with one URL per gateway;
-//! 5. failover: a verified stream of writes through our initiator (`iscsi write`) to
+//! 5. persistent reservations in the cluster: initiator X registers and takes Write
+//!    Exclusive through gateway A; initiator Y's write through gateway B gets RESERVATION
+//!    CONFLICT; A is killed and started again, and the keys and the reservation are still
+//!    there (Y still conflicts, X writes); X's CLEAR through the new A frees Y on B;
+//! 6. failover: a verified stream of writes through our initiator (`iscsi write`) to
 //!    gateway A, A killed with SIGKILL while a write is in flight, the stream finished
 //!    through gateway B (the in-flight chunk rewritten with new data, so a late write from
 //!    dead A would show); the whole range read back through B and `rbd export` must match.
@@ -29,9 +33,11 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use ironstar_interop::command::{run, Outcome};
 use ironstar_interop::cunit;
 use ironstar_interop::daemon::{binary, free_port, TempDir};
+use ironstar_interop::raw::{rw10, RawConn, Recv, ScsiStatus};
 use ironstar_interop::{peers, INITIATOR2_IQN, INITIATOR_IQN, MIB, TARGET_IQN};
 
 const T: Duration = Duration::from_secs(180);
@@ -390,9 +396,142 @@ fn rbd_lu_served_by_two_gateways() {
     compliance(&a, &b);
     println!("compliance done after {:.1?}", started.elapsed());
 
-    // 5. Gateway A dies mid-stream; the stream completes through B.
+    // 5. A reservation through A binds B and outlives A's restart.
+    let a = reservations(&cluster, a, &b);
+    println!("reservations done after {:.1?}", started.elapsed());
+
+    // 6. Gateway A dies mid-stream; the stream completes through B.
     failover(&cluster, a, &b);
     println!("done in {:.1?}", started.elapsed());
+}
+
+/// PERSISTENT RESERVE OUT on LUN 0 (parameter list: key, service action key).
+fn prout(c: &mut RawConn, sa: u8, ptype: u8, key: u64, sa_key: u64) -> ScsiStatus {
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x5F;
+    cdb[1] = sa;
+    cdb[2] = ptype;
+    cdb[8] = 24;
+    let mut p = vec![0u8; 24];
+    p[..8].copy_from_slice(&key.to_be_bytes());
+    p[8..16].copy_from_slice(&sa_key.to_be_bytes());
+    let itt = c.itt();
+    let cmd = c.scsi_command(itt, &cdb, false, true, 24);
+    assert!(c.send(&cmd));
+    c.answer_r2ts(itt, &p, None)
+}
+
+/// PERSISTENT RESERVE IN, READ KEYS on LUN 0.
+fn read_keys(c: &mut RawConn) -> Vec<u64> {
+    let itt = c.itt();
+    let cmd = c.scsi_command(itt, &[0x5E, 0, 0, 0, 0, 0, 0, 1, 0, 0], true, false, 256);
+    assert!(c.send(&cmd));
+    let mut data = Vec::new();
+    loop {
+        let p = c.recv_until(|p| p.itt() == itt).pdu();
+        if p.opcode_byte() == 0x25 {
+            data.extend_from_slice(&p.data);
+            if p.bhs[1] & 0x01 != 0 {
+                break;
+            }
+        } else {
+            assert!(ScsiStatus::of(&p).good(), "READ KEYS failed");
+            break;
+        }
+    }
+    let len = data
+        .get(4..8)
+        .map_or(0, |l| u32::from_be_bytes(l.try_into().unwrap()));
+    data.get(8..8 + len as usize)
+        .unwrap_or(&[])
+        .chunks(8)
+        .map(|k| u64::from_be_bytes(k.try_into().unwrap()))
+        .collect()
+}
+
+const RESERVATION_CONFLICT: u8 = 0x18;
+
+/// WRITE(10) of one block at `lba`, waiting up to a minute for its status: the first
+/// write through a gateway may wait for the image's exclusive lock to move to it.
+fn write_block(c: &mut RawConn, lba: u32, data: &[u8]) -> ScsiStatus {
+    let itt = c.itt();
+    let cmd = c.scsi_command(itt, &rw10(0x2A, lba, 1), false, true, 512);
+    assert!(c.send(&cmd));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no status for WRITE within a minute"
+        );
+        let Recv::Pdu(p) = c.recv_within(Duration::from_secs(60)) else {
+            panic!("connection lost during WRITE");
+        };
+        if p.itt() != itt {
+            continue;
+        }
+        match p.opcode_byte() {
+            // R2T: the whole block in one Data-Out.
+            0x31 => {
+                let ttt = u32::from_be_bytes(p.bhs[20..24].try_into().unwrap());
+                let d = c.data_out(itt, ttt, 0, true, Bytes::copy_from_slice(data));
+                assert!(c.send(&d));
+            }
+            0x21 => return ScsiStatus::of(&p),
+            other => panic!("unexpected PDU {other:#x} during WRITE"),
+        }
+    }
+}
+
+fn login(g: &Gateway, initiator: &str) -> RawConn {
+    let mut c = RawConn::login(g.addr, initiator, false);
+    c.clear_unit_attention();
+    c
+}
+
+fn reservations(cluster: &Cluster, mut a: Gateway, b: &Gateway) -> Gateway {
+    let (key, block) = (0x1234_5678_9abc_def0u64, vec![0x77u8; 512]);
+    let mut x = login(&a, INITIATOR_IQN);
+    assert!(prout(&mut x, 0, 0, 0, key).good(), "REGISTER through A");
+    assert!(
+        prout(&mut x, 1, 1, key, 0).good(),
+        "RESERVE (Write Exclusive) through A"
+    );
+    let mut y = login(b, INITIATOR2_IQN);
+    assert_eq!(
+        write_block(&mut y, 4096, &block).status,
+        RESERVATION_CONFLICT
+    );
+    assert_eq!(read_keys(&mut y), vec![key]);
+    x.close();
+
+    // Gateway A goes away without a word and comes back: the state is in the cluster.
+    a.child.kill().unwrap();
+    let _ = a.child.wait();
+    drop(a);
+    let a = Gateway::start("a-again", 1, cluster);
+    let mut x = login(&a, INITIATOR_IQN);
+    assert_eq!(read_keys(&mut x), vec![key]);
+    assert_eq!(
+        write_block(&mut y, 4096, &block).status,
+        RESERVATION_CONFLICT
+    );
+    assert!(
+        write_block(&mut x, 4096, &block).good(),
+        "the holder writes"
+    );
+    assert!(
+        prout(&mut x, 3, 0, key, 0).good(),
+        "CLEAR through the new A"
+    );
+    // B learns of the CLEAR (unit attention RESERVATIONS PREEMPTED stays on A's side).
+    y.clear_unit_attention();
+    assert!(
+        write_block(&mut y, 4096, &block).good(),
+        "B writes once cleared"
+    );
+    x.close();
+    y.close();
+    a
 }
 
 /// Our initiator's CLI, built beside the daemon.
