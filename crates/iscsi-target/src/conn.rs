@@ -630,8 +630,17 @@ impl Conn {
         io
     }
 
-    fn count_aborts(&self, n: u64) {
+    /// Counts `n` tasks of LUN `lun` (wire form) ended by task management.
+    fn count_aborts(&mut self, n: u64, lun: u64) {
         self.info.session_io.aborted(n);
+        let lu = self
+            .session
+            .target
+            .as_ref()
+            .and_then(|t| t.luns.get(pdu::lun_from_wire(lun)));
+        if let Some(lu) = lu {
+            self.lu_io(&lu).aborted(n);
+        }
     }
 
     fn alloc_ttt(&mut self) -> u32 {
@@ -1032,7 +1041,7 @@ impl Conn {
             return false;
         };
         self.info.tasks.release(t.slot);
-        self.count_aborts(1);
+        self.count_aborts(1, t.cmd.lun);
         true
     }
 
@@ -1231,7 +1240,7 @@ impl Conn {
                     .abort_pending(|p| p.header.itt() == Some(reference))
                     > 0;
                 if found_pending {
-                    self.count_aborts(1);
+                    self.count_aborts(1, h.lun);
                 }
                 if found_here || found_pending {
                     tmf::FUNCTION_COMPLETE
@@ -1259,7 +1268,7 @@ impl Conn {
                 let n = self.session.abort_pending(
                     |p| matches!(&p.header, Header::ScsiCommand(c) if c.lun == h.lun),
                 );
-                self.count_aborts(n as u64);
+                self.count_aborts(n as u64, h.lun);
                 tmf::FUNCTION_COMPLETE
             }
             tmf::LOGICAL_UNIT_RESET => {

@@ -117,4 +117,34 @@ async fn a_write_waiting_for_data_shows_its_progress_then_counts_its_bytes() {
     let end = s.io.snapshot();
     assert_eq!(end.read_commands - after.read_commands, 2);
     assert_eq!(end.latency.count, end.commands);
+
+    // ABORT TASK of a write waiting for its data: counted for the session
+    // and the LU, and the task leaves the table.
+    let naa = t
+        .registry
+        .snapshot()
+        .lus
+        .values()
+        .next()
+        .unwrap()
+        .lu
+        .config()
+        .naa_id;
+    let lu_aborts = || {
+        t.registry
+            .sessions
+            .metrics
+            .lu_if_any(naa)
+            .map_or(0, |m| m.snapshot().task_aborts)
+    };
+    let lu_before = lu_aborts();
+    let sn = c.cmd_sn;
+    let (itt, pdu) = c.command(&write10_cdb(16, 8), 4096, false, true, true, Bytes::new());
+    c.send(&pdu).await;
+    assert!(matches!(c.recv().await.header, Header::R2t(_)));
+    let r = c.tmf(iscsi_proto::pdu::tmf::ABORT_TASK, 0, itt, sn).await;
+    assert_eq!(r, iscsi_proto::pdu::tmf::FUNCTION_COMPLETE);
+    assert_eq!(s.io.snapshot().task_aborts - end.task_aborts, 1);
+    assert_eq!(lu_aborts() - lu_before, 1);
+    assert!(!conn.info.tasks_in_flight().iter().any(|x| x.itt == itt));
 }
