@@ -1,5 +1,6 @@
 //! The initiator against our own daemon, when a release `iscsitd` is at hand
-//! (`$IRONSTAR_ISCSITD`, else `target/release/iscsitd` of the workspace).
+//! (`$IRONSTAR_ISCSITD`, else `release/iscsitd` under `$CARGO_TARGET_DIR` or the
+//! workspace's `target/`).
 //! tgt (tests/tgt.rs) is the proof; this one skips, saying so, without a
 //! daemon, unless `IRONSTAR_REQUIRE_PEERS=1` or `CI=true`.
 
@@ -83,7 +84,10 @@ fn start() -> Option<Daemon> {
     let bin = std::env::var_os("IRONSTAR_ISCSITD")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/release/iscsitd")
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"))
+                .join("release/iscsitd")
         });
     if !bin.is_file() {
         let msg = format!(
