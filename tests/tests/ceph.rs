@@ -9,7 +9,7 @@
 //!    through `rbd export`;
 //! 3. `rbd resize` on the cluster: the LU's new capacity is seen through both gateways;
 //! 4. `iscsi-test-cu --dataloss --test=ALL` against an RBD LU (both nexuses on gateway A),
-//!    then the MultipathIO suite with one URL per gateway;
+//!    then the MultipathIO and persistent reservation suites with one URL per gateway;
 //! 5. persistent reservations in the cluster: initiator X registers and takes Write
 //!    Exclusive through gateway A; initiator Y's write through gateway B gets RESERVATION
 //!    CONFLICT; A is killed and started again, and the keys and the reservation are still
@@ -287,6 +287,34 @@ fn compliance(a: &Gateway, b: &Gateway) {
     }
 }
 
+/// libiscsi's persistent reservation suites with one nexus per gateway: registrations and
+/// reservations made through one gateway must hold through the other.
+fn reservation_suites(a: &Gateway, b: &Gateway) {
+    for t in [
+        "PrinReadKeys",
+        "PrinServiceactionRange",
+        "PrinReportCapabilities",
+        "ProutRegister",
+        "ProutReserve",
+        "ProutClear",
+        "ProutPreempt",
+    ] {
+        let o = run(
+            Command::new("iscsi-test-cu")
+                .args(["--dataloss", &format!("--test=SCSI.{t}")])
+                .args(["-i", INITIATOR_IQN, "-I", INITIATOR2_IQN])
+                .arg(a.url(1))
+                .arg(b.url(1)),
+            Duration::from_secs(300),
+        );
+        let report = cunit::parse(&o.stdout);
+        assert!(
+            report.counts().total() >= 1 && report.failures().is_empty(),
+            "{t} across gateways:\n{o}"
+        );
+    }
+}
+
 /// Writes zeros over the first MiB of `lun` through gateway `g`.
 fn zero_start(g: &Gateway, lun: u32) {
     let zeros = g._dir.path().join("zeros");
@@ -394,6 +422,7 @@ fn rbd_lu_served_by_two_gateways() {
 
     // 4. Compliance on an RBD LU, and multipath across the two gateways.
     compliance(&a, &b);
+    reservation_suites(&a, &b);
     println!("compliance done after {:.1?}", started.elapsed());
 
     // 5. A reservation through A binds B and outlives A's restart.
