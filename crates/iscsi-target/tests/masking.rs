@@ -44,16 +44,6 @@ nop_in_interval = 0
     )
 }
 
-async fn on_lun(c: &mut Client, lun: u64, cdb: &[u8], edtl: u32, out: Option<&[u8]>) -> CmdResult {
-    let write = out.is_some();
-    let (itt, mut pdu) = c.command(cdb, edtl, edtl > 0 && !write, write, true, Bytes::new());
-    if let Header::ScsiCommand(h) = &mut pdu.header {
-        h.lun = lun_to_wire(lun);
-    }
-    c.send(&pdu).await;
-    c.finish(itt, out).await
-}
-
 async fn tmf_on(c: &mut Client, function: u8, lun: u64) -> u8 {
     let itt = c.itt();
     let pdu = Pdu::new(
@@ -79,7 +69,7 @@ async fn tmf_on(c: &mut Client, function: u8, lun: u64) -> u8 {
 
 async fn settle(c: &mut Client, lun: u64) {
     for _ in 0..4 {
-        if on_lun(c, lun, &[0u8; 6], 0, None).await.status == 0 {
+        if c.run_on(lun, &[0u8; 6], 0, None).await.status == 0 {
             return;
         }
     }
@@ -103,21 +93,16 @@ async fn an_initiator_outside_the_view_touches_the_lu_on_no_path() {
     settle(&mut other, 0).await;
     let secret = vec![0x5au8; 512];
     assert_eq!(
-        on_lun(&mut mine, 1, &write10_cdb(0, 1), 512, Some(&secret))
+        mine.run_on(1, &write10_cdb(0, 1), 512, Some(&secret))
             .await
             .status,
         0
     );
 
     // REPORT LUNS: LUN 1 is not there.
-    let rl = on_lun(
-        &mut other,
-        0,
-        &[0xA0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0],
-        1024,
-        None,
-    )
-    .await;
+    let rl = other
+        .run_on(0, &[0xA0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0], 1024, None)
+        .await;
     let luns: Vec<u16> = rl
         .data
         .get(8..)
@@ -128,35 +113,27 @@ async fn an_initiator_outside_the_view_touches_the_lu_on_no_path() {
     assert_eq!(luns, vec![0]);
 
     // I/O.
-    let read = on_lun(&mut other, 1, &read10_cdb(0, 1), 512, None).await;
+    let read = other.run_on(1, &read10_cdb(0, 1), 512, None).await;
     assert_eq!(read.sense_code(), NOT_SUPPORTED);
     assert!(
         read.data.is_empty(),
         "data leaked from an LU outside the view"
     );
-    let write = on_lun(&mut other, 1, &write10_cdb(0, 1), 512, Some(&[0xeeu8; 512])).await;
+    let write = other
+        .run_on(1, &write10_cdb(0, 1), 512, Some(&[0xeeu8; 512]))
+        .await;
     assert_eq!(write.sense_code(), NOT_SUPPORTED);
 
     // Persistent reservations: READ KEYS, and REGISTER of a key.
-    let keys = on_lun(
-        &mut other,
-        1,
-        &[0x5E, 0, 0, 0, 0, 0, 0, 0x04, 0, 0],
-        1024,
-        None,
-    )
-    .await;
+    let keys = other
+        .run_on(1, &[0x5E, 0, 0, 0, 0, 0, 0, 0x04, 0, 0], 1024, None)
+        .await;
     assert_eq!(keys.sense_code(), NOT_SUPPORTED);
     let mut params = [0u8; 24];
     params[8..16].copy_from_slice(&0x1234u64.to_be_bytes());
-    let register = on_lun(
-        &mut other,
-        1,
-        &[0x5F, 0x00, 0, 0, 0, 0, 0, 0, 24, 0],
-        24,
-        Some(&params),
-    )
-    .await;
+    let register = other
+        .run_on(1, &[0x5F, 0x00, 0, 0, 0, 0, 0, 0, 24, 0], 24, Some(&params))
+        .await;
     assert_eq!(register.sense_code(), NOT_SUPPORTED);
 
     // Task management.
@@ -174,22 +151,17 @@ async fn an_initiator_outside_the_view_touches_the_lu_on_no_path() {
     );
 
     // The owner saw none of it: no reset unit attention, no registration, data intact.
-    let tur = on_lun(&mut mine, 1, &[0u8; 6], 0, None).await;
+    let tur = mine.run_on(1, &[0u8; 6], 0, None).await;
     assert_eq!(tur.status, 0, "the owner got {:?}", tur.sense_code());
-    let keys = on_lun(
-        &mut mine,
-        1,
-        &[0x5E, 0, 0, 0, 0, 0, 0, 0x04, 0, 0],
-        1024,
-        None,
-    )
-    .await;
+    let keys = mine
+        .run_on(1, &[0x5E, 0, 0, 0, 0, 0, 0, 0x04, 0, 0], 1024, None)
+        .await;
     assert_eq!(keys.status, 0);
     assert_eq!(
         keys.data.get(4..8),
         Some(&[0u8, 0, 0, 0][..]),
         "a key was registered from outside the view"
     );
-    let back = on_lun(&mut mine, 1, &read10_cdb(0, 1), 512, None).await;
+    let back = mine.run_on(1, &read10_cdb(0, 1), 512, None).await;
     assert_eq!(back.data, secret);
 }

@@ -6,9 +6,7 @@
 
 mod common;
 
-use bytes::Bytes;
 use common::*;
-use iscsi_proto::pdu::{lun_to_wire, Header};
 
 const OTHER: &str = "iqn.2026-11.dev.ironstar:other";
 
@@ -46,25 +44,15 @@ nop_in_interval = 0
     )
 }
 
-/// Runs a no-data command (`cdb`) or REPORT LUNS on `lun`.
-async fn on_lun(c: &mut Client, lun: u64, cdb: &[u8], edtl: u32) -> CmdResult {
-    let (itt, mut pdu) = c.command(cdb, edtl, edtl > 0, false, true, Bytes::new());
-    if let Header::ScsiCommand(h) = &mut pdu.header {
-        h.lun = lun_to_wire(lun);
-    }
-    c.send(&pdu).await;
-    c.finish(itt, None).await
-}
-
 async fn tur(c: &mut Client, lun: u64) -> Option<(u8, u8, u8)> {
-    let r = on_lun(c, lun, &[0u8; 6], 0).await;
+    let r = c.run_on(lun, &[0u8; 6], 0, None).await;
     assert_eq!(r.status == 0, r.sense.is_none());
     r.sense_code()
 }
 
 async fn report_luns(c: &mut Client) -> Vec<u64> {
     let cdb = [0xA0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0];
-    let r = on_lun(c, 0, &cdb, 1024).await;
+    let r = c.run_on(0, &cdb, 1024, None).await;
     assert_eq!(r.status, 0, "{:?}", r.sense_code());
     r.data
         .get(8..)
@@ -125,7 +113,7 @@ async fn view_changes_reach_open_sessions_as_unit_attentions() {
     cfg.views.remove(0);
     t.registry.apply(&cfg, |_| Ok::<(), String>(())).unwrap();
     assert_eq!(tur(&mut a, 1).await, Some((5, 0x25, 0x00)));
-    let read = on_lun(&mut a, 1, &read10_cdb(0, 1), 512).await;
+    let read = a.run_on(1, &read10_cdb(0, 1), 512, None).await;
     assert_eq!(read.sense_code(), Some((5, 0x25, 0x00)));
     assert!(read.data.is_empty(), "no data from an LU outside the view");
     assert_eq!(tur(&mut a, 0).await, Some((6, 0x3F, 0x0E)));

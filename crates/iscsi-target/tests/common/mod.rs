@@ -228,6 +228,8 @@ pub struct Client {
     pub target_keys: HashMap<String, String>,
     /// The keys we sent in the operational stage.
     pub our_keys: HashMap<String, String>,
+    /// The LUN commands go to (see [`Client::run_on`]).
+    pub lun: u64,
 }
 
 pub fn text(pairs: &[(&str, &str)]) -> Vec<u8> {
@@ -259,6 +261,7 @@ impl Client {
             max_cmd_sn: 0,
             target_keys: HashMap::new(),
             our_keys: HashMap::new(),
+            lun: 0,
         }
     }
 
@@ -503,7 +506,7 @@ impl Client {
                 read,
                 write,
                 attr: iscsi_proto::pdu::task_attr::SIMPLE,
-                lun: 0,
+                lun: iscsi_proto::pdu::lun_to_wire(self.lun),
                 itt,
                 expected_data_transfer_length: edtl,
                 cmd_sn: self.cmd_sn,
@@ -634,6 +637,20 @@ impl Client {
                 self.finish(itt, Some(data)).await
             }
         }
+    }
+
+    /// [`Client::run`] on `lun` instead of LUN 0.
+    pub async fn run_on(
+        &mut self,
+        lun: u64,
+        cdb: &[u8],
+        edtl_in: u32,
+        data_out: Option<&[u8]>,
+    ) -> CmdResult {
+        let before = std::mem::replace(&mut self.lun, lun);
+        let r = self.run(cdb, edtl_in, data_out).await;
+        self.lun = before;
+        r
     }
 
     pub async fn tur(&mut self) -> CmdResult {
