@@ -365,7 +365,17 @@ fn rbd_lu_served_by_two_gateways() {
     let b = Gateway::start("b", 2, &cluster);
     println!("cluster and gateways up after {:.1?}", started.elapsed());
 
-    // 1. Same LU on both gateways.
+    // 1. Same LU on both gateways; each gateway its own target port group, A's preferred.
+    for g in [&a, &b] {
+        let mut c = login(g, INITIATOR_IQN);
+        assert_eq!(
+            target_port_groups(&mut c),
+            vec![(1, 0, true), (2, 1, false)],
+            "REPORT TARGET PORT GROUPS through {}",
+            g.addr
+        );
+        c.close();
+    }
     let (ia, ib) = (lu_identity(&a.url(0)), lu_identity(&b.url(0)));
     assert!(ia.contains("ceph-lu0"), "{ia}");
     assert_eq!(ia, ib, "the gateways disagree on the LU's identity");
@@ -452,8 +462,39 @@ fn prout(c: &mut RawConn, sa: u8, ptype: u8, key: u64, sa_key: u64) -> ScsiStatu
 
 /// PERSISTENT RESERVE IN, READ KEYS on LUN 0.
 fn read_keys(c: &mut RawConn) -> Vec<u64> {
+    let data = data_in(c, &[0x5E, 0, 0, 0, 0, 0, 0, 1, 0, 0], 256);
+    let len = data
+        .get(4..8)
+        .map_or(0, |l| u32::from_be_bytes(l.try_into().unwrap()));
+    data.get(8..8 + len as usize)
+        .unwrap_or(&[])
+        .chunks(8)
+        .map(|k| u64::from_be_bytes(k.try_into().unwrap()))
+        .collect()
+}
+
+/// REPORT TARGET PORT GROUPS on LUN 0: (group id, asymmetric access state, PREF) of each
+/// descriptor.
+fn target_port_groups(c: &mut RawConn) -> Vec<(u16, u8, bool)> {
+    let d = data_in(c, &[0xA3, 0x0A, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], 256);
+    let mut out = Vec::new();
+    let mut at = 4;
+    while at + 8 <= d.len() {
+        let ports = usize::from(d[at + 7]);
+        out.push((
+            u16::from_be_bytes([d[at + 2], d[at + 3]]),
+            d[at] & 0x0F,
+            d[at] & 0x80 != 0,
+        ));
+        at += 8 + 4 * ports;
+    }
+    out
+}
+
+/// A command with data-in on LUN 0; the data.
+fn data_in(c: &mut RawConn, cdb: &[u8], alloc: u32) -> Vec<u8> {
     let itt = c.itt();
-    let cmd = c.scsi_command(itt, &[0x5E, 0, 0, 0, 0, 0, 0, 1, 0, 0], true, false, 256);
+    let cmd = c.scsi_command(itt, cdb, true, false, alloc);
     assert!(c.send(&cmd));
     let mut data = Vec::new();
     loop {
@@ -464,18 +505,11 @@ fn read_keys(c: &mut RawConn) -> Vec<u64> {
                 break;
             }
         } else {
-            assert!(ScsiStatus::of(&p).good(), "READ KEYS failed");
+            assert!(ScsiStatus::of(&p).good(), "command {:#x} failed", cdb[0]);
             break;
         }
     }
-    let len = data
-        .get(4..8)
-        .map_or(0, |l| u32::from_be_bytes(l.try_into().unwrap()));
-    data.get(8..8 + len as usize)
-        .unwrap_or(&[])
-        .chunks(8)
-        .map(|k| u64::from_be_bytes(k.try_into().unwrap()))
-        .collect()
+    data
 }
 
 const RESERVATION_CONFLICT: u8 = 0x18;
