@@ -7,126 +7,74 @@
 //! data and identity; offline-target refuses logins. Skipped when the
 //! libiscsi or qemu tools are not installed.
 
+mod common;
+
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::*;
 use serde_json::Value;
 
 const TARGET: &str = "iqn.2026-11.dev.ironstar:inspect0";
 
-fn bin(name: &str) -> PathBuf {
-    match name {
-        "itadm" => PathBuf::from(env!("CARGO_BIN_EXE_itadm")),
-        "stmfadm" => PathBuf::from(env!("CARGO_BIN_EXE_stmfadm")),
-        _ => {
-            static BUILT: std::sync::Once = std::sync::Once::new();
-            BUILT.call_once(|| {
-                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-                let ok = Command::new(cargo)
-                    .args(["build", "-p", "iscsitd"])
-                    .status()
-                    .unwrap()
-                    .success();
-                assert!(ok, "cannot build iscsitd");
-            });
-            Path::new(env!("CARGO_BIN_EXE_itadm")).with_file_name(name)
-        }
-    }
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
-/// A daemon on a temporary config and socket, with one TPG and TARGET.
-struct Daemon {
-    child: Child,
-    sock: PathBuf,
+/// A daemon (common's) with one TPG on a free loopback portal and TARGET on
+/// it; its directory goes when it does.
+struct Fixture {
+    d: Daemon,
     dir: PathBuf,
     portal: String,
 }
 
-impl Drop for Daemon {
+impl Deref for Fixture {
+    type Target = Daemon;
+    fn deref(&self) -> &Daemon {
+        &self.d
+    }
+}
+
+impl Drop for Fixture {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // The daemon first, so nothing writes into the directory as it goes.
+        let _ = self.d.child.kill();
+        let _ = self.d.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start(tag: &str) -> Daemon {
-    let dir = std::env::temp_dir().join(format!("ironstar-inspect-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("iscsitd.toml"), "").unwrap();
-    let sock = dir.join("s.sock");
-    let child = Command::new(bin("iscsitd"))
-        .arg("--config")
-        .arg(dir.join("iscsitd.toml"))
-        .arg("--socket")
-        .arg(&sock)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(&sock).is_err() {
-        assert!(Instant::now() < deadline, "iscsitd did not open its socket");
-        std::thread::sleep(Duration::from_millis(50));
+impl Fixture {
+    fn url(&self, lun: u32) -> String {
+        format!("iscsi://{}/{TARGET}/{lun}", self.portal)
     }
-    let portal = format!("127.0.0.1:{}", free_port());
-    let d = Daemon {
-        child,
-        sock,
-        dir,
-        portal,
-    };
-    ok(&d, "itadm", &["create-tpg", "1", &d.portal]);
-    ok(&d, "itadm", &["create-target", "-n", TARGET, "-t", "1"]);
-    d
 }
 
-fn run(d: &Daemon, tool: &str, args: &[&str]) -> Output {
-    Command::new(bin(tool))
-        .arg("--socket")
-        .arg(&d.sock)
-        .args(args)
+fn start(tag: &str) -> Fixture {
+    let dir = tmpdir(&format!("inspect-{tag}"));
+    std::fs::write(dir.join("iscsitd.toml"), "").unwrap();
+    let d = Daemon::start(&dir);
+    let portal = format!("127.0.0.1:{}", free_port());
+    d.admin("itadm", &["create-tpg", "1", &portal]);
+    d.admin("itadm", &["create-target", "-n", TARGET, "-t", "1"]);
+    Fixture { d, dir, portal }
+}
+
+/// `qemu-img convert` (raw to raw) with a deadline; `extra` goes before the
+/// formats.
+fn qemu_convert(
+    extra: &[&str],
+    from: impl AsRef<std::ffi::OsStr>,
+    to: impl AsRef<std::ffi::OsStr>,
+) -> Output {
+    Command::new("timeout")
+        .args(["30", "qemu-img", "convert"])
+        .args(extra)
+        .args(["-f", "raw", "-O", "raw"])
+        .arg(from)
+        .arg(to)
         .output()
         .unwrap()
-}
-
-fn ok(d: &Daemon, tool: &str, args: &[&str]) -> String {
-    let out = run(d, tool, args);
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn json(d: &Daemon, tool: &str, args: &[&str]) -> Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    serde_json::from_str(&ok(d, tool, &all)).unwrap()
-}
-
-fn url(d: &Daemon, lun: u32) -> String {
-    format!("iscsi://{}/{TARGET}/{lun}", d.portal)
 }
 
 /// iscsi-perf in the background, its libiscsi log (LIBISCSI_DEBUG=6: the
@@ -143,7 +91,7 @@ impl Drop for Load {
     }
 }
 
-fn load(d: &Daemon, lun: u32, tag: &str) -> Load {
+fn load(d: &Fixture, lun: u32, tag: &str) -> Load {
     let log = d.dir.join(format!("perf-{tag}.log"));
     let child = Command::new("iscsi-perf")
         .args([
@@ -154,7 +102,7 @@ fn load(d: &Daemon, lun: u32, tag: &str) -> Load {
             "-i",
             &format!("iqn.1994-05.com.example:{tag}"),
         ])
-        .arg(url(d, lun))
+        .arg(d.url(lun))
         .env("LIBISCSI_DEBUG", "6")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -207,27 +155,16 @@ fn sessions_in_inspect(v: &Value) -> Vec<Value> {
         .collect()
 }
 
-fn skip_without(tools: &[&str]) -> bool {
-    for t in tools {
-        if !have(t) {
-            eprintln!("skipped: {t} is not installed");
-            return true;
-        }
-    }
-    false
-}
-
 #[test]
 fn a_libiscsi_session_shows_with_the_values_it_negotiated_and_its_tasks_in_flight() {
-    if skip_without(&["iscsi-perf"]) {
+    if !require(&["iscsi-perf"]) {
         return;
     }
     let d = start("session");
     // A file LU: its commands run on blocking threads, so tasks stay in
     // flight long enough to be seen.
     let img = d.dir.join("f.img");
-    ok(
-        &d,
+    d.admin(
         "stmfadm",
         &[
             "create-lu",
@@ -238,10 +175,10 @@ fn a_libiscsi_session_shows_with_the_values_it_negotiated_and_its_tasks_in_fligh
             img.to_str().unwrap(),
         ],
     );
-    ok(&d, "stmfadm", &["add-view", "-n", "0", "f"]);
+    d.admin("stmfadm", &["add-view", "-n", "0", "f"]);
     let perf = load(&d, 0, "perf");
     let sessions = wait_for("the session", || {
-        let v = json(&d, "itadm", &["list-session", "-v"]);
+        let v = d.json("itadm", &["list-session", "-v"]);
         let a = v.as_array()?.clone();
         // The session exists from the login's bind; its connection joins
         // it once the final Login Response is out.
@@ -280,7 +217,7 @@ fn a_libiscsi_session_shows_with_the_values_it_negotiated_and_its_tasks_in_fligh
         libiscsi_local_addr(&perf.log).as_deref()
     );
     assert_eq!(conn["state"], "S5 LOGGED_IN");
-    let text = ok(&d, "itadm", &["list-session", "-v"]);
+    let text = d.admin("itadm", &["list-session", "-v"]);
     assert!(
         text.contains("iqn.1994-05.com.example:perf") && text.contains("MaxBurstLength"),
         "{text}"
@@ -288,7 +225,7 @@ fn a_libiscsi_session_shows_with_the_values_it_negotiated_and_its_tasks_in_fligh
     // inspect: the same session under target → TPG, its transitions, its
     // connection's transitions (S1 → S3 → S4 → S5), tasks in flight.
     let (sess, tasks) = wait_for("tasks in flight", || {
-        let v = json(&d, "itadm", &["inspect"]);
+        let v = d.json("itadm", &["inspect"]);
         let ss = sessions_in_inspect(&v);
         let s = ss.first()?.clone();
         let tasks = s["connections"][0]["tasks"].as_array()?.clone();
@@ -322,14 +259,14 @@ fn a_libiscsi_session_shows_with_the_values_it_negotiated_and_its_tasks_in_fligh
     // LU is held by the registry and by the session's LUN map.
     let holders = sess["holders"].to_string();
     assert!(holders.contains("session table"), "{holders}");
-    let v = json(&d, "itadm", &["inspect", TARGET]);
+    let v = d.json("itadm", &["inspect", TARGET]);
     let lu = v["lus"][0]["holders"].to_string();
     assert!(
         lu.contains("LU registry") && lu.contains(&format!("session TSIH {}", s["tsih"])),
         "{lu}"
     );
     // The readable tree shows the same.
-    let tree = ok(&d, "itadm", &["inspect"]);
+    let tree = d.admin("itadm", &["inspect"]);
     for want in [
         "Target iqn.2026-11.dev.ironstar:inspect0",
         "TPG 1",
@@ -341,14 +278,14 @@ fn a_libiscsi_session_shows_with_the_values_it_negotiated_and_its_tasks_in_fligh
         assert!(tree.contains(want), "{want} missing:\n{tree}");
     }
     // list-target -v counts the session and its I/O.
-    let lt = json(&d, "itadm", &["list-target", "-v"]);
+    let lt = d.json("itadm", &["list-target", "-v"]);
     assert_eq!(lt[0]["sessions"], 1);
     assert!(lt[0]["counters"]["read_commands"].as_u64().unwrap() > 0);
     drop(perf);
 }
 
 fn metrics_of(d: &Daemon) -> Value {
-    json(d, "itadm", &["metrics"])
+    d.json("itadm", &["metrics"])
 }
 
 fn lu_counter(m: &Value, guid: &str, k: &str) -> u64 {
@@ -375,17 +312,16 @@ fn http_get(addr: &str, path: &str) -> String {
 
 #[test]
 fn counters_move_by_the_bytes_written_and_prometheus_text_parses() {
-    if skip_without(&["qemu-img"]) {
+    if !require(&["qemu-img"]) {
         return;
     }
     let d = start("metrics");
-    let lu = json(
-        &d,
+    let lu = d.json(
         "stmfadm",
         &["create-lu", "-s", "16M", "-p", "alias=m", "memory"],
     );
     let guid = lu["guid"].as_str().unwrap().to_string();
-    ok(&d, "stmfadm", &["add-view", "-n", "0", "m"]);
+    d.admin("stmfadm", &["add-view", "-n", "0", "m"]);
     // Exactly 1 MiB + 4 KiB of random data (no zero run to skip).
     let n: u64 = (1 << 20) + 4096;
     let src = d.dir.join("src.bin");
@@ -399,14 +335,7 @@ fn counters_move_by_the_bytes_written_and_prometheus_text_parses() {
     }
     std::fs::write(&src, &data).unwrap();
     let before = metrics_of(&d);
-    let out = Command::new("timeout")
-        .args([
-            "30", "qemu-img", "convert", "-n", "-S", "0", "-f", "raw", "-O", "raw",
-        ])
-        .arg(&src)
-        .arg(url(&d, 0))
-        .output()
-        .unwrap();
+    let out = qemu_convert(&["-n", "-S", "0"], &src, d.url(0));
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         if err.contains("Unknown protocol") || err.contains("iscsi") && err.contains("not") {
@@ -432,22 +361,21 @@ fn counters_move_by_the_bytes_written_and_prometheus_text_parses() {
         "every command has a latency"
     );
     // list-lu -v shows the same numbers.
-    let l = json(&d, "stmfadm", &["list-lu", "-v", &guid]);
+    let l = d.json("stmfadm", &["list-lu", "-v", &guid]);
     assert_eq!(
         l[0]["counters"]["bytes_written"].as_u64().unwrap(),
         lu_counter(&after, &guid, "bytes_written")
     );
     // Prometheus: only loopback, switched on live, every line parses.
-    let bad = run(
-        &d,
+    let bad = d.run(
         "itadm",
         &["modify-defaults", "--metrics-listen", "0.0.0.0:9"],
     );
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("loopback"));
     let addr = format!("127.0.0.1:{}", free_port());
-    ok(&d, "itadm", &["modify-defaults", "--metrics-listen", &addr]);
-    let defaults = json(&d, "itadm", &["list-defaults"]);
+    d.admin("itadm", &["modify-defaults", "--metrics-listen", &addr]);
+    let defaults = d.json("itadm", &["list-defaults"]);
     assert_eq!(defaults["metrics_listen"], addr.as_str());
     let resp = http_get(&addr, "/metrics");
     let (head, body) = resp.split_once("\r\n\r\n").unwrap();
@@ -495,20 +423,19 @@ fn counters_move_by_the_bytes_written_and_prometheus_text_parses() {
     );
     assert!(http_get(&addr, "/other").starts_with("HTTP/1.1 404"));
     // Off again: the port closes; the setting survives in the document.
-    ok(&d, "itadm", &["modify-defaults", "--metrics-listen", "off"]);
+    d.admin("itadm", &["modify-defaults", "--metrics-listen", "off"]);
     std::thread::sleep(Duration::from_millis(200));
     assert!(std::net::TcpStream::connect(&addr).is_err());
 }
 
 #[test]
 fn import_lu_brings_back_data_and_identity() {
-    if skip_without(&["qemu-img", "iscsi-inq"]) {
+    if !require(&["qemu-img", "iscsi-inq"]) {
         return;
     }
     let d = start("import");
     let img = d.dir.join("db.img");
-    let created = json(
-        &d,
+    let created = d.json(
         "stmfadm",
         &[
             "create-lu",
@@ -530,18 +457,11 @@ fn import_lu_brings_back_data_and_identity() {
         .as_str()
         .unwrap()
         .ends_with("db.img.ironstar-lu"));
-    ok(&d, "stmfadm", &["add-view", "-n", "0", "db"]);
+    d.admin("stmfadm", &["add-view", "-n", "0", "db"]);
     let src = d.dir.join("data.bin");
     let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8 | 1).collect();
     std::fs::write(&src, &data).unwrap();
-    let w = Command::new("timeout")
-        .args([
-            "30", "qemu-img", "convert", "-n", "-S", "0", "-f", "raw", "-O", "raw",
-        ])
-        .arg(&src)
-        .arg(url(&d, 0))
-        .output()
-        .unwrap();
+    let w = qemu_convert(&["-n", "-S", "0"], &src, d.url(0));
     if !w.status.success() {
         eprintln!(
             "skipped: qemu-img cannot write over iSCSI: {}",
@@ -549,21 +469,21 @@ fn import_lu_brings_back_data_and_identity() {
         );
         return;
     }
-    let before = json(&d, "stmfadm", &["list-lu", "-v", "db"]);
+    let before = d.json("stmfadm", &["list-lu", "-v", "db"]);
     // Gone from the registry; data and sidecar stay.
-    ok(&d, "stmfadm", &["delete-lu", "db"]);
-    assert!(!run(&d, "stmfadm", &["list-lu", "db"]).status.success());
+    d.admin("stmfadm", &["delete-lu", "db"]);
+    assert!(!d.run("stmfadm", &["list-lu", "db"]).status.success());
     assert!(img.exists());
     // A file with no metadata is refused with a reason.
     let bare = d.dir.join("bare.img");
     std::fs::write(&bare, vec![0u8; 1 << 20]).unwrap();
-    let r = run(&d, "stmfadm", &["import-lu", bare.to_str().unwrap()]);
+    let r = d.run("stmfadm", &["import-lu", bare.to_str().unwrap()]);
     assert!(!r.status.success());
     assert!(String::from_utf8_lossy(&r.stderr).contains("ironstar-lu"));
     // Imported: the same identity.
-    let imported = json(&d, "stmfadm", &["import-lu", img.to_str().unwrap()]);
+    let imported = d.json("stmfadm", &["import-lu", img.to_str().unwrap()]);
     assert_eq!(imported["guid"], guid.as_str());
-    let after = json(&d, "stmfadm", &["list-lu", "-v", "db"]);
+    let after = d.json("stmfadm", &["list-lu", "-v", "db"]);
     for k in [
         "guid",
         "alias",
@@ -578,26 +498,18 @@ fn import_lu_brings_back_data_and_identity() {
         assert_eq!(after[0][k], before[0][k], "{k}");
     }
     // Importing it twice is refused.
-    assert!(!run(&d, "stmfadm", &["import-lu", img.to_str().unwrap()])
+    assert!(!d
+        .run("stmfadm", &["import-lu", img.to_str().unwrap()])
         .status
         .success());
     // The data is there, and the initiator sees the same serial.
-    ok(&d, "stmfadm", &["add-view", "-n", "0", "db"]);
+    d.admin("stmfadm", &["add-view", "-n", "0", "db"]);
     let back = d.dir.join("back.bin");
-    let r = Command::new("timeout")
-        .args(["30", "qemu-img", "convert", "-f", "raw", "-O", "raw"])
-        .arg(url(&d, 0))
-        .arg(&back)
-        .output()
-        .unwrap();
+    let r = qemu_convert(&[], d.url(0), &back);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let got = std::fs::read(&back).unwrap();
     assert_eq!(got.get(..data.len()), Some(&data[..]));
-    let inq = Command::new("iscsi-inq")
-        .args(["-e", "1", "-c", "128"])
-        .arg(url(&d, 0))
-        .output()
-        .unwrap();
+    let inq = iscsi("iscsi-inq", &["-e", "1", "-c", "128", &d.url(0)]);
     assert!(
         String::from_utf8_lossy(&inq.stdout).contains("SN-DB-1"),
         "{}",
@@ -607,63 +519,50 @@ fn import_lu_brings_back_data_and_identity() {
 
 #[test]
 fn an_offline_target_logs_its_sessions_out_and_refuses_logins() {
-    if skip_without(&["iscsi-perf", "iscsi-inq", "iscsi-ls"]) {
+    if !require(&["iscsi-perf", "iscsi-inq", "iscsi-ls"]) {
         return;
     }
     let d = start("offline");
-    ok(
-        &d,
+    d.admin(
         "stmfadm",
         &["create-lu", "-s", "16M", "-p", "alias=m", "memory"],
     );
-    ok(&d, "stmfadm", &["add-view", "-n", "0", "m"]);
+    d.admin("stmfadm", &["add-view", "-n", "0", "m"]);
     let perf = load(&d, 0, "victim");
     wait_for("the session", || {
-        let v = json(&d, "itadm", &["list-session"]);
+        let v = d.json("itadm", &["list-session"]);
         (v.as_array()?.len() == 1).then_some(())
     });
-    let off = json(&d, "stmfadm", &["offline-target", TARGET]);
+    let off = d.json("stmfadm", &["offline-target", TARGET]);
     assert_eq!(off["sessions_logged_out"], 1);
     wait_for("no session", || {
-        let v = json(&d, "itadm", &["list-session"]);
+        let v = d.json("itadm", &["list-session"]);
         v.as_array()?.is_empty().then_some(())
     });
-    let lt = json(&d, "itadm", &["list-target", TARGET]);
+    let lt = d.json("itadm", &["list-target", TARGET]);
     assert_eq!(lt[0]["operational_status"], "offline");
     // Logins are refused, discovery does not offer it.
-    let inq = Command::new("timeout")
-        .args(["20", "iscsi-inq"])
-        .arg(url(&d, 0))
-        .output()
-        .unwrap();
+    let inq = iscsi("iscsi-inq", &[&d.url(0)]);
     assert!(!inq.status.success());
-    let ls = Command::new("timeout")
-        .args(["20", "iscsi-ls"])
-        .arg(format!("iscsi://{}", d.portal))
-        .output()
-        .unwrap();
+    let ls = iscsi("iscsi-ls", &[&format!("iscsi://{}", d.portal)]);
     assert!(!String::from_utf8_lossy(&ls.stdout).contains(TARGET));
     // Twice is refused with a reason; online again serves.
-    let again = run(&d, "stmfadm", &["offline-target", TARGET]);
+    let again = d.run("stmfadm", &["offline-target", TARGET]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already offline"));
     drop(perf);
-    ok(&d, "stmfadm", &["online-target", TARGET]);
-    let inq = Command::new("timeout")
-        .args(["20", "iscsi-inq"])
-        .arg(url(&d, 0))
-        .output()
-        .unwrap();
+    d.admin("stmfadm", &["online-target", TARGET]);
+    let inq = iscsi("iscsi-inq", &[&d.url(0)]);
     assert!(
         inq.status.success(),
         "{}",
         String::from_utf8_lossy(&inq.stderr)
     );
-    assert!(!run(
-        &d,
-        "stmfadm",
-        &["offline-target", "iqn.2026-11.dev.ironstar:nope"]
-    )
-    .status
-    .success());
+    assert!(!d
+        .run(
+            "stmfadm",
+            &["offline-target", "iqn.2026-11.dev.ironstar:nope"]
+        )
+        .status
+        .success());
 }

@@ -4,151 +4,43 @@
 //! LUs and views appear without a restart, masking hides an LU from another
 //! initiator, and the configuration survives a SIGKILL and restart.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
-use std::time::{Duration, Instant};
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
 
 const TARGET: &str = "iqn.2026-11.dev.ironstar:live0";
 const INI_A: &str = "iqn.1994-05.com.example:alpha";
 const INI_B: &str = "iqn.1994-05.com.example:beta";
 
-fn bin(name: &str) -> PathBuf {
-    match name {
-        "itadm" => PathBuf::from(env!("CARGO_BIN_EXE_itadm")),
-        "stmfadm" => PathBuf::from(env!("CARGO_BIN_EXE_stmfadm")),
-        _ => {
-            // The daemon is another package: build it (once) so the test
-            // never runs a stale binary.
-            static BUILT: std::sync::Once = std::sync::Once::new();
-            BUILT.call_once(|| {
-                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-                let ok = Command::new(cargo)
-                    .args(["build", "-p", "iscsitd"])
-                    .status()
-                    .unwrap()
-                    .success();
-                assert!(ok, "cannot build iscsitd");
-            });
-            Path::new(env!("CARGO_BIN_EXE_itadm")).with_file_name(name)
-        }
-    }
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
-struct Daemon {
-    child: Child,
-    sock: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(dir: &Path) -> Daemon {
-    let sock = dir.join("s.sock");
-    let child = Command::new(bin("iscsitd"))
-        .arg("--config")
-        .arg(dir.join("iscsitd.toml"))
-        .arg("--socket")
-        .arg(&sock)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(&sock).is_err() {
-        assert!(Instant::now() < deadline, "iscsitd did not open its socket");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Daemon { child, sock }
-}
-
-fn admin(d: &Daemon, tool: &str, args: &[&str]) -> String {
-    let out = run(d, tool, args);
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn run(d: &Daemon, tool: &str, args: &[&str]) -> Output {
-    Command::new(bin(tool))
-        .arg("--socket")
-        .arg(&d.sock)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn iscsi(tool: &str, args: &[&str]) -> Output {
-    Command::new("timeout")
-        .arg("20")
-        .arg(tool)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ironstar-admin-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn ls(portal: &str, initiator: &str) -> String {
-    let out = iscsi(
-        "iscsi-ls",
-        &["-s", "-i", initiator, &format!("iscsi://{portal}")],
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// What `iscsi-ls -s` shows `initiator` (empty when it failed).
+fn listing(portal: &str, initiator: &str) -> String {
+    String::from_utf8_lossy(&ls(portal, initiator, &[]).stdout).into_owned()
 }
 
 #[test]
 fn targets_lus_and_views_go_live_masking_holds_and_config_survives_restart() {
-    if !have("iscsi-ls") {
-        eprintln!("skipped: libiscsi-bin (iscsi-ls) is not installed");
+    if !require(&["iscsi-ls"]) {
         return;
     }
     let dir = tmpdir("live");
     let port = free_port();
     let portal = format!("127.0.0.1:{port}");
     std::fs::write(dir.join("iscsitd.toml"), "").unwrap();
-    let d = start(&dir);
+    let d = Daemon::start(&dir);
     // A portal group and a target, live.
-    admin(&d, "itadm", &["create-tpg", "1", &portal]);
-    admin(&d, "itadm", &["create-target", "-n", TARGET, "-t", "1"]);
-    assert!(ls(&portal, INI_A).contains(TARGET));
+    d.admin("itadm", &["create-tpg", "1", &portal]);
+    d.admin("itadm", &["create-target", "-n", TARGET, "-t", "1"]);
+    assert!(listing(&portal, INI_A).contains(TARGET));
     // Two LUs: "secret" only for host group hga at LUN 0, a file LU for all at LUN 1.
     let img = dir.join("shared.img");
-    admin(
-        &d,
+    d.admin(
         "stmfadm",
         &["create-lu", "-s", "16M", "-p", "alias=secret", "memory"],
     );
-    admin(
-        &d,
+    d.admin(
         "stmfadm",
         &[
             "create-lu",
@@ -159,16 +51,12 @@ fn targets_lus_and_views_go_live_masking_holds_and_config_survives_restart() {
             img.to_str().unwrap(),
         ],
     );
-    admin(&d, "stmfadm", &["create-hg", "hga"]);
-    admin(&d, "stmfadm", &["add-hg-member", "-g", "hga", INI_A]);
-    admin(
-        &d,
-        "stmfadm",
-        &["add-view", "-h", "hga", "-n", "0", "secret"],
-    );
-    admin(&d, "stmfadm", &["add-view", "-n", "1", "shared"]);
-    let a = ls(&portal, INI_A);
-    let b = ls(&portal, INI_B);
+    d.admin("stmfadm", &["create-hg", "hga"]);
+    d.admin("stmfadm", &["add-hg-member", "-g", "hga", INI_A]);
+    d.admin("stmfadm", &["add-view", "-h", "hga", "-n", "0", "secret"]);
+    d.admin("stmfadm", &["add-view", "-n", "1", "shared"]);
+    let a = listing(&portal, INI_A);
+    let b = listing(&portal, INI_B);
     assert!(
         a.contains("Lun:0") && a.contains("Lun:1"),
         "alpha sees both:\n{a}"
@@ -181,7 +69,7 @@ fn targets_lus_and_views_go_live_masking_holds_and_config_survives_restart() {
     assert!(!iscsi("iscsi-inq", &["-i", INI_B, &url0]).status.success());
     assert!(iscsi("iscsi-inq", &["-i", INI_A, &url0]).status.success());
     // Grow online.
-    admin(&d, "stmfadm", &["modify-lu", "-s", "32M", "secret"]);
+    d.admin("stmfadm", &["modify-lu", "-s", "32M", "secret"]);
     let cap = iscsi("iscsi-readcapacity16", &["-i", INI_A, &url0]);
     let cap = String::from_utf8_lossy(&cap.stdout).into_owned();
     assert!(
@@ -189,9 +77,9 @@ fn targets_lus_and_views_go_live_masking_holds_and_config_survives_restart() {
         "{cap}"
     );
     // Tables and JSON.
-    let lt = admin(&d, "itadm", &["list-target", "-v"]);
+    let lt = d.admin("itadm", &["list-target", "-v"]);
     assert!(lt.contains(TARGET) && lt.contains("SESSIONS"), "{lt}");
-    let lv = admin(&d, "stmfadm", &["--json", "list-view", "-l", "secret"]);
+    let lv = d.admin("stmfadm", &["--json", "list-view", "-l", "secret"]);
     assert!(lv.contains("\"hga\""), "{lv}");
     // Bad input: refused, readable, non-zero, nothing changes.
     for (tool, args) in [
@@ -201,7 +89,7 @@ fn targets_lus_and_views_go_live_masking_holds_and_config_survives_restart() {
         ("stmfadm", vec!["create-lu", "-s", "12 parsecs", "memory"]),
         ("stmfadm", vec!["modify-lu", "-s", "1M", "secret"]),
     ] {
-        let out = run(&d, tool, &args);
+        let out = d.run(tool, &args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{tool} {args:?} succeeded");
         assert!(
@@ -210,15 +98,11 @@ fn targets_lus_and_views_go_live_masking_holds_and_config_survives_restart() {
         );
     }
     // Malformed JSON-RPC gets an error answer; the daemon carries on.
-    let s = UnixStream::connect(&d.sock).unwrap();
-    (&s).write_all(
+    let answers = d.rpc_lines(
         b"{not json\n[]\n{\"jsonrpc\":\"2.0\",\"id\":7,\"method\":\"list-lu\",\"params\":5}\n",
-    )
-    .unwrap();
-    let mut r = BufReader::new(&s);
-    for want in ["-32700", "-32600", "-32602"] {
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap();
+        3,
+    );
+    for (line, want) in answers.iter().zip(["-32700", "-32600", "-32602"]) {
         assert!(line.contains(want), "{line}");
     }
     // SIGKILL and restart: the configuration is what it was.
@@ -234,21 +118,21 @@ fn targets_lus_and_views_go_live_masking_holds_and_config_survives_restart() {
         "{}",
         String::from_utf8_lossy(&check.stderr)
     );
-    let d = start(&dir);
+    let d = Daemon::start(&dir);
     assert_eq!(
         std::fs::read_to_string(dir.join("iscsitd.toml")).unwrap(),
         before
     );
-    let a = ls(&portal, INI_A);
-    let b = ls(&portal, INI_B);
+    let a = listing(&portal, INI_A);
+    let b = listing(&portal, INI_B);
     assert!(
         a.contains("Lun:0") && a.contains("Lun:1"),
         "after restart:\n{a}"
     );
     assert!(!b.contains("Lun:0"), "after restart:\n{b}");
     // Delete the target (no session left open): it is gone from discovery.
-    admin(&d, "itadm", &["delete-target", TARGET]);
-    assert!(!ls(&portal, INI_A).contains(TARGET));
+    d.admin("itadm", &["delete-target", TARGET]);
+    assert!(!listing(&portal, INI_A).contains(TARGET));
     drop(d);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -126,6 +126,13 @@ impl Daemon {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Runs a CLI verb with `--json`; asserts it succeeded; its answer.
+    pub fn json(&self, tool: &str, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.admin(tool, &all)).unwrap()
+    }
+
     pub fn run(&self, tool: &str, args: &[&str]) -> Output {
         Command::new(bin(tool))
             .arg("--socket")
