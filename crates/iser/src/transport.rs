@@ -1285,24 +1285,8 @@ mod tests {
     /// the immediate data.
     #[tokio::test]
     async fn target_reads_from_a_linux_style_write_va() {
-        use crate::verbs::{Access, LocalSlice, QueuePair};
-        let fab = Emulation::new();
-        let mut l = fab.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = l.local_addr();
-        let f2 = fab.clone();
-        let ini = tokio::spawn(async move {
-            f2.connect(addr, QpConfig::default(), &CmHeader::OURS.encode(), |_| {
-                Ok(())
-            })
-            .await
-            .unwrap()
-            .0
-        });
-        let req = l.next_request().await.unwrap();
-        let tgt = IserTransport::accept(req, IserConfig::default())
-            .await
-            .unwrap();
-        let qp = ini.await.unwrap();
+        use crate::verbs::{Access, QueuePair};
+        let (_fab, qp, tgt) = raw_peer().await;
         let (mut trx, mut ttx) = tgt.into_split();
         ttx.enable_datamover(&params());
         let (len, imm) = (20_000u32, 4096u32);
@@ -1329,15 +1313,7 @@ mod tests {
         let mut msg = BytesMut::new();
         msg.put_slice(&iser.encode());
         cmd.encode(false, false, &mut msg);
-        let tx = QueuePair::register(&qp, msg.len(), Access::LOCAL_WRITE).unwrap();
-        tx.write_at(0, &msg).unwrap();
-        QueuePair::post_send(
-            &qp,
-            1,
-            LocalSlice::new(tx, 0, msg.len() as u32).unwrap(),
-            None,
-        )
-        .unwrap();
+        raw_send(&qp, &msg);
         let _cmd = trx.recv().await.unwrap().unwrap();
         // Two bursts, as IDM would ask with a small MaxBurstLength.
         for (ttt, off, n) in [(1u32, imm, 8192u32), (2, imm + 8192, len - imm - 8192)] {
