@@ -644,6 +644,14 @@ mod tests {
         LocalSlice::new(r.clone(), off, len).unwrap()
     }
 
+    /// `off` bytes into `r`, as a peer would name it.
+    fn remote_at(r: &Arc<MemoryRegion>, off: u64) -> RemoteAddr {
+        RemoteAddr {
+            addr: r.addr() + off,
+            rkey: r.rkey(),
+        }
+    }
+
     #[tokio::test]
     async fn sends_arrive_in_order_in_posted_receives() {
         let (_f, a, b) = pair().await;
@@ -695,18 +703,12 @@ mod tests {
         let remote = b.register(4096, ALL).unwrap();
         let local = a.register(4096, Access::LOCAL_WRITE).unwrap();
         local.write_at(0, &[7u8; 100]).unwrap();
-        let at = RemoteAddr {
-            addr: remote.addr() + 1000,
-            rkey: remote.rkey(),
-        };
+        let at = remote_at(&remote, 1000);
         a.post_rdma_write(1, slice(&local, 0, 100), at).unwrap();
         assert!(one(&a).await.is_ok());
         assert_eq!(&remote.bytes(1000, 100).unwrap()[..], &[7u8; 100][..]);
         remote.write_at(0, b"abcd").unwrap();
-        let at0 = RemoteAddr {
-            addr: remote.addr(),
-            rkey: remote.rkey(),
-        };
+        let at0 = remote_at(&remote, 0);
         a.post_rdma_read(2, slice(&local, 200, 4), at0).unwrap();
         let c = one(&a).await;
         assert_eq!(
@@ -724,8 +726,8 @@ mod tests {
         b.post_recv(9, slice(&rx, 0, 64)).unwrap();
         let local = a.register(64, Access::LOCAL_WRITE).unwrap();
         let bad = RemoteAddr {
-            addr: remote.addr(),
             rkey: remote.rkey() ^ 0xff,
+            ..remote_at(&remote, 0)
         };
         a.post_rdma_write(1, slice(&local, 0, 8), bad).unwrap();
         assert_eq!(one(&a).await.status, WcStatus::RemoteAccessErr);
@@ -740,10 +742,7 @@ mod tests {
         let (_f, a, b) = pair().await;
         let remote = b.register(64, ALL).unwrap();
         let local = a.register(64, Access::LOCAL_WRITE).unwrap();
-        let past = RemoteAddr {
-            addr: remote.addr() + 60,
-            rkey: remote.rkey(),
-        };
+        let past = remote_at(&remote, 60);
         a.post_rdma_read(1, slice(&local, 0, 8), past).unwrap();
         assert_eq!(one(&a).await.status, WcStatus::RemoteAccessErr);
     }
@@ -753,10 +752,7 @@ mod tests {
         let (_f, a, b) = pair().await;
         let read_only = b.register(64, Access::REMOTE_READ).unwrap();
         let local = a.register(64, Access::LOCAL_WRITE).unwrap();
-        let at = RemoteAddr {
-            addr: read_only.addr(),
-            rkey: read_only.rkey(),
-        };
+        let at = remote_at(&read_only, 0);
         a.post_rdma_write(1, slice(&local, 0, 8), at).unwrap();
         assert_eq!(one(&a).await.status, WcStatus::RemoteAccessErr);
     }
@@ -765,10 +761,7 @@ mod tests {
     async fn a_deregistered_region_is_no_longer_reachable() {
         let (_f, a, b) = pair().await;
         let remote = b.register(64, ALL).unwrap();
-        let at = RemoteAddr {
-            addr: remote.addr(),
-            rkey: remote.rkey(),
-        };
+        let at = remote_at(&remote, 0);
         drop(remote);
         let local = a.register(64, Access::LOCAL_WRITE).unwrap();
         a.post_rdma_read(1, slice(&local, 0, 8), at).unwrap();
@@ -816,10 +809,7 @@ mod tests {
         a.post_send(2, slice(&tx, 0, 8), Some(exposed.rkey()))
             .unwrap();
         assert_eq!(one(&b).await.invalidated_rkey, Some(exposed.rkey()));
-        let at = RemoteAddr {
-            addr: exposed.addr(),
-            rkey: exposed.rkey(),
-        };
+        let at = remote_at(&exposed, 0);
         a.post_rdma_read(3, slice(&tx, 0, 8), at).unwrap();
         let mut v = Vec::new();
         while !v.iter().any(|c: &Completion| c.wr_id == 3) {
