@@ -971,6 +971,32 @@ mod tests {
         )
     }
 
+    fn write_cmd(itt: u32, len: u32, final_: bool, immediate: Bytes) -> Pdu {
+        Pdu::new(
+            Header::ScsiCommand(ScsiCommand {
+                final_,
+                write: true,
+                itt,
+                expected_data_transfer_length: len,
+                ..Default::default()
+            }),
+            immediate,
+        )
+    }
+
+    fn r2t(itt: u32, ttt: u32, buffer_offset: u32, len: u32) -> Pdu {
+        Pdu::new(
+            Header::R2t(R2t {
+                itt,
+                ttt,
+                buffer_offset,
+                desired_data_transfer_length: len,
+                ..Default::default()
+            }),
+            Bytes::new(),
+        )
+    }
+
     #[tokio::test]
     async fn control_pdus_cross_in_sends() {
         let (_f, ini, tgt) = pair().await;
@@ -1044,16 +1070,7 @@ mod tests {
         let len = 1u32 << 20;
         let data = Bytes::from((0..len).map(|i| (i % 253) as u8).collect::<Vec<_>>());
         let imm = 8192u32;
-        let cmd = Pdu::new(
-            Header::ScsiCommand(ScsiCommand {
-                final_: true,
-                write: true,
-                itt: 9,
-                expected_data_transfer_length: len,
-                ..Default::default()
-            }),
-            data.slice(..imm as usize),
-        );
+        let cmd = write_cmd(9, len, true, data.slice(..imm as usize));
         let mut batch = vec![cmd];
         batch.extend(idm::initiator_data::data_out_pdus(
             0,
@@ -1069,18 +1086,7 @@ mod tests {
         let got = trx.recv().await.unwrap().unwrap().parse().unwrap();
         assert_eq!(got.data, data.slice(..imm as usize));
         // Nothing but the command crossed: the rest waits for RDMA READ.
-        ttx.send(&[Pdu::new(
-            Header::R2t(R2t {
-                itt: 9,
-                ttt: 0x42,
-                buffer_offset: imm,
-                desired_data_transfer_length: len - imm,
-                ..Default::default()
-            }),
-            Bytes::new(),
-        )])
-        .await
-        .unwrap();
+        ttx.send(&[r2t(9, 0x42, imm, len - imm)]).await.unwrap();
         let dout = trx.recv().await.unwrap().unwrap().parse().unwrap();
         let Header::DataOut(h) = &dout.header else {
             panic!("{dout:?}")
@@ -1104,16 +1110,7 @@ mod tests {
         let (imm, first_burst) = (8192u32, 32768u32);
         // As IDM builds it with InitialR2T=No: F clear on the command, the
         // unsolicited sequence closed with F, then the staged remainder.
-        let mut batch = vec![Pdu::new(
-            Header::ScsiCommand(ScsiCommand {
-                final_: false,
-                write: true,
-                itt: 4,
-                expected_data_transfer_length: len,
-                ..Default::default()
-            }),
-            data.slice(..imm as usize),
-        )];
+        let mut batch = vec![write_cmd(4, len, false, data.slice(..imm as usize))];
         batch.extend(idm::initiator_data::data_out_pdus(
             0,
             4,
@@ -1147,18 +1144,9 @@ mod tests {
         }
         // The staged part never crossed as a SEND: the next thing up is the
         // RDMA READ's Data-Out.
-        ttx.send(&[Pdu::new(
-            Header::R2t(R2t {
-                itt: 4,
-                ttt: 7,
-                buffer_offset: first_burst,
-                desired_data_transfer_length: len - first_burst,
-                ..Default::default()
-            }),
-            Bytes::new(),
-        )])
-        .await
-        .unwrap();
+        ttx.send(&[r2t(4, 7, first_burst, len - first_burst)])
+            .await
+            .unwrap();
         let p = trx.recv().await.unwrap().unwrap().parse().unwrap();
         let Header::DataOut(h) = &p.header else {
             panic!("{p:?}")
@@ -1293,16 +1281,7 @@ mod tests {
         let data: Vec<u8> = (0..len).map(|i| (i % 239) as u8).collect();
         let buf = QueuePair::register(&qp, len as usize, Access::REMOTE_READ).unwrap();
         buf.write_at(0, &data).unwrap();
-        let cmd = Pdu::new(
-            Header::ScsiCommand(ScsiCommand {
-                final_: true,
-                write: true,
-                itt: 11,
-                expected_data_transfer_length: len,
-                ..Default::default()
-            }),
-            Bytes::copy_from_slice(&data[..imm as usize]),
-        );
+        let cmd = write_cmd(11, len, true, Bytes::copy_from_slice(&data[..imm as usize]));
         let iser = IserHeader::Control {
             write: Some(Tagged {
                 stag: buf.rkey(),
@@ -1317,18 +1296,7 @@ mod tests {
         let _cmd = trx.recv().await.unwrap().unwrap();
         // Two bursts, as IDM would ask with a small MaxBurstLength.
         for (ttt, off, n) in [(1u32, imm, 8192u32), (2, imm + 8192, len - imm - 8192)] {
-            ttx.send(&[Pdu::new(
-                Header::R2t(R2t {
-                    itt: 11,
-                    ttt,
-                    buffer_offset: off,
-                    desired_data_transfer_length: n,
-                    ..Default::default()
-                }),
-                Bytes::new(),
-            )])
-            .await
-            .unwrap();
+            ttx.send(&[r2t(11, ttt, off, n)]).await.unwrap();
             let p = trx.recv().await.unwrap().unwrap().parse().unwrap();
             assert_eq!(&p.data[..], &data[off as usize..(off + n) as usize]);
         }
