@@ -1235,8 +1235,13 @@ mod tests {
         }
     }
 
-    #[test]
-    fn compare_and_write_and_write_same_use_the_stores_own_operations() {
+    /// An LU on a fresh 1 MiB SharedStore the test keeps a handle on, and a
+    /// ready nexus.
+    fn on_shared_store() -> (
+        std::sync::Arc<SharedStore>,
+        std::sync::Arc<crate::LogicalUnit>,
+        crate::Nexus,
+    ) {
         let store = std::sync::Arc::new(SharedStore {
             mem: crate::MemoryBackend::new(MIB),
             caw: Default::default(),
@@ -1245,6 +1250,12 @@ mod tests {
         let lu = crate::LogicalUnit::new(LuConfig::default(), Box::new(ArcStore(store.clone())))
             .unwrap();
         let n = ready_nexus(&lu, 1);
+        (store, lu, n)
+    }
+
+    #[test]
+    fn compare_and_write_and_write_same_use_the_stores_own_operations() {
+        let (store, lu, n) = on_shared_store();
         let mut ws = [0u8; 10];
         ws[0] = 0x41;
         ws[8] = 4;
@@ -1299,14 +1310,7 @@ mod tests {
 
     #[test]
     fn a_store_resized_from_outside_gives_capacity_changed() {
-        let store = std::sync::Arc::new(SharedStore {
-            mem: crate::MemoryBackend::new(MIB),
-            caw: Default::default(),
-            ws: Default::default(),
-        });
-        let lu = crate::LogicalUnit::new(LuConfig::default(), Box::new(ArcStore(store.clone())))
-            .unwrap();
-        let n = ready_nexus(&lu, 1);
+        let (store, lu, n) = on_shared_store();
         crate::Backend::set_size(&store.mem, Some(2 * MIB)).unwrap();
         assert_check(&exec(&lu, &n, &TUR, &[]), sense::CAPACITY_DATA_HAS_CHANGED);
         assert_good(&exec(&lu, &n, &TUR, &[]));
