@@ -508,16 +508,7 @@ fn list_session(r: &Value, verbose: bool) {
                 cell(c.get("local")),
                 cell(c.get("state"))
             );
-            let k = c.get("counters");
-            let n = |key: &str| cell(k.and_then(|k| k.get(key)));
-            println!(
-                "            PDUs in/out {}/{}  bytes in/out {}/{}  commands {}",
-                n("pdus_in"),
-                n("pdus_out"),
-                n("bytes_in"),
-                n("bytes_out"),
-                n("commands")
-            );
+            println!("            {}", conn_io_line(c.get("counters")));
         }
         println!("        Negotiated parameters:");
         if let Some(Value::Object(p)) = s.get("params") {
@@ -539,6 +530,42 @@ fn print_transitions(indent: usize, t: Option<&Value>) {
     }
 }
 
+/// What holds `v`, then its state transitions, both at `indent`.
+fn print_holders_and_transitions(v: &Value, indent: usize) {
+    println!("{:indent$}held by: {}", "", holders_line(v.get("holders")));
+    print_transitions(indent, v.get("transitions"));
+}
+
+/// A connection's traffic counters on one line.
+fn conn_io_line(k: Option<&Value>) -> String {
+    let n = |key: &str| cell(k.and_then(|k| k.get(key)));
+    format!(
+        "PDUs in/out {}/{}  bytes in/out {}/{}  commands {}",
+        n("pdus_in"),
+        n("pdus_out"),
+        n("bytes_in"),
+        n("bytes_out"),
+        n("commands")
+    )
+}
+
+/// A task's ITT as the wire shows it.
+fn itt_cell(v: &Value) -> String {
+    format!(
+        "0x{:08x}",
+        v.get("itt").and_then(Value::as_u64).unwrap_or(0)
+    )
+}
+
+/// A target's or LU's state word: absent means online.
+fn online_word(v: &Value) -> &'static str {
+    if v.get("online") == Some(&Value::Bool(false)) {
+        "OFFLINE"
+    } else {
+        "online"
+    }
+}
+
 fn print_session(s: &Value, indent: usize) {
     let pad = |n: usize| " ".repeat(indent + n);
     println!(
@@ -551,8 +578,7 @@ fn print_session(s: &Value, indent: usize) {
         cell(s.get("exp_cmd_sn")),
         cell(s.get("max_cmd_sn"))
     );
-    println!("{}held by: {}", pad(4), holders_line(s.get("holders")));
-    print_transitions(indent + 4, s.get("transitions"));
+    print_holders_and_transitions(s, indent + 4);
     println!("{}I/O: {}", pad(4), io_line(s.get("counters")));
     println!("{}params: {}", pad(4), pairs_line(s.get("session_params")));
     for l in arr_at(s, "luns") {
@@ -573,10 +599,7 @@ fn print_session(s: &Value, indent: usize) {
             .map(|h| {
                 vec![
                     cell(h.get("cmd_sn")),
-                    format!(
-                        "0x{:08x}",
-                        h.get("itt").and_then(Value::as_u64).unwrap_or(0)
-                    ),
+                    itt_cell(h),
                     cell(h.get("cid")),
                     cell(h.get("lun")),
                     cell(h.get("command")),
@@ -598,30 +621,16 @@ fn print_session(s: &Value, indent: usize) {
             cell(c.get("local")),
             cell(c.get("state"))
         );
-        println!("{}held by: {}", pad(8), holders_line(c.get("holders")));
-        print_transitions(indent + 8, c.get("transitions"));
+        print_holders_and_transitions(&c, indent + 8);
         println!("{}params: {}", pad(8), pairs_line(c.get("params")));
-        let k = c.get("counters");
-        let n = |key: &str| cell(k.and_then(|k| k.get(key)));
-        println!(
-            "{}PDUs in/out {}/{}  bytes in/out {}/{}  commands {}",
-            pad(8),
-            n("pdus_in"),
-            n("pdus_out"),
-            n("bytes_in"),
-            n("bytes_out"),
-            n("commands")
-        );
+        println!("{}{}", pad(8), conn_io_line(c.get("counters")));
         let tasks = arr_at(&c, "tasks");
         println!("{}Tasks in flight: {}", pad(8), tasks.len());
         let rows: Vec<Vec<String>> = tasks
             .iter()
             .map(|t| {
                 vec![
-                    format!(
-                        "0x{:08x}",
-                        t.get("itt").and_then(Value::as_u64).unwrap_or(0)
-                    ),
+                    itt_cell(t),
                     cell(t.get("cmd_sn")),
                     cell(t.get("lun")),
                     cell(t.get("command")),
@@ -662,11 +671,7 @@ fn inspect(r: &Value) {
             "Target {}  ({})  {}  auth={}  sessions={}",
             cell(t.get("target")),
             cell(t.get("alias")),
-            if t.get("online") == Some(&Value::Bool(false)) {
-                "OFFLINE"
-            } else {
-                "online"
-            },
+            online_word(&t),
             cell(t.get("auth")),
             cell(t.get("sessions"))
         );
@@ -695,11 +700,7 @@ fn inspect(r: &Value) {
             "LU {}  ({})  {}  {} bytes",
             cell(l.get("guid")),
             cell(l.get("alias")),
-            if l.get("online") == Some(&Value::Bool(false)) {
-                "OFFLINE"
-            } else {
-                "online"
-            },
+            online_word(&l),
             cell(l.get("size"))
         );
         println!("    held by: {}", holders_line(l.get("holders")));
