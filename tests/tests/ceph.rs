@@ -380,6 +380,9 @@ fn rbd_lu_served_by_two_gateways() {
     assert!(ia.contains("ceph-lu0"), "{ia}");
     assert_eq!(ia, ib, "the gateways disagree on the LU's identity");
 
+    // `stmfadm create-lu rbd:POOL/IMAGE` through A's admin socket; a wrong conf is named.
+    admin(&cluster, &a);
+
     // 2. Written through A, read through B and by the cluster itself.
     let scratch = cluster.path().join("data");
     fs::create_dir_all(&scratch).unwrap();
@@ -442,6 +445,58 @@ fn rbd_lu_served_by_two_gateways() {
     // 6. Gateway A dies mid-stream; the stream completes through B.
     failover(&cluster, a, &b);
     println!("done in {:.1?}", started.elapsed());
+}
+
+fn stmfadm(g: &Gateway, args: &[&str]) -> Outcome {
+    run(
+        Command::new(binary().with_file_name("stmfadm"))
+            .arg("--socket")
+            .arg(g._dir.path().join("iscsitd.sock"))
+            .args(args),
+        T,
+    )
+}
+
+fn admin(cluster: &Cluster, a: &Gateway) {
+    cluster
+        .rbd(&["create", "rbd/adm0", "--size", "16M"])
+        .assert_success();
+    let conf = format!("conf={}", cluster.conf().display());
+    stmfadm(
+        a,
+        &[
+            "create-lu",
+            "-p",
+            &conf,
+            "-p",
+            "id=admin",
+            "-p",
+            "guid=6001405C0FFEE0AD",
+            "rbd:rbd/adm0",
+        ],
+    )
+    .assert_success();
+    let o = stmfadm(a, &["list-lu", "-v", "6001405C0FFEE0AD"]);
+    o.assert_success();
+    assert!(
+        o.stdout.contains("rbd:rbd/adm0") && o.stdout.contains("RBD LU"),
+        "{o}"
+    );
+    let o = stmfadm(
+        a,
+        &[
+            "create-lu",
+            "-p",
+            "conf=/nonexistent/ceph.conf",
+            "rbd:rbd/adm0",
+        ],
+    );
+    o.assert_failure();
+    assert!(
+        format!("{}{}", o.stdout, o.stderr).contains("/nonexistent/ceph.conf"),
+        "{o}"
+    );
+    stmfadm(a, &["delete-lu", "6001405C0FFEE0AD"]).assert_success();
 }
 
 /// PERSISTENT RESERVE OUT on LUN 0 (parameter list: key, service action key).
