@@ -333,11 +333,7 @@ fn a_missing_or_corrupt_config_file_is_reported_and_left_alone() {
     let wrong = dir.join("wrong.toml");
     let bytes = "[[target]]\niqn = \"nonsense\"\nportal_groups = [9]\n";
     std::fs::write(&wrong, bytes).unwrap();
-    let out = Command::new(&iscsitd)
-        .arg("--check")
-        .arg(&wrong)
-        .output()
-        .unwrap();
+    let out = check_config(&wrong);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("nonsense") && err.contains('9'), "{err}");

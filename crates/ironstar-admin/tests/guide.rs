@@ -85,10 +85,9 @@ fn luns_of(listing: &str, target: &str) -> Vec<String> {
 }
 
 fn read_block(initiator: &str, url: &str, out: &Path) -> Output {
-    let cli = bin("itadm").with_file_name("iscsi");
     Command::new("timeout")
         .arg("20")
-        .arg(cli)
+        .arg(bin("iscsi"))
         .args(["--initiator-name", initiator, "read", url, "--lba", "0"])
         .args(["--blocks", "1", "-o"])
         .arg(out)

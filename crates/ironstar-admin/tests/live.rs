@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 
@@ -108,11 +107,7 @@ fn targets_lus_and_views_go_live_masking_holds_and_config_survives_restart() {
     // SIGKILL and restart: the configuration is what it was.
     let before = std::fs::read_to_string(dir.join("iscsitd.toml")).unwrap();
     drop(d);
-    let check = Command::new(bin("iscsitd"))
-        .arg("--check")
-        .arg(dir.join("iscsitd.toml"))
-        .output()
-        .unwrap();
+    let check = check_config(&dir.join("iscsitd.toml"));
     assert!(
         check.status.success(),
         "{}",
@@ -142,11 +137,7 @@ fn the_sample_config_and_unit_file_ship_and_check() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let sample = root.join("packaging/iscsitd.toml");
     assert!(root.join("packaging/iscsitd.service").exists());
-    let out = Command::new(bin("iscsitd"))
-        .arg("--check")
-        .arg(&sample)
-        .output()
-        .unwrap();
+    let out = check_config(&sample);
     assert!(
         out.status.success(),
         "{}",

@@ -16,7 +16,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -41,24 +41,10 @@ impl Rng {
     }
 }
 
-fn iscsi_cli() -> PathBuf {
-    static BUILT: std::sync::Once = std::sync::Once::new();
-    BUILT.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let ok = Command::new(cargo)
-            .args(["build", "-p", "iscsi-initiator", "--bin", "iscsi"])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "cannot build the iscsi CLI");
-    });
-    bin("itadm").with_file_name("iscsi")
-}
-
 fn dd(from: &str, to: &str, extra: &[&str]) {
     let out = Command::new("timeout")
         .arg("60")
-        .arg(iscsi_cli())
+        .arg(bin("iscsi"))
         .args(["--initiator-name", INI, "dd", "--if", from, "--of", to])
         .args(extra)
         .output()
@@ -179,11 +165,7 @@ fn minus(before: &Value, kind: Kind, n: u64) -> Value {
 }
 
 fn check_file(config: &Path) {
-    let out = Command::new(bin("iscsitd"))
-        .arg("--check")
-        .arg(config)
-        .output()
-        .unwrap();
+    let out = check_config(config);
     assert!(
         out.status.success(),
         "iscsitd --check refused the file a SIGKILL left: {}\n{}",

@@ -8,28 +8,45 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// `itadm`, `stmfadm` (this package) or `iscsitd` (built once, so a test
-/// never runs a stale daemon).
+/// `itadm`, `stmfadm` (this package), `iscsi` (the initiator CLI) or
+/// `iscsitd` (both built once, so a test never runs a stale binary).
 pub fn bin(name: &str) -> PathBuf {
     match name {
         "itadm" => PathBuf::from(env!("CARGO_BIN_EXE_itadm")),
         "stmfadm" => PathBuf::from(env!("CARGO_BIN_EXE_stmfadm")),
-        _ => {
-            static BUILT: std::sync::Once = std::sync::Once::new();
-            BUILT.call_once(|| {
-                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-                let ok = Command::new(cargo)
-                    .args(["build", "-p", "iscsitd"])
-                    .status()
-                    .unwrap()
-                    .success();
-                assert!(ok, "cannot build iscsitd");
-            });
-            Path::new(env!("CARGO_BIN_EXE_itadm")).with_file_name(name)
-        }
+        "iscsi" => built("iscsi-initiator", name),
+        _ => built("iscsitd", name),
     }
+}
+
+/// Binary `name` of another workspace package, built by the first test
+/// of this process that asks for it.
+fn built(package: &str, name: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut done = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !done.iter().any(|b| b == name) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let ok = Command::new(cargo)
+            .args(["build", "-p", package, "--bin", name])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "cannot build {name} ({package})");
+        done.push(name.to_string());
+    }
+    Path::new(env!("CARGO_BIN_EXE_itadm")).with_file_name(name)
+}
+
+/// `iscsitd --check <config>`.
+pub fn check_config(config: &Path) -> Output {
+    Command::new(bin("iscsitd"))
+        .arg("--check")
+        .arg(config)
+        .output()
+        .unwrap()
 }
 
 pub fn have(tool: &str) -> bool {
