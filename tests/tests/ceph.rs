@@ -264,12 +264,11 @@ fn compliance(a: &Gateway, b: &Gateway) {
     );
 
     // One nexus per gateway: writes through one are compared and overwritten through the
-    // other. MultipathIO.Reset is left out: it expects a LUN reset through one gateway to
-    // raise a unit attention on the other (cluster-wide unit attentions: not built yet).
-    // MultipathIO.CompareAndWrite initialises LBAs 0..255 and then also compares LBA 256,
+    // other; a LUN reset through one gives a unit attention on the other (announced through
+    // the cluster). MultipathIO.CompareAndWrite initialises LBAs 0..255 and then also compares LBA 256,
     // so it runs first, on zeros.
     zero_start(a, 1);
-    for t in ["CompareAndWrite", "Simple", "CompareAndWriteAsync"] {
+    for t in ["CompareAndWrite", "Simple", "Reset", "CompareAndWriteAsync"] {
         let o = run(
             Command::new("iscsi-test-cu")
                 .args(["--dataloss", &format!("--test=SCSI.MultipathIO.{t}")])

@@ -91,6 +91,13 @@ pub trait PrStore: Send + Sync {
     /// True (once) when the state may have changed since the last call;
     /// called on every command, so it must be cheap.
     fn take_changed(&self) -> bool;
+    /// Tells the other gateways that this LU was reset, so their nexuses
+    /// get the unit attention too (SAM: a LUN reset reaches every I_T nexus).
+    fn announce_reset(&self) {}
+    /// Whether another gateway reset the LU since the last call (cheap).
+    fn take_reset(&self) -> bool {
+        false
+    }
 }
 
 /// How an atomic compare-and-write ended.

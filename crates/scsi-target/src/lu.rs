@@ -317,6 +317,9 @@ impl LogicalUnit {
     pub fn reset(&self, by: Option<NexusId>) {
         self.queue_ua_others(by, sense::BUS_DEVICE_RESET_FUNCTION_OCCURRED);
         reservation::reset(self);
+        if let Some(shared) = self.backend.pr_store() {
+            shared.announce_reset();
+        }
         // Mode parameters return to their defaults only on power on; a reset
         // keeps them (SPC-4 §5.8: shared mode pages retain current values).
     }

@@ -597,6 +597,10 @@ struct PrWatch {
     io: IoCtxT,
     oid: CString,
     changed: AtomicBool,
+    /// Another gateway reset the LU.
+    reset: AtomicBool,
+    /// This gateway's instance, to ignore its own reset announcements.
+    me: u64,
     /// The watch failed: every command re-reads the state from then on.
     broken: AtomicBool,
 }
@@ -606,18 +610,36 @@ const PR_XATTR: &str = "ironstar.pr";
 pub(crate) const EMPTY_PR_STATE: &[u8] = b"ironstar-pr 1\ngen 0\n";
 const PR_NOTIFY_TIMEOUT_MS: u64 = 3000;
 
+/// Tells this process's watches apart from other gateways' (pid, time).
+fn instance_id() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    (u64::from(std::process::id()) << 32) ^ nanos
+}
+
 unsafe extern "C" fn on_pr_notify(
     arg: *mut c_void,
     notify_id: u64,
     handle: u64,
     _notifier: u64,
-    _data: *mut c_void,
-    _len: usize,
+    data: *mut c_void,
+    len: usize,
 ) {
     // SAFETY: `arg` is the boxed PrWatch, alive until after rados_unwatch2
     // and rados_watch_flush (PrObject::drop).
     let w = unsafe { &*(arg as *const PrWatch) };
-    w.changed.store(true, Ordering::Release);
+    let payload: &[u8] = if data.is_null() || len == 0 {
+        &[]
+    } else {
+        // SAFETY: librados hands us `len` bytes at `data` for this call.
+        unsafe { std::slice::from_raw_parts(data as *const u8, len) }
+    };
+    if payload.is_empty() {
+        w.changed.store(true, Ordering::Release);
+    } else if payload.starts_with(b"reset:") && payload != reset_event(w.me).as_slice() {
+        w.reset.store(true, Ordering::Release);
+    }
     // SAFETY: acknowledging with the ids librados gave us; no payload.
     unsafe {
         (w.api.rados_notify_ack)(w.io, w.oid.as_ptr(), notify_id, handle, std::ptr::null(), 0)
@@ -663,6 +685,8 @@ impl PrObject {
             oid: oid.clone(),
             // Read the state on the first command.
             changed: AtomicBool::new(true),
+            reset: AtomicBool::new(false),
+            me: instance_id(),
             broken: AtomicBool::new(false),
         });
         let mut cookie = 0u64;
@@ -694,18 +718,21 @@ impl PrObject {
         c"ironstar.pr"
     }
 
-    /// Tells every watching gateway (this one included) to re-read.
-    fn notify(&self) {
+    /// Tells every watching gateway (this one included): an empty payload
+    /// means "re-read the state", `reset:<instance>` a LUN reset.
+    fn notify(&self, payload: &[u8], timeout_ms: u64) {
         let mut reply: *mut c_char = null_mut();
         let mut len = 0usize;
-        // SAFETY: no payload; librados allocates the reply, freed here.
+        let plen = c_int::try_from(payload.len()).unwrap_or(0);
+        // SAFETY: the payload outlives the synchronous call; librados
+        // allocates the reply, freed here.
         let rc = unsafe {
             (self.api.rados_notify2)(
                 self.io,
                 self.oid.as_ptr(),
-                std::ptr::null(),
-                0,
-                PR_NOTIFY_TIMEOUT_MS,
+                payload.as_ptr().cast(),
+                plen,
+                timeout_ms,
                 &mut reply,
                 &mut len,
             )
@@ -767,7 +794,7 @@ impl PrStore for PrObject {
         };
         match rc {
             0.. => {
-                self.notify();
+                self.notify(&[], PR_NOTIFY_TIMEOUT_MS);
                 Ok(true)
             }
             e if e == -libc::ECANCELED => Ok(false),
@@ -778,6 +805,19 @@ impl PrStore for PrObject {
     fn take_changed(&self) -> bool {
         self.ctx.broken.load(Ordering::Acquire) || self.ctx.changed.swap(false, Ordering::AcqRel)
     }
+
+    fn announce_reset(&self) {
+        // Short: a TMF waits for it, and a dead gateway never answers.
+        self.notify(&reset_event(self.ctx.me), 1000);
+    }
+
+    fn take_reset(&self) -> bool {
+        self.ctx.reset.swap(false, Ordering::AcqRel)
+    }
+}
+
+fn reset_event(instance: u64) -> Vec<u8> {
+    format!("reset:{instance:016x}").into_bytes()
 }
 
 impl Drop for PrObject {

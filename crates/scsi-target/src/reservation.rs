@@ -259,6 +259,10 @@ pub(crate) fn refresh_shared(lu: &LogicalUnit) {
     let Some(store) = lu.backend.pr_store() else {
         return;
     };
+    if store.take_reset() {
+        // Another gateway reset the LU: as for a reset here, every nexus hears of it.
+        lu.queue_ua_others(None, sense::BUS_DEVICE_RESET_FUNCTION_OCCURRED);
+    }
     if store.take_changed() {
         let mut st = lock(lu);
         if load_shared(store, &mut st).is_ok() {
