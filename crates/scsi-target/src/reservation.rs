@@ -854,12 +854,16 @@ mod tests {
     #[derive(Default)]
     struct Shared {
         data: std::sync::Mutex<(u64, Vec<u8>)>,
+        /// Resets announced so far, by gateway id.
+        resets: std::sync::Mutex<Vec<usize>>,
     }
 
     struct Gateway {
         mem: crate::MemoryBackend,
         shared: std::sync::Arc<Shared>,
         seen: std::sync::atomic::AtomicU64,
+        id: usize,
+        resets_seen: std::sync::atomic::AtomicUsize,
     }
 
     impl super::PrStore for Gateway {
@@ -891,6 +895,17 @@ mod tests {
             let v = self.shared.data.lock().unwrap().0;
             self.seen.swap(v, std::sync::atomic::Ordering::SeqCst) != v
         }
+        fn announce_reset(&self) {
+            self.shared.resets.lock().unwrap().push(self.id);
+        }
+        fn take_reset(&self) -> bool {
+            let r = self.shared.resets.lock().unwrap();
+            let from = self
+                .resets_seen
+                .swap(r.len(), std::sync::atomic::Ordering::SeqCst);
+            r.get(from..)
+                .is_some_and(|new| new.iter().any(|&g| g != self.id))
+        }
     }
 
     impl crate::Backend for Gateway {
@@ -918,15 +933,33 @@ mod tests {
     }
 
     fn gateway(shared: &std::sync::Arc<Shared>) -> std::sync::Arc<LogicalUnit> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         LogicalUnit::new(
             crate::LuConfig::default(),
             Box::new(Gateway {
                 mem: crate::MemoryBackend::new(MIB),
                 shared: shared.clone(),
                 seen: Default::default(),
+                id: NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+                resets_seen: Default::default(),
             }),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_lun_reset_through_one_gateway_reaches_the_nexuses_of_the_others() {
+        let cluster = std::sync::Arc::new(Shared::default());
+        let (a, b) = (gateway(&cluster), gateway(&cluster));
+        let x = ready_nexus(&a, 1);
+        let y = ready_nexus(&b, 2);
+        a.reset(Some(x.id));
+        assert_good(&exec(&a, &x, &TUR, &[]));
+        assert_check(
+            &exec(&b, &y, &TUR, &[]),
+            sense::BUS_DEVICE_RESET_FUNCTION_OCCURRED,
+        );
+        assert_good(&exec(&b, &y, &TUR, &[]));
     }
 
     /// The same initiator port through another gateway's target port.
