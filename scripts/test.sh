@@ -61,7 +61,7 @@ install_deps() {
 }
 
 cargo_test() {
-    cargo test --workspace --no-fail-fast 2>&1 | tee "$TEST_LOG"
+    cargo test --workspace --all-features --no-fail-fast 2>&1 | tee "$TEST_LOG"
 }
 
 vm_tests() {
@@ -82,7 +82,9 @@ vm_tests() {
 step "install test deps" install_deps
 step "rustfmt" cargo fmt --all -- --check
 step "clippy" cargo clippy --workspace --all-targets -- -D warnings
-step "release build" cargo build --release --bins
+# --all-features: the iSER rdma-core backend (off in a plain build, which needs no cmake/clang).
+step "clippy (all features)" cargo clippy --workspace --all-targets --all-features -- -D warnings
+step "release build" cargo build --release --bins --all-features
 step "cargo test" cargo_test
 # Fuzz smoke: every cargo-fuzz target for a fixed 20000 runs (fuzz/README.md; the longer
 # run is scripts/fuzz.sh --long 600).

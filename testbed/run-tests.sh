@@ -35,7 +35,7 @@ done
 # iSER: the verbs-backend check (crates/iser/examples/iser_verbs.rs) for tests/iser-verbs.sh;
 # built here when cargo is at hand and the binaries are this tree's (an incremental build).
 if [ -z "${IRONSTAR_BIN_DIR:-}" ] && command -v cargo >/dev/null; then
-    (cd "$ROOT" && cargo build -q --release -p iser --example iser_verbs) ||
+    (cd "$ROOT" && cargo build -q --release -p iser --features rdma --example iser_verbs) ||
         echo "run-tests: building the iser_verbs example failed; iser-verbs will fail" >&2
 fi
 bash "$HERE/setup-host.sh"

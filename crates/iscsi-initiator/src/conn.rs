@@ -34,8 +34,30 @@ pub enum Link {
 
 impl Link {
     /// iSER over rdma-core (the `iser` crate's real verbs backend).
+    #[cfg(feature = "rdma")]
     pub fn rdma() -> Link {
         Link::Iser(Arc::new(iser::rdma::RdmaVerbs::new()))
+    }
+
+    /// This build has no RDMA backend: every iSER connection fails, saying so.
+    #[cfg(not(feature = "rdma"))]
+    pub fn rdma() -> Link {
+        Link::Iser(Arc::new(NoRdmaBackend))
+    }
+}
+
+/// The iSER connector of a build without the `rdma` feature.
+#[cfg(not(feature = "rdma"))]
+struct NoRdmaBackend;
+
+#[cfg(not(feature = "rdma"))]
+impl IserConnector for NoRdmaBackend {
+    fn connect(&self, _addr: SocketAddr, _cfg: IserConfig) -> iser::connector::ConnectFuture<'_> {
+        Box::pin(async {
+            Err(iser::verbs::VerbsError::Backend(
+                "this build has no RDMA backend (build with --features rdma)".into(),
+            ))
+        })
     }
 }
 
