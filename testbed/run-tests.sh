@@ -7,7 +7,7 @@
 # Steps: setup-host.sh (installs qemu etc. when missing; root), build-image.sh (cached),
 # then for each test a VM that gets a share dir with bin/iscsitd and bin/iscsi (our release
 # binaries from ${IRONSTAR_BIN_DIR:-${CARGO_TARGET_DIR:-target}/release}: build them first with
-# `cargo build --release --bins`), tests/ and results/<test>/. Per-test console logs, daemon
+# `cargo build --release --bins --all-features`, iSER included), tests/ and results/<test>/. Per-test console logs, daemon
 # logs and fio figures stay in ${TESTBED_RUNS:-target/testbed}/results/. Ends with the fio
 # figures and a line "N passed, N failed"; exits non-zero when any test failed.
 # Knobs: FIO_RUNTIME (s per fio benchmark job, default 5), TESTBED_TIMEOUT (s per VM, 600).
@@ -30,7 +30,7 @@ else
 fi
 
 for b in iscsitd iscsi; do
-    [ -x "$BIN/$b" ] || { echo "run-tests: $BIN/$b missing: cargo build --release --bins" >&2; exit 1; }
+    [ -x "$BIN/$b" ] || { echo "run-tests: $BIN/$b missing: cargo build --release --bins --all-features" >&2; exit 1; }
 done
 # iSER: the verbs-backend check (crates/iser/examples/iser_verbs.rs) for tests/iser-verbs.sh;
 # built here when cargo is at hand and the binaries are this tree's (an incremental build).
