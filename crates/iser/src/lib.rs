@@ -27,3 +27,4 @@ pub mod verbs;
 
 pub use connector::IserConnector;
 pub use transport::{IserConfig, IserRx, IserTransport, IserTx};
+pub use verbs::{registered_memory, RegisteredMemory};

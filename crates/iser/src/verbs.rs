@@ -52,6 +52,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -219,6 +220,8 @@ impl MemoryRegion {
         access: Access,
         registration: Box<dyn Send + Sync>,
     ) -> MemoryRegion {
+        REGIONS_LIVE.fetch_add(1, Ordering::Relaxed);
+        REGISTERED_BYTES_LIVE.fetch_add(mem.len as u64, Ordering::Relaxed);
         MemoryRegion {
             _registration: registration,
             mem,
@@ -299,6 +302,38 @@ impl MemoryRegion {
             offset,
             len,
         }))
+    }
+}
+
+// The gauge is kept by the region itself (made in `from_parts`, the only
+// constructor; unmade in Drop) so no caller can forget to count, and a
+// leak anywhere above shows up as a gauge that does not come back down.
+static REGIONS_LIVE: AtomicU64 = AtomicU64::new(0);
+static REGISTERED_BYTES_LIVE: AtomicU64 = AtomicU64::new(0);
+
+impl Drop for MemoryRegion {
+    fn drop(&mut self) {
+        REGIONS_LIVE.fetch_sub(1, Ordering::Relaxed);
+        REGISTERED_BYTES_LIVE.fetch_sub(self.mem.len as u64, Ordering::Relaxed);
+    }
+}
+
+/// Registered memory alive in this process, over every backend and
+/// connection: what [`registered_memory`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RegisteredMemory {
+    /// Live [`MemoryRegion`]s.
+    pub regions: u64,
+    /// Their total length in bytes.
+    pub bytes: u64,
+}
+
+/// The process-wide gauge of live [`MemoryRegion`]s: once every connection
+/// is gone and every posted WR has completed, it is back at its idle value.
+pub fn registered_memory() -> RegisteredMemory {
+    RegisteredMemory {
+        regions: REGIONS_LIVE.load(Ordering::Relaxed),
+        bytes: REGISTERED_BYTES_LIVE.load(Ordering::Relaxed),
     }
 }
 
