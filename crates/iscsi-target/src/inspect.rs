@@ -22,6 +22,9 @@ pub use iscsi_proto::negotiation::NegotiatedParams;
 use serde::Serialize;
 
 use crate::metrics::{now_ns, Dir, IoStats};
+/// The process-wide iSER registered-memory gauge, for the daemon's
+/// `inspect` (it is back at its idle value once iSER connections are gone).
+pub use iser::{registered_memory as iser_registered_memory, RegisteredMemory};
 
 /// Transitions kept per state machine.
 pub const TRANSITIONS_KEPT: usize = 16;

@@ -367,8 +367,10 @@ pub fn inspect(reg: &Registry, only: Option<&str>) -> Result<Value, String> {
             })
         })
         .collect();
+    let iser = iscsi_target::inspect::iser_registered_memory();
     Ok(json!({
         "generation": m.generation,
+        "iser": {"regions": iser.regions, "registered_bytes": iser.bytes},
         "targets": targets,
         "discovery_sessions": discovery,
         "lus": lus,

@@ -666,6 +666,12 @@ fn print_session(s: &Value, indent: usize) {
 
 fn inspect(r: &Value) {
     println!("Model generation {}", cell(r.get("generation")));
+    let iser = r.get("iser");
+    println!(
+        "iSER registered memory: {} regions, {} bytes",
+        cell(iser.and_then(|i| i.get("regions"))),
+        cell(iser.and_then(|i| i.get("registered_bytes")))
+    );
     for t in arr_at(r, "targets") {
         println!(
             "Target {}  ({})  {}  auth={}  sessions={}",
