@@ -4,7 +4,7 @@
 # libiscsi's iscsi-perf, qemu-img bench) plus our own `iscsi bench`. Not part of CI: run it by hand.
 #
 #   bench/run.sh                 # builds in release mode, runs everything, prints the report
-#   DUR=8 REPS=3 bench/run.sh    # longer runs, more A/B alternations
+#   DUR=4 REPS=2 bench/run.sh    # about 11-13 minutes on the 2-core machine (DUR=5: about 15)
 #   TUNED=0 bench/run.sh         # skip tgt tuned to 256 KiB segments, InitialR2T=No
 #   ONLY=fio bench/run.sh        # only rows whose "client workload" matches this regex (smoke tests)
 #   REV=HEAD bench/run.sh        # build a commit (exported with git archive), not the working tree
@@ -217,7 +217,7 @@ for t in A B; do
         { cat "$TMP/verify.err" >&2; echo "fio verify failed on $name" >&2; exit 1; }
     read -r _ vios _ < <(python3 "$ROOT/bench/parse_fio.py" <"$TMP/verify.json")
     [[ $vios -gt 0 ]] || { echo "fio verify did no I/O on $name" >&2; exit 1; }
-    echo "- verified pass on target $t ($name): 64 MiB random image written with \`qemu-img convert\`, read back, \`cmp\` and \`qemu-img compare\` identical; fio verify=crc32c over 128 MiB of random 4k–256k writes ($vios I/Os written and read back), no mismatch"
+    echo "- verified pass on target $t ($name): 64 MiB random image written with \`qemu-img convert\`, read back, \`cmp\` and \`qemu-img compare\` identical; fio verify=crc32c over 128 MiB of random 4k–256k writes ($vios I/Os: the writes and the reads that verified them), no mismatch"
 done
 echo
 
