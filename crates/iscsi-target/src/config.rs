@@ -267,6 +267,11 @@ pub struct InitiatorConfig {
 pub struct DiscoveryConfig {
     #[serde(default)]
     pub auth: AuthConfig,
+    /// SendTargets=All in a discovery session lists every online target, not
+    /// only those whose access list admits the asking initiator (off: an
+    /// initiator learns only of targets it may log in to).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub list_all_targets: bool,
 }
 
 /// Operational defaults offered to initiators.

@@ -19,7 +19,8 @@ pub fn target_address(addr: SocketAddr, tag: u16) -> String {
 /// Appends the answer to `SendTargets=<value>` to `out`.
 ///
 /// In a discovery session `All` lists every target the initiator may log in
-/// to; in a normal session only the session's own target is reported.
+/// to (every online target with `[discovery] list_all_targets`); in a normal
+/// session only the session's own target is reported.
 /// A wildcard portal (0.0.0.0 / ::) is reported as the address the
 /// initiator reached us on.
 pub fn send_targets(
@@ -42,10 +43,10 @@ pub fn send_targets(
     let mut pairs: Vec<(String, String)> = Vec::new();
     let model = registry.snapshot();
     for t in &model.targets {
-        if !wanted(&t.iqn)
-            || !t.admits(&session.initiator_name)
-            || !model.config.target_online(&t.iqn)
-        {
+        let admitted = t.admits(&session.initiator_name)
+            || (session.session_type == SessionType::Discovery
+                && model.config.discovery.list_all_targets);
+        if !wanted(&t.iqn) || !admitted || !model.config.target_online(&t.iqn) {
             continue;
         }
         pairs.push(("TargetName".into(), t.iqn.clone()));

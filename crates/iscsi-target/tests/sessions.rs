@@ -183,6 +183,28 @@ async fn send_targets_lists_every_target_with_tpgt_and_bracketed_ipv6() {
     assert!(got.contains(&pair("TargetName", PRIVATE.into())), "{got:?}");
 }
 
+/// Discovery is filtered by each target's access list unless
+/// `[discovery] list_all_targets` says otherwise.
+#[tokio::test]
+async fn send_targets_hides_targets_that_do_not_admit_us_unless_configured() {
+    let t = start_toml(&discovery_toml()).await;
+    let names = |got: Vec<(String, String)>| -> Vec<String> {
+        got.into_iter()
+            .filter(|(k, _)| k == "TargetName")
+            .map(|(_, v)| v)
+            .collect()
+    };
+    assert!(!names(send_targets(&t, INITIATOR).await).contains(&PRIVATE.to_string()));
+    let t = start_toml(&format!(
+        "{}\n[discovery]\nlist_all_targets = true\n",
+        discovery_toml()
+    ))
+    .await;
+    let got = names(send_targets(&t, INITIATOR).await);
+    assert!(got.contains(&PRIVATE.to_string()), "{got:?}");
+    assert!(got.contains(&TARGET.to_string()), "{got:?}");
+}
+
 #[tokio::test]
 async fn login_to_a_target_that_does_not_admit_us_gets_authorization_failure() {
     let t = start_toml(&discovery_toml()).await;
