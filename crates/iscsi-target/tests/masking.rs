@@ -67,15 +67,6 @@ async fn tmf_on(c: &mut Client, function: u8, lun: u64) -> u8 {
     }
 }
 
-async fn settle(c: &mut Client, lun: u64) {
-    for _ in 0..4 {
-        if c.run_on(lun, &[0u8; 6], 0, None).await.status == 0 {
-            return;
-        }
-    }
-    panic!("LUN {lun} keeps reporting unit attentions");
-}
-
 #[tokio::test]
 async fn an_initiator_outside_the_view_touches_the_lu_on_no_path() {
     let t = start_toml(&toml()).await;
@@ -88,9 +79,9 @@ async fn an_initiator_outside_the_view_touches_the_lu_on_no_path() {
         },
     )
     .await;
-    settle(&mut mine, 0).await;
-    settle(&mut mine, 1).await;
-    settle(&mut other, 0).await;
+    mine.clear_ua_on(0).await;
+    mine.clear_ua_on(1).await;
+    other.clear_ua_on(0).await;
     let secret = vec![0x5au8; 512];
     assert_eq!(
         mine.run_on(1, &write10_cdb(0, 1), 512, Some(&secret))

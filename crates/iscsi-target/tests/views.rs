@@ -62,15 +62,6 @@ async fn report_luns(c: &mut Client) -> Vec<u64> {
         .collect()
 }
 
-async fn clear(c: &mut Client, lun: u64) {
-    for _ in 0..4 {
-        if tur(c, lun).await.is_none() {
-            return;
-        }
-    }
-    panic!("unit attention on LUN {lun} does not clear");
-}
-
 #[tokio::test]
 async fn view_changes_reach_open_sessions_as_unit_attentions() {
     let t = start_toml(&toml()).await;
@@ -83,9 +74,9 @@ async fn view_changes_reach_open_sessions_as_unit_attentions() {
         },
     )
     .await;
-    clear(&mut a, 0).await;
-    clear(&mut a, 1).await;
-    clear(&mut b, 0).await;
+    a.clear_ua_on(0).await;
+    a.clear_ua_on(1).await;
+    b.clear_ua_on(0).await;
     assert_eq!(report_luns(&mut a).await, vec![0, 1]);
     assert_eq!(report_luns(&mut b).await, vec![0]);
 

@@ -668,6 +668,13 @@ impl Client {
         panic!("unit attention does not clear");
     }
 
+    /// [`Client::clear_ua`] on `lun`.
+    pub async fn clear_ua_on(&mut self, lun: u64) {
+        let before = std::mem::replace(&mut self.lun, lun);
+        self.clear_ua().await;
+        self.lun = before;
+    }
+
     pub async fn read10(&mut self, lba: u32, blocks: u16) -> CmdResult {
         self.run(&read10_cdb(lba, blocks), u32::from(blocks) * 512, None)
             .await
