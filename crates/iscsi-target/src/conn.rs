@@ -115,6 +115,8 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
     let (inbox_tx, inbox) = mpsc::unbounded_channel();
     let serial = registry.sessions.conn_serial();
     let cid = outcome.identity.cid;
+    // One snapshot of the defaults for this connection's limits (set-up, not per command).
+    let defaults = registry.defaults();
     let live = Arc::new(ConnInfo::new(
         cid,
         info.peer_addr.clone(),
@@ -122,7 +124,7 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
         params.clone(),
         state,
         session.io.clone(),
-        crate::inspect::task_slots(registry.defaults().queue_depth),
+        crate::inspect::task_slots(defaults.queue_depth),
     ));
     session.attach(ConnHandle {
         cid,
@@ -136,8 +138,7 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
     let outbox = Outbox {
         tx: wtx,
         backlog: Arc::new(Backlog {
-            limit: usize::try_from(registry.defaults().connection_buffer_limit)
-                .unwrap_or(usize::MAX),
+            limit: usize::try_from(defaults.connection_buffer_limit).unwrap_or(usize::MAX),
             ..Default::default()
         }),
         info: live.clone(),
@@ -158,7 +159,7 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
         writer: outbox,
         tasks: HashMap::new(),
         pending_write_bytes: 0,
-        write_buffer_limit: registry.defaults().write_buffer_limit,
+        write_buffer_limit: defaults.write_buffer_limit,
         refused_for_memory: HashSet::new(),
         next_ttt: 1,
         local,
