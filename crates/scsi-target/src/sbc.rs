@@ -147,14 +147,20 @@ pub(crate) fn read(lu: &LogicalUnit, cdb: Cdb<'_>) -> CmdResult {
         .bytes_of(r.blocks)
         .and_then(|l| usize::try_from(l).ok())
         .ok_or(Fail::from(sense::LBA_OUT_OF_RANGE))?;
-    let mut buf = crate::bufpool::PooledBuf::take(len);
-    lu.backend
-        .read_at(lu.offset_of(r.lba), &mut buf)
+    // A memory LU hands out a view of its own pages: no copy here.
+    let data = lu
+        .backend
+        .read_bytes(lu.offset_of(r.lba), len)
         .map_err(read_error)?;
+    if data.len() != len {
+        return Err(read_error(std::io::Error::from(
+            std::io::ErrorKind::UnexpectedEof,
+        )));
+    }
     let c = &lu.counters;
     c.read_commands.fetch_add(1, Ordering::Relaxed);
     c.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
-    Ok(ScsiResponse::good(buf.into_bytes()))
+    Ok(ScsiResponse::good(data))
 }
 
 /// Writes `data` (whole blocks) at `lba`, then flushes if FUA was asked or
