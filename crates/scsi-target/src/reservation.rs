@@ -97,13 +97,33 @@ impl ItNexus {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Registration {
+    /// The nexus that registered (for ALL_TG_PT: its initiator port is
+    /// what counts, through whichever target port).
     nexus: ItNexus,
     key: u64,
+    /// Registered with ALL_TG_PT: every I_T nexus of this initiator port,
+    /// through every target port (of every gateway), shares it.
+    all_tg_pt: bool,
 }
 
-#[derive(Clone, Debug)]
+impl Registration {
+    /// Whether this registration is the one of the nexus with these port names.
+    fn covers_names(&self, initiator: &str, target: &str) -> bool {
+        if self.all_tg_pt {
+            &*self.nexus.initiator == initiator
+        } else {
+            self.nexus.is(initiator, target)
+        }
+    }
+
+    fn covers(&self, n: &ItNexus) -> bool {
+        self.covers_names(&n.initiator, &n.target)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct PrHold {
     /// The reserving nexus (for all-registrants types: whoever reserved).
     holder: ItNexus,
@@ -118,6 +138,19 @@ pub(crate) struct ResState {
     generation: u32,
     registrations: Vec<Registration>,
     reservation: Option<PrHold>,
+    /// Activate Persist Through Power Loss, as the last REGISTER set it;
+    /// offered only where the state lives outside this process (a cluster).
+    aptpl: bool,
+}
+
+/// What of `ResState` another gateway can change: compared before and
+/// after a reload to tell this gateway's nexuses what happened to them.
+#[derive(Clone, Debug, Default)]
+struct SharedPart {
+    generation: u32,
+    registrations: Vec<Registration>,
+    reservation: Option<PrHold>,
+    aptpl: bool,
 }
 
 /// Registrations are bounded so one initiator cannot grow the table forever.
@@ -129,15 +162,40 @@ impl ResState {
     }
 
     fn registration(&self, n: &ItNexus) -> Option<&Registration> {
-        self.registrations.iter().find(|r| r.nexus == *n)
+        self.registrations.iter().find(|r| r.covers(n))
+    }
+
+    /// Whether `n` is (one of) the nexus(es) of the holder's registration:
+    /// a holder registered with ALL_TG_PT holds through every target port.
+    fn holds(&self, h: &PrHold, n: &ItNexus) -> bool {
+        h.holder == *n
+            || self
+                .registration(&h.holder)
+                .is_some_and(|r| r.all_tg_pt && r.covers(n))
     }
 
     fn is_holder(&self, n: &ItNexus) -> bool {
         match &self.reservation {
             Some(h) if pr_type::all_registrants(h.ptype) => self.registration(n).is_some(),
-            Some(h) => h.holder == *n,
+            Some(h) => self.holds(h, n),
             None => false,
         }
+    }
+
+    fn shared_part(&self) -> SharedPart {
+        SharedPart {
+            generation: self.generation,
+            registrations: self.registrations.clone(),
+            reservation: self.reservation.clone(),
+            aptpl: self.aptpl,
+        }
+    }
+
+    fn restore(&mut self, p: SharedPart) {
+        self.generation = p.generation;
+        self.registrations = p.registrations;
+        self.reservation = p.reservation;
+        self.aptpl = p.aptpl;
     }
 
     /// The key READ RESERVATION and READ FULL STATUS report for the holder.
@@ -152,7 +210,11 @@ impl ResState {
     /// Removes a registration; drops the reservation when it held it.
     /// Returns true if a (non all-registrants) reservation was released by it.
     fn unregister(&mut self, n: &ItNexus) -> bool {
-        self.registrations.retain(|r| r.nexus != *n);
+        let held = match &self.reservation {
+            Some(h) if !pr_type::all_registrants(h.ptype) => self.holds(h, n),
+            _ => false,
+        };
+        self.registrations.retain(|r| !r.covers(n));
         match &self.reservation {
             Some(h) if pr_type::all_registrants(h.ptype) => {
                 if self.registrations.is_empty() {
@@ -160,7 +222,7 @@ impl ResState {
                 }
                 false
             }
-            Some(h) if h.holder == *n => {
+            Some(_) if held => {
                 self.reservation = None;
                 true
             }
@@ -181,10 +243,16 @@ const SHARED_MAGIC: &str = "ironstar-pr 1";
 /// per item, names as they are (iSCSI port names hold no spaces).
 fn encode_shared(st: &ResState) -> Vec<u8> {
     let mut s = format!("{SHARED_MAGIC}\ngen {}\n", st.generation);
+    if st.aptpl {
+        s.push_str("aptpl 1\n");
+    }
     for r in &st.registrations {
         let n = &r.nexus;
+        // "rega": registered with ALL_TG_PT (a line older gateways refuse
+        // whole rather than misread as one target port's).
+        let kind = if r.all_tg_pt { "rega" } else { "reg" };
         s.push_str(&format!(
-            "reg {:016x} {} {} {}\n",
+            "{kind} {:016x} {} {} {}\n",
             r.key, n.rtpi, n.initiator, n.target
         ));
     }
@@ -213,15 +281,18 @@ fn decode_shared(data: &[u8], st: &mut ResState) -> Result<(), String> {
             rtpi: rtpi.parse().map_err(|_| format!("bad port id {rtpi:?}"))?,
         })
     };
-    let (mut generation, mut regs, mut res) = (0u32, Vec::new(), None);
+    let (mut generation, mut regs, mut res, mut aptpl) = (0u32, Vec::new(), None, false);
     for line in lines {
         let f: Vec<&str> = line.split(' ').collect();
         match f.as_slice() {
             ["gen", g] => generation = g.parse().map_err(|_| format!("bad generation {g:?}"))?,
-            ["reg", key, rtpi, i, t] if regs.len() < MAX_REGISTRATIONS => regs.push(Registration {
-                key: u64::from_str_radix(key, 16).map_err(|_| format!("bad key {key:?}"))?,
-                nexus: nexus(rtpi, i, t)?,
-            }),
+            ["aptpl", "1"] => aptpl = true,
+            [kind @ ("reg" | "rega"), key, rtpi, i, t] if regs.len() < MAX_REGISTRATIONS => regs
+                .push(Registration {
+                    key: u64::from_str_radix(key, 16).map_err(|_| format!("bad key {key:?}"))?,
+                    nexus: nexus(rtpi, i, t)?,
+                    all_tg_pt: *kind == "rega",
+                }),
             ["res", ptype, rtpi, i, t] => {
                 let ptype: u8 = ptype.parse().map_err(|_| format!("bad type {ptype:?}"))?;
                 if !pr_type::valid(ptype) {
@@ -236,9 +307,12 @@ fn decode_shared(data: &[u8], st: &mut ResState) -> Result<(), String> {
             _ => return Err(format!("bad line {line:?}")),
         }
     }
-    st.generation = generation;
-    st.registrations = regs;
-    st.reservation = res;
+    st.restore(SharedPart {
+        generation,
+        registrations: regs,
+        reservation: res,
+        aptpl,
+    });
     Ok(())
 }
 
@@ -248,10 +322,47 @@ fn store_failed(e: impl std::fmt::Display) -> Fail {
 }
 
 /// Loads the shared state into `st`; returns the bytes it was read from.
-fn load_shared(store: &dyn PrStore, st: &mut ResState) -> Result<Vec<u8>, Fail> {
+/// What another gateway did to this gateway's registrants reaches their
+/// nexuses here as the unit attention they would have got from it.
+fn load_shared(lu: &LogicalUnit, store: &dyn PrStore, st: &mut ResState) -> Result<Vec<u8>, Fail> {
     let data = store.load().map_err(store_failed)?;
+    let before = st.shared_part();
     decode_shared(&data, st).map_err(store_failed)?;
+    if before.generation != st.generation || before.reservation != st.reservation {
+        announce_remote_change(lu, &before, st);
+    }
     Ok(data)
+}
+
+/// SPC-4 §5.13.11/12 unit attentions for changes made through another
+/// gateway. Only this gateway's nexuses are matched (a registration names its
+/// target port, and each gateway is its own), so each gateway tells its own.
+fn announce_remote_change(lu: &LogicalUnit, before: &SharedPart, now: &ResState) {
+    let lost: Vec<&Registration> = before
+        .registrations
+        .iter()
+        .filter(|r| !now.registrations.iter().any(|n| n.nexus == r.nexus))
+        .collect();
+    // A CLEAR leaves nobody registered; a PREEMPT leaves its sender.
+    let code = if now.registrations.is_empty() {
+        sense::RESERVATIONS_PREEMPTED
+    } else {
+        sense::REGISTRATIONS_PREEMPTED
+    };
+    if !lost.is_empty() {
+        lu.queue_ua_where(None, code, |i, t| lost.iter().any(|r| r.covers_names(i, t)));
+    }
+    // Released (not taken over) with registrants-only or all-registrants
+    // type: the registrants who are left hear of it.
+    let released = match (&before.reservation, &now.reservation) {
+        (Some(h), None) => pr_type::registrants_allowed(h.ptype) && !now.registrations.is_empty(),
+        _ => false,
+    };
+    if released {
+        lu.queue_ua_where(None, sense::RESERVATIONS_RELEASED, |i, t| {
+            now.registrations.iter().any(|r| r.covers_names(i, t))
+        });
+    }
 }
 
 /// Before each command: take in what another gateway changed.
@@ -265,7 +376,7 @@ pub(crate) fn refresh_shared(lu: &LogicalUnit) {
     }
     if store.take_changed() {
         let mut st = lock(lu);
-        if load_shared(store, &mut st).is_ok() {
+        if load_shared(lu, store, &mut st).is_ok() {
             publish(lu, &st);
         }
     }
@@ -429,7 +540,7 @@ pub(crate) fn pr_in(lu: &LogicalUnit, _t: &ScsiTask<'_>, cdb: Cdb<'_>) -> CmdRes
     let alloc = u64::from(cdb.u16(7));
     let mut st = lock(lu);
     if let Some(store) = lu.backend.pr_store() {
-        load_shared(store, &mut st)?;
+        load_shared(lu, store, &mut st)?;
         publish(lu, &st);
     }
     let mut v = Vec::with_capacity(64);
@@ -457,10 +568,14 @@ pub(crate) fn pr_in(lu: &LogicalUnit, _t: &ScsiTask<'_>, cdb: Cdb<'_>) -> CmdRes
             }
         }
         pri::REPORT_CAPABILITIES => {
+            let ptpl_c = lu.backend.pr_store().is_some();
             v.extend_from_slice(&8u16.to_be_bytes());
-            v.push(0x10); // CRH: RESERVE(6)/RELEASE(6) conflict with PRs
-            v.push(0x80); // TMV: the type mask is valid
-                          // WR_EX_AR, EX_AC_RO, WR_EX_RO, EX_AC, WR_EX; EX_AC_AR.
+            // CRH: RESERVE(6)/RELEASE(6) conflict with PRs; ATP_C: ALL_TG_PT;
+            // PTPL_C where the state lives in a cluster, not in this process.
+            v.push(0x10 | 0x04 | u8::from(ptpl_c));
+            // TMV: the type mask is valid; PTPL_A: APTPL is active.
+            v.push(0x80 | u8::from(ptpl_c && st.aptpl));
+            // WR_EX_AR, EX_AC_RO, WR_EX_RO, EX_AC, WR_EX; EX_AC_AR.
             v.push(0x80 | 0x40 | 0x20 | 0x08 | 0x02);
             v.push(0x01);
             v.extend_from_slice(&[0; 2]);
@@ -472,7 +587,7 @@ pub(crate) fn pr_in(lu: &LogicalUnit, _t: &ScsiTask<'_>, cdb: Cdb<'_>) -> CmdRes
                 let holder = st.is_holder(&r.nexus);
                 v.extend_from_slice(&r.key.to_be_bytes());
                 v.extend_from_slice(&[0; 4]);
-                v.push(u8::from(holder));
+                v.push(u8::from(r.all_tg_pt) << 1 | u8::from(holder));
                 v.push(match (&st.reservation, holder) {
                     (Some(h), true) => h.ptype & 0x0F,
                     _ => 0,
@@ -495,9 +610,11 @@ pub(crate) fn pr_in(lu: &LogicalUnit, _t: &ScsiTask<'_>, cdb: Cdb<'_>) -> CmdRes
 struct ProParams {
     key: u64,
     sa_key: u64,
+    all_tg_pt: bool,
+    aptpl: bool,
 }
 
-fn parse_pro_params(cdb: &Cdb<'_>, data: &[u8]) -> Result<ProParams, Fail> {
+fn parse_pro_params(lu: &LogicalUnit, cdb: &Cdb<'_>, data: &[u8]) -> Result<ProParams, Fail> {
     let plen = cdb.u32(5);
     if plen != 24 {
         return Err(sense::PARAMETER_LIST_LENGTH_ERROR.into());
@@ -510,13 +627,16 @@ fn parse_pro_params(cdb: &Cdb<'_>, data: &[u8]) -> Result<ProParams, Fail> {
         // SPEC_I_PT: we accept registrations only for the sending nexus.
         return Err(Sense::invalid_param(20, Some(3)).into());
     }
-    if flags & 0x01 != 0 {
-        // APTPL: registrations are not persisted through power loss (PTPL_C=0).
+    let aptpl = flags & 0x01 != 0;
+    if aptpl && lu.backend.pr_store().is_none() {
+        // Kept in this process only: not through power loss (PTPL_C=0).
         return Err(Sense::invalid_param(20, Some(0)).into());
     }
     Ok(ProParams {
         key: be_at(data, 0, 8),
         sa_key: be_at(data, 8, 8),
+        all_tg_pt: flags & 0x04 != 0,
+        aptpl,
     })
 }
 
@@ -527,7 +647,7 @@ pub(crate) fn pr_out(lu: &LogicalUnit, t: &ScsiTask<'_>, cdb: Cdb<'_>) -> CmdRes
     }
     let scope = cdb.byte(2) >> 4;
     let ptype = cdb.byte(2) & 0x0F;
-    let p = parse_pro_params(&cdb, t.data_out)?;
+    let p = parse_pro_params(lu, &cdb, t.data_out)?;
     let me = ItNexus::of(t.nexus);
     let mut st = lock(lu);
     if st.reserve6.is_some_and(|h| h != t.nexus.id) {
@@ -539,7 +659,8 @@ pub(crate) fn pr_out(lu: &LogicalUnit, t: &ScsiTask<'_>, cdb: Cdb<'_>) -> CmdRes
     // Read, apply, compare-and-swap; another gateway's change in between
     // means doing it again on the newer state.
     for _ in 0..16 {
-        let old = load_shared(store, &mut st)?;
+        let old = load_shared(lu, store, &mut st)?;
+        let loaded = st.shared_part();
         let r = pr_out_apply(lu, &mut st, t, &me, &p, action, scope, ptype);
         if r.is_err() {
             publish(lu, &st);
@@ -551,6 +672,9 @@ pub(crate) fn pr_out(lu: &LogicalUnit, t: &ScsiTask<'_>, cdb: Cdb<'_>) -> CmdRes
         {
             return r;
         }
+        // Lost the race: back to what was loaded, so the reload compares
+        // against the cluster's state and not against our unapplied change.
+        st.restore(loaded);
     }
     Err(store_failed("the shared state kept changing under us"))
 }
@@ -612,12 +736,23 @@ fn register(
             if p.sa_key == 0 {
                 return Ok(());
             }
+            if p.all_tg_pt
+                && st
+                    .registrations
+                    .iter()
+                    .any(|r| r.nexus.initiator == me.initiator)
+            {
+                // ALL_TG_PT registers every target port of this initiator
+                // port: one of them already holds a registration of its own.
+                return Err(conflict());
+            }
             if st.registrations.len() >= MAX_REGISTRATIONS {
                 return Err(sense::INSUFFICIENT_REGISTRATION_RESOURCES.into());
             }
             st.registrations.push(Registration {
                 nexus: me.clone(),
                 key: p.sa_key,
+                all_tg_pt: p.all_tg_pt,
             });
         }
         Some(current) => {
@@ -636,11 +771,13 @@ fn register(
                 if released {
                     notify_registrants(lu, st, t, sense::RESERVATIONS_RELEASED);
                 }
-            } else if let Some(r) = st.registrations.iter_mut().find(|r| r.nexus == *me) {
+            } else if let Some(r) = st.registrations.iter_mut().find(|r| r.covers(me)) {
                 r.key = p.sa_key;
             }
         }
     }
+    // SPC-4 §5.13.5: the last successful REGISTER sets APTPL.
+    st.aptpl = p.aptpl;
     st.generation = st.generation.wrapping_add(1);
     Ok(())
 }
@@ -707,15 +844,15 @@ fn preempt(
         .reservation
         .as_ref()
         .is_some_and(|h| pr_type::all_registrants(h.ptype));
-    let victims: Vec<ItNexus>;
+    let victims: Vec<Registration>;
     match st.reservation.clone() {
         Some(_) if all_reg && p.sa_key == 0 => {
             // Preempting an all-registrants reservation: everyone else goes.
             victims = st
                 .registrations
                 .iter()
-                .filter(|r| r.nexus != *me)
-                .map(|r| r.nexus.clone())
+                .filter(|r| !r.covers(me))
+                .cloned()
                 .collect();
             st.reservation = Some(PrHold {
                 holder: me.clone(),
@@ -726,8 +863,8 @@ fn preempt(
             victims = st
                 .registrations
                 .iter()
-                .filter(|r| r.key == p.sa_key && r.nexus != *me)
-                .map(|r| r.nexus.clone())
+                .filter(|r| r.key == p.sa_key && !r.covers(me))
+                .cloned()
                 .collect();
             st.reservation = Some(PrHold {
                 holder: me.clone(),
@@ -742,7 +879,7 @@ fn preempt(
                 .registrations
                 .iter()
                 .filter(|r| r.key == p.sa_key)
-                .map(|r| r.nexus.clone())
+                .cloned()
                 .collect();
             if victims.is_empty() {
                 return Err(conflict());
@@ -750,9 +887,9 @@ fn preempt(
         }
     }
     for v in &victims {
-        st.unregister(v);
+        st.unregister(&v.nexus);
         lu.queue_ua_where(Some(t.nexus.id), sense::REGISTRATIONS_PREEMPTED, |i, tg| {
-            v.is(i, tg)
+            v.covers_names(i, tg)
         });
     }
     st.generation = st.generation.wrapping_add(1);
@@ -761,14 +898,10 @@ fn preempt(
 
 /// Unit attention for the nexuses of every registrant other than the caller.
 fn notify_registrants(lu: &LogicalUnit, st: &ResState, t: &ScsiTask<'_>, code: sense::SenseCode) {
-    let others: Vec<ItNexus> = st
-        .registrations
-        .iter()
-        .map(|r| r.nexus.clone())
-        .filter(|n| *n != ItNexus::of(t.nexus))
-        .collect();
+    let me = ItNexus::of(t.nexus);
+    let others: Vec<&Registration> = st.registrations.iter().filter(|r| !r.covers(&me)).collect();
     lu.queue_ua_where(Some(t.nexus.id), code, |i, tg| {
-        others.iter().any(|n| n.is(i, tg))
+        others.iter().any(|r| r.covers_names(i, tg))
     });
 }
 
@@ -1012,7 +1145,14 @@ mod tests {
         st.registrations.push(super::Registration {
             nexus: super::ItNexus::of(&nexus(1)),
             key: 0xDEAD,
+            all_tg_pt: false,
         });
+        st.registrations.push(super::Registration {
+            nexus: super::ItNexus::of(&nexus(2)),
+            key: 0xBEEF,
+            all_tg_pt: true,
+        });
+        st.aptpl = true;
         st.reservation = Some(super::PrHold {
             holder: super::ItNexus::of(&nexus(1)),
             ptype: 3,
@@ -1024,7 +1164,8 @@ mod tests {
         let mut back = super::ResState::default();
         super::decode_shared(&super::encode_shared(&st), &mut back).unwrap();
         assert_eq!(back.generation, 7);
-        assert_eq!(back.registrations.len(), 1);
+        assert_eq!(back.registrations, st.registrations);
+        assert!(back.aptpl);
         assert_eq!(back.reservation.as_ref().map(|h| h.ptype), Some(3));
         for bad in [
             "",
@@ -1036,6 +1177,106 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    fn pr_flags(
+        lu: &LogicalUnit,
+        n: &Nexus,
+        sa: u8,
+        key: u64,
+        sa_key: u64,
+        flags: u8,
+    ) -> ScsiResponse {
+        let (c, mut p) = prout(sa, 0, key, sa_key);
+        p[20] = flags;
+        exec(lu, n, &c, &p)
+    }
+
+    const ALL_TG_PT: u8 = 0x04;
+    const APTPL: u8 = 0x01;
+
+    #[test]
+    fn all_tg_pt_registers_the_initiator_through_every_target_port() {
+        let lu = mem_lu();
+        let x1 = ready_nexus(&lu, 1);
+        let x2 = via(&x1, 2);
+        let _ = exec(&lu, &x2, &TUR, &[]);
+        let other = ready_nexus(&lu, 3);
+        let caps = prin(&lu, &x1, 2);
+        assert_eq!(caps[2] & 0x04, 0x04, "ATP_C");
+        assert_good(&pr_flags(&lu, &x1, 0, 0, 0xA1, ALL_TG_PT));
+        // Registered through the other port too: one registration, one key.
+        assert_eq!(keys(&lu, &x2), vec![0xA1]);
+        assert_good(&pr(&lu, &x2, 1, 1, 0xA1, 0));
+        // The holder writes through both ports; nobody else does.
+        assert!(can_write(&lu, &x1));
+        assert!(can_write(&lu, &x2));
+        assert!(!can_write(&lu, &other));
+        let full = prin(&lu, &other, 3);
+        assert_eq!(full[8 + 12], 0x02 | 0x01, "ALL_TG_PT and R_HOLDER");
+        // Unregistering through either port removes it, and the reservation.
+        assert_good(&pr(&lu, &x1, 0, 0, 0xA1, 0));
+        assert!(keys(&lu, &x2).is_empty());
+        assert!(can_write(&lu, &other));
+        // A port already registered on its own: ALL_TG_PT through another conflicts.
+        assert_good(&pr(&lu, &x1, 0, 0, 0, 0xB1));
+        assert_eq!(
+            pr_flags(&lu, &x2, 0, 0, 0xB2, ALL_TG_PT).status,
+            status::RESERVATION_CONFLICT
+        );
+    }
+
+    #[test]
+    fn aptpl_is_offered_where_the_state_lives_in_the_cluster() {
+        let lu = mem_lu();
+        let a = ready_nexus(&lu, 1);
+        assert_eq!(prin(&lu, &a, 2)[2] & 0x01, 0, "no PTPL_C in one process");
+        let cluster = std::sync::Arc::new(Shared::default());
+        let g = gateway(&cluster);
+        let x = ready_nexus(&g, 1);
+        let caps = prin(&g, &x, 2);
+        assert_eq!(
+            (caps[2] & 0x01, caps[3] & 0x01),
+            (1, 0),
+            "PTPL_C, not PTPL_A"
+        );
+        assert_good(&pr_flags(&g, &x, 0, 0, 0xA1, APTPL));
+        drop(g);
+        let g2 = gateway(&cluster);
+        let x2 = ready_nexus(&g2, 1);
+        assert_eq!(prin(&g2, &x2, 2)[3] & 0x01, 1, "PTPL_A after a restart");
+        assert_eq!(keys(&g2, &x2), vec![0xA1]);
+        // The last REGISTER decides: a key change without APTPL turns it off.
+        assert_good(&pr(&g2, &x2, 0, 0, 0xA1, 0xA2));
+        assert_eq!(prin(&g2, &x2, 2)[3] & 0x01, 0);
+    }
+
+    #[test]
+    fn what_another_gateway_does_to_a_registrant_reaches_it_as_unit_attention() {
+        let cluster = std::sync::Arc::new(Shared::default());
+        let (a, b) = (gateway(&cluster), gateway(&cluster));
+        let x = ready_nexus(&a, 1);
+        let y = via(&ready_nexus(&b, 2), 2);
+        let _ = exec(&b, &y, &TUR, &[]);
+        // Y preempts X's registration (and its reservation) through B.
+        assert_good(&pr(&a, &x, 0, 0, 0, 0xAA));
+        assert_good(&pr(&b, &y, 0, 0, 0, 0xBB));
+        assert_good(&pr(&a, &x, 1, 1, 0xAA, 0));
+        assert_good(&pr(&b, &y, 4, 1, 0xBB, 0xAA));
+        assert_check(&exec(&a, &x, &TUR, &[]), sense::REGISTRATIONS_PREEMPTED);
+        assert_good(&exec(&a, &x, &TUR, &[]));
+        assert_good(&exec(&b, &y, &TUR, &[]));
+        // A registrants-only reservation released through B: X hears of it.
+        assert_good(&pr(&a, &x, 0, 0, 0, 0xAA));
+        assert_good(&pr(&b, &y, 2, 1, 0xBB, 0));
+        assert_good(&pr(&b, &y, 1, 5, 0xBB, 0));
+        assert_good(&exec(&a, &x, &TUR, &[]));
+        assert_good(&pr(&b, &y, 2, 5, 0xBB, 0));
+        assert_check(&exec(&a, &x, &TUR, &[]), sense::RESERVATIONS_RELEASED);
+        // CLEAR through B: every registrant through A hears it was preempted.
+        assert_good(&pr(&b, &y, 3, 0, 0xBB, 0));
+        assert_check(&exec(&a, &x, &TUR, &[]), sense::RESERVATIONS_PREEMPTED);
+        assert_good(&exec(&a, &x, &TUR, &[]));
     }
 
     #[test]
