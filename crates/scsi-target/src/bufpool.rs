@@ -5,6 +5,11 @@
 //!
 //! Buffers are kept per power-of-two size class, a few per class, so the
 //! pool stays small (at most [`MAX_PER_CLASS`] × class size per class).
+//!
+//! O_DIRECT needs memory aligned to the device's sector (4096 covers every
+//! sector size): [`PooledBuf::take_aligned`] hands out a window of a
+//! slightly larger pooled buffer that starts on such a boundary, so the
+//! alignment costs no `unsafe` allocator call.
 
 use std::sync::Mutex;
 
@@ -33,24 +38,50 @@ fn class_of(len: usize) -> Option<usize> {
 /// overwrites all of it) that returns to the pool when dropped.
 pub(crate) struct PooledBuf {
     buf: Vec<u8>,
+    /// The caller's bytes are `buf[start..start + len]`.
+    start: usize,
+    len: usize,
     class: Option<usize>,
 }
 
+/// Alignment of [`PooledBuf::take_aligned`]: the largest logical sector.
+pub(crate) const DIRECT_ALIGN: usize = 4096;
+
 impl PooledBuf {
     pub(crate) fn take(len: usize) -> PooledBuf {
-        let class = class_of(len);
+        Self::take_with_slack(len, 0)
+    }
+
+    /// Like [`take`](Self::take), starting at a [`DIRECT_ALIGN`] boundary.
+    pub(crate) fn take_aligned(len: usize) -> PooledBuf {
+        let mut b = Self::take_with_slack(len, DIRECT_ALIGN);
+        // The vector is never grown again, so its address, and the
+        // window's alignment, stay as computed here.
+        let pad = b.buf.as_ptr().align_offset(DIRECT_ALIGN);
+        b.start = if pad <= DIRECT_ALIGN { pad } else { 0 };
+        b
+    }
+
+    fn take_with_slack(len: usize, slack: usize) -> PooledBuf {
+        let total = len.saturating_add(slack);
+        let class = class_of(total);
         let recycled = class
             .and_then(|c| POOL.get(c))
             .and_then(|slot| slot.lock().ok().and_then(|mut v| v.pop()));
         let mut buf = recycled.unwrap_or_else(|| {
-            let cap = class.map_or(len, |c| 1usize << (c as u32 + MIN_SHIFT));
+            let cap = class.map_or(total, |c| 1usize << (c as u32 + MIN_SHIFT));
             Vec::with_capacity(cap)
         });
         // Stale bytes from a previous read are overwritten by the caller; a
         // new buffer is zeroed once here, never again.
-        buf.resize(len, 0);
-        buf.truncate(len);
-        PooledBuf { buf, class }
+        buf.resize(total, 0);
+        buf.truncate(total);
+        PooledBuf {
+            buf,
+            start: 0,
+            len,
+            class,
+        }
     }
 
     pub(crate) fn into_bytes(self) -> Bytes {
@@ -61,19 +92,22 @@ impl PooledBuf {
 impl std::ops::Deref for PooledBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.buf
+        self.buf
+            .get(self.start..self.start + self.len)
+            .unwrap_or(&[])
     }
 }
 
 impl std::ops::DerefMut for PooledBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.buf
+        let end = self.start + self.len;
+        self.buf.get_mut(self.start..end).unwrap_or(&mut [])
     }
 }
 
 impl AsRef<[u8]> for PooledBuf {
     fn as_ref(&self) -> &[u8] {
-        &self.buf
+        self
     }
 }
 
@@ -110,6 +144,19 @@ mod tests {
         let again = PooledBuf::take(70_000);
         assert_eq!(again.len(), 70_000);
         let _ = ptr;
+    }
+
+    #[test]
+    fn aligned_buffers_start_on_a_sector_boundary() {
+        for len in [512, 4096, 100_000, 1 << 20] {
+            let mut b = PooledBuf::take_aligned(len);
+            assert_eq!(b.len(), len);
+            assert_eq!(b.as_ptr() as usize % DIRECT_ALIGN, 0);
+            b.fill(3);
+            let bytes = b.into_bytes();
+            assert_eq!(bytes.len(), len);
+            assert_eq!(bytes.as_ptr() as usize % DIRECT_ALIGN, 0);
+        }
     }
 
     #[test]

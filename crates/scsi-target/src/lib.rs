@@ -6,7 +6,8 @@
 //! A port hands each command to [`LunMap::execute`] (or straight to a
 //! [`LogicalUnit`]) with all of its Data-Out already collected, and gets back
 //! status, sense and data-in. Execution is synchronous; when
-//! [`LogicalUnit::may_block`] is true the port runs it on a blocking thread.
+//! [`LogicalUnit::may_block`] is true the port runs it on the LU's own I/O
+//! threads ([`LogicalUnit::spawn_io`]).
 //!
 //! One file per command family: [`spc`] (primary commands), `vpd` (INQUIRY
 //! pages), `mode` (MODE SENSE/SELECT), `sbc` (block commands), `opcodes`
@@ -25,7 +26,8 @@
 //! - truncates data-in to Expected Data Transfer Length and computes the
 //!   residuals; for writes [`LunMap::expected_data_out_len`] gives the
 //!   transfer length the CDB asks for;
-//! - runs `execute` on a blocking thread when [`LogicalUnit::may_block`].
+//! - runs `execute` through [`LogicalUnit::spawn_io`] when
+//!   [`LogicalUnit::may_block`].
 //!
 //! No input from the wire can make this crate panic: CDB bytes are read
 //! through [`cdb::Cdb`], which answers zero past the end, and parameter lists
@@ -35,6 +37,7 @@ pub mod alua;
 pub mod backend;
 mod bufpool;
 pub mod cdb;
+mod iopool;
 mod lu;
 mod lunmap;
 mod mode;
@@ -52,7 +55,8 @@ use bytes::Bytes;
 
 pub use alua::{AluaGroup, AluaState};
 pub use backend::{
-    Backend, BackendCaps, CompareAndWrite, FileBackend, MemoryBackend, NullBackend, PrStore,
+    Backend, BackendCaps, CompareAndWrite, FileBackend, FileOptions, MemoryBackend, NullBackend,
+    PrStore,
 };
 pub use lu::{DataDirection, LogicalUnit, LuConfig, LuError, LuStats};
 pub use lunmap::LunMap;

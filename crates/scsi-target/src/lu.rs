@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use crate::backend::{Backend, BackendCaps};
 use crate::cdb::{op, sa, Cdb};
@@ -180,6 +180,9 @@ pub struct LogicalUnit {
     pub(crate) counters: Counters,
     /// Target port groups and their states (empty: one group, optimized).
     alua: RwLock<Arc<[crate::AluaGroup]>>,
+    /// The threads that run this LU's commands when its store may block;
+    /// made on first use.
+    io_pool: OnceLock<crate::iopool::IoPool>,
 }
 
 impl std::fmt::Debug for LogicalUnit {
@@ -234,6 +237,7 @@ impl LogicalUnit {
             res_active: AtomicBool::new(false),
             counters: Counters::default(),
             alua: RwLock::new(Arc::from(Vec::new())),
+            io_pool: OnceLock::new(),
         }))
     }
 
@@ -253,6 +257,28 @@ impl LogicalUnit {
     /// True when the port must run `execute` on a blocking thread.
     pub fn may_block(&self) -> bool {
         self.caps.may_block
+    }
+
+    /// Runs `job` (typically [`execute`](Self::execute) and sending its
+    /// response) on this LU's I/O threads: at most
+    /// [`io_threads`](Self::io_threads) at once, started on demand and
+    /// ended when idle. For LUs that [`may_block`](Self::may_block).
+    pub fn spawn_io(&self, job: impl FnOnce() + Send + 'static) {
+        self.pool().spawn(Box::new(job));
+    }
+
+    /// How many commands of this LU run at once on its I/O threads (the
+    /// backend's [`Backend::io_threads`], the LU property `io_threads` of
+    /// file LUs).
+    pub fn io_threads(&self) -> usize {
+        self.backend.io_threads().max(1)
+    }
+
+    fn pool(&self) -> &crate::iopool::IoPool {
+        self.io_pool.get_or_init(|| {
+            let name = format!("lu-io-{:x}", self.config.naa_id & 0xFFFF_FFFF);
+            crate::iopool::IoPool::new(self.io_threads(), name)
+        })
     }
 
     /// LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT: how many logical blocks
@@ -692,6 +718,31 @@ mod tests {
             ..LuConfig::default()
         };
         assert!(LogicalUnit::new(cfg, Box::new(crate::MemoryBackend::new(1 << 20))).is_err());
+    }
+
+    #[test]
+    fn spawn_io_runs_commands_on_the_lus_own_threads() {
+        let path = std::path::Path::new("/var/tmp")
+            .join(format!("scsi-target-lu-io-{}", std::process::id()));
+        let opts = crate::FileOptions {
+            direct: false,
+            io_threads: 4,
+        };
+        let fb = crate::FileBackend::create_with(&path, 1 << 20, opts).unwrap();
+        let lu = LogicalUnit::new(LuConfig::default(), Box::new(fb)).unwrap();
+        assert!(lu.may_block());
+        assert_eq!(lu.io_threads(), 4);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let lu2 = lu.clone();
+        lu.spawn_io(move || {
+            let r = exec(&lu2, &nexus(1), &TUR, &[]);
+            let name = std::thread::current().name().map(str::to_string);
+            tx.send((r.status, name)).unwrap();
+        });
+        let (st, name) = rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+        assert_eq!(st, status::CHECK_CONDITION, "power-on unit attention");
+        assert!(name.unwrap_or_default().starts_with("lu-io-"));
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]
