@@ -1201,10 +1201,18 @@ impl Conn {
         };
         if blocking {
             let writer = self.writer.clone();
-            tokio::task::spawn_blocking(move || {
+            // The runtime stays at hand, as on tokio's own blocking threads.
+            let rt = tokio::runtime::Handle::current();
+            let job = move || {
+                let _rt = rt.enter();
                 let (pdus, f) = run();
                 finish(&writer, lu_io.as_deref(), slot, start_ns, pdus, f);
-            });
+            };
+            // The LU's own I/O threads, as many as its device serves at once.
+            match self.session.target.as_ref().and_then(|t| t.luns.get(lun)) {
+                Some(lu) => lu.spawn_io(job),
+                None => drop(tokio::task::spawn_blocking(job)),
+            }
         } else {
             let (pdus, f) = run();
             finish(&self.writer, lu_io.as_deref(), slot, start_ns, pdus, f);
