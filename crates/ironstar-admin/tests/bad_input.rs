@@ -39,6 +39,8 @@ fn setup(tag: &str) -> (std::path::PathBuf, Daemon) {
 fn bad_cli_arguments_and_refused_changes_fail_clearly_and_change_nothing() {
     let (dir, d) = setup("cli");
     let before = std::fs::read_to_string(&d.config).unwrap();
+    let img = dir.join("direct.img");
+    let img = img.to_str().unwrap();
     let cases: &[(&str, &[&str], &str)] = &[
         // Unknown verbs and options (clap).
         ("itadm", &["frobnicate"], "unrecognized subcommand"),
@@ -88,6 +90,21 @@ fn bad_cli_arguments_and_refused_changes_fail_clearly_and_change_nothing() {
             "stmfadm",
             &["create-lu", "-s", "4M", "-p", "blk=513", "memory"],
             "block_size",
+        ),
+        (
+            "stmfadm",
+            &["create-lu", "-s", "4M", "-p", "io_threads=0", img],
+            "io_threads=0 is not a number 1..=1024",
+        ),
+        (
+            "stmfadm",
+            &["create-lu", "-s", "4M", "-p", "direct=maybe", img],
+            "direct",
+        ),
+        (
+            "stmfadm",
+            &["create-lu", "-s", "4M", "-p", "direct=true", "memory"],
+            "unknown property \"direct\"",
         ),
         ("stmfadm", &["add-view", "-n", "16384", "disk"], "LUN"),
         ("stmfadm", &["modify-lu", "-s", "1M", "disk"], "only grow"),

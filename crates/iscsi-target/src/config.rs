@@ -114,6 +114,16 @@ pub struct LuDef {
     pub read_only: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thin: Option<bool>,
+    /// backend "file": O_DIRECT, bypassing the page cache (the file system
+    /// must support it; requests not aligned to 4096 bytes go through the
+    /// page cache).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub direct: bool,
+    /// backend "file": how many of the LU's I/Os run at once, each on its
+    /// own thread (default: the device's queue size capped at 64, or 16
+    /// for a regular file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_threads: Option<u32>,
     /// An offline LU stays registered but no view shows it.
     #[serde(default = "default_true")]
     pub online: bool,
@@ -248,6 +258,12 @@ pub struct LunConfig {
     pub write_cache: Option<bool>,
     #[serde(default)]
     pub read_only: bool,
+    /// backend "file": O_DIRECT, bypassing the page cache.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub direct: bool,
+    /// backend "file": I/O threads of the LU (default: from the device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_threads: Option<u32>,
 }
 
 fn default_block_size() -> u32 {
@@ -369,6 +385,8 @@ impl Config {
                     serial: None,
                     write_cache: None,
                     read_only: false,
+                    direct: false,
+                    io_threads: None,
                 }],
                 online: true,
             }],
@@ -469,6 +487,7 @@ impl Config {
                 if l.block_size != 512 && l.block_size != 4096 {
                     errs.push(format!("{at}: block_size must be 512 or 4096"));
                 }
+                check_file_props(&at, l.backend, l.direct, l.io_threads, &mut errs);
                 match l.backend {
                     BackendKind::File => {
                         if l.path.is_none() {
@@ -728,6 +747,7 @@ impl Config {
                     l.block_size,
                     errs,
                 );
+                check_file_props(&at, l.backend, l.direct, l.io_threads, errs);
                 if l.backend == BackendKind::Rbd && (l.pool.is_none() || l.image.is_none()) {
                     errs.push(format!("{at}: backend \"rbd\" needs pool and image"));
                 }
@@ -817,6 +837,27 @@ impl Config {
 /// Highest LUN of the flat addressing the target uses.
 pub const MAX_LUN: u64 = 16383;
 
+/// Most I/O threads one LU may have.
+pub const MAX_IO_THREADS: u32 = 1024;
+
+/// `direct` and `io_threads` are properties of file LUs.
+fn check_file_props(
+    at: &str,
+    backend: BackendKind,
+    direct: bool,
+    io_threads: Option<u32>,
+    errs: &mut Vec<String>,
+) {
+    if backend != BackendKind::File && (direct || io_threads.is_some()) {
+        errs.push(format!(
+            "{at}: direct and io_threads are for backend \"file\" only"
+        ));
+    }
+    if let Some(n) = io_threads.filter(|n| !(1..=MAX_IO_THREADS).contains(n)) {
+        errs.push(format!("{at}: io_threads {n} must be 1..={MAX_IO_THREADS}"));
+    }
+}
+
 fn check_lu_backend(
     at: &str,
     backend: BackendKind,
@@ -905,6 +946,8 @@ pub fn implicit_lu(iqn: &str, l: &LunConfig) -> LuDef {
         write_cache: l.write_cache,
         read_only: l.read_only,
         thin: None,
+        direct: l.direct,
+        io_threads: l.io_threads,
         online: true,
         pool: None,
         image: None,
@@ -1154,6 +1197,47 @@ ceph_id = "admin"
         assert_eq!(c.lus[0].image.as_deref(), Some("lu0"));
         let err = Config::from_toml(&ok.replace("image = \"lu0\"\n", "")).unwrap_err();
         assert!(err.to_string().contains("needs pool and image"), "{err}");
+    }
+
+    #[test]
+    fn direct_and_io_threads_are_file_lu_properties() {
+        let ok = r#"
+[[portal_group]]
+tag = 1
+portals = ["127.0.0.1:3260"]
+[[target]]
+iqn = "iqn.2026-11.dev.ironstar:t"
+[[target.lun]]
+lun = 0
+backend = "file"
+path = "/var/tmp/lu0.img"
+direct = true
+io_threads = 8
+
+[[lu]]
+guid = "600144F0AAAA0002"
+backend = "file"
+path = "/var/tmp/lu1.img"
+direct = true
+"#;
+        let c = Config::from_toml(ok).unwrap();
+        let l = &c.targets[0].luns[0];
+        assert_eq!((l.direct, l.io_threads), (true, Some(8)));
+        let d = implicit_lu(&c.targets[0].iqn, l);
+        assert_eq!((d.direct, d.io_threads), (true, Some(8)));
+        assert_eq!((c.lus[0].direct, c.lus[0].io_threads), (true, None));
+        let out = toml::to_string(&c).unwrap();
+        assert_eq!(Config::from_toml(&out).unwrap(), c);
+        // Off and unset are not written out.
+        let plain = Config::from_toml(&ok.replace("direct = true\n", "")).unwrap();
+        assert!(!toml::to_string(&plain.lus[0]).unwrap().contains("direct"));
+        let err = Config::from_toml(&ok.replace("io_threads = 8", "io_threads = 0"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("io_threads 0 must be 1..=1024"), "{err}");
+        let mem = "[[lu]]\nguid = \"600144F0AAAA0003\"\nbackend = \"memory\"\nsize = \"1MiB\"\ndirect = true\n";
+        let err = Config::from_toml(mem).unwrap_err().to_string();
+        assert!(err.contains("for backend \"file\" only"), "{err}");
     }
 
     #[test]

@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use scsi_target::{
-    AluaGroup, AluaState, Backend, FileBackend, LogicalUnit, LuConfig, LunMap, MemoryBackend,
-    NexusId, NullBackend, RbdBackend, RbdConfig, ScsiResponse, ScsiTask,
+    AluaGroup, AluaState, Backend, FileBackend, FileOptions, LogicalUnit, LuConfig, LunMap,
+    MemoryBackend, NexusId, NullBackend, RbdBackend, RbdConfig, ScsiResponse, ScsiTask,
 };
 use thiserror::Error;
 
@@ -518,9 +518,13 @@ fn build_lu(def: &LuDef) -> Result<Arc<LogicalUnit>, String> {
         BackendKind::File => {
             let path = def.path.as_deref().ok_or("backend \"file\" needs path")?;
             let exists = std::path::Path::new(path).exists();
+            let opts = FileOptions {
+                direct: def.direct,
+                io_threads: def.io_threads.unwrap_or(0),
+            };
             let b = match (exists, size) {
-                (false, Some(n)) => FileBackend::create(path, n),
-                _ => FileBackend::open(path, def.read_only),
+                (false, Some(n)) => FileBackend::create_with(path, n, opts),
+                _ => FileBackend::open_with(path, def.read_only, opts),
             };
             Box::new(b.map_err(|e| format!("{path}: {e}"))?)
         }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use iscsi_target::config::{
     guid_from_id, is_guid, is_iscsi_name, parse_size, AuthConfig, BackendKind, Config, GroupConfig,
-    InitiatorConfig, LuDef, PortalGroupConfig, TargetConfig, ViewConfig, MAX_LUN,
+    InitiatorConfig, LuDef, PortalGroupConfig, TargetConfig, ViewConfig, MAX_IO_THREADS, MAX_LUN,
 };
 use iscsi_target::portal::Portal;
 use iscsi_target::registry::{ApplyError, LuEntry, Model};
@@ -679,6 +679,8 @@ impl Admin {
             write_cache: None,
             read_only: false,
             thin: None,
+            direct: false,
+            io_threads: None,
             online: true,
             pool: None,
             image: None,
@@ -708,6 +710,12 @@ impl Admin {
                 "wcd" => def.write_cache = Some(!yes(k, v)?),
                 "wp" => def.read_only = yes(k, v)?,
                 "thin" | "unmap" => def.thin = Some(yes(k, v)?),
+                "direct" if backend == BackendKind::File => def.direct = yes(k, v)?,
+                "io_threads" if backend == BackendKind::File => {
+                    def.io_threads = Some(v.parse().ok().filter(|n| (1..=MAX_IO_THREADS).contains(n)).ok_or_else(|| {
+                        RpcError::params(format!("io_threads={v} is not a number 1..={MAX_IO_THREADS}"))
+                    })?)
+                }
                 "conf" if backend == BackendKind::Rbd => def.ceph_conf = Some(v.clone()),
                 "id" if backend == BackendKind::Rbd => def.ceph_id = Some(v.clone()),
                 "size" => {
@@ -716,7 +724,7 @@ impl Admin {
                 }
                 other => {
                     return Err(RpcError::params(format!(
-                        "unknown property {other:?} (alias, blk, guid, serial, vid, pid, wcd, wp, thin, size; conf, id for rbd:)"
+                        "unknown property {other:?} (alias, blk, guid, serial, vid, pid, wcd, wp, thin, size; direct, io_threads for a file; conf, id for rbd:)"
                     )))
                 }
             }
@@ -1213,6 +1221,8 @@ fn lu_json(e: &LuEntry, m: &Model) -> Value {
         "write_protect": c.read_only,
         "write_cache_disabled": !d.write_cache.unwrap_or(true),
         "thin": c.thin_provisioning,
+        "direct": d.direct,
+        "io_threads": (d.backend == BackendKind::File).then(|| lu.io_threads()),
         "view_entries": views_of(e, m).len(),
         "implicit": e.implicit.as_ref().map(|(t, l)| json!({"target": t, "lun": l})),
         "refs": Arc::strong_count(lu).saturating_sub(1),

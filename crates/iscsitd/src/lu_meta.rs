@@ -4,7 +4,8 @@
 //!
 //! The identity lives in a small sidecar, `PATH.ironstar-lu` (TOML): GUID,
 //! size, block size, serial, alias, vendor and product ids, and the
-//! write-cache / write-protect / thin-provisioning settings. A sidecar
+//! write-cache / write-protect / thin-provisioning settings, and how the
+//! file is opened (`direct`, `io_threads`). A sidecar
 //! rather than a header region keeps the data file a plain image (usable
 //! by `qemu-img`, `dd` and loop devices, no offset to remember). It is
 //! written atomically on create-lu and on every modify-lu, and left in
@@ -37,6 +38,12 @@ pub struct LuMeta {
     pub write_cache: bool,
     pub read_only: bool,
     pub thin: bool,
+    /// O_DIRECT (LU property `direct`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub direct: bool,
+    /// LU property `io_threads`, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_threads: Option<u32>,
 }
 
 /// Where the sidecar of data file `path` lives.
@@ -69,6 +76,8 @@ impl LuMeta {
             write_cache: e.def.write_cache.unwrap_or(true),
             read_only: c.read_only,
             thin: c.thin_provisioning,
+            direct: e.def.direct,
+            io_threads: e.def.io_threads,
         }
     }
 
@@ -89,6 +98,8 @@ impl LuMeta {
             "write_cache": self.write_cache,
             "read_only": self.read_only,
             "thin": self.thin,
+            "direct": self.direct,
+            "io_threads": self.io_threads,
             "online": true,
         }))
         .map_err(|e| format!("LU metadata: {e}"))
@@ -199,6 +210,8 @@ mod tests {
             write_cache: false,
             read_only: false,
             thin: true,
+            direct: true,
+            io_threads: Some(8),
         }
     }
 
@@ -215,6 +228,7 @@ mod tests {
             (def.block_size, def.size.as_deref()),
             (4096, Some("1048576"))
         );
+        assert_eq!((def.direct, def.io_threads), (true, Some(8)));
         // A data file shorter than its metadata says is refused.
         std::fs::write(&data, vec![0u8; 4096]).unwrap();
         assert!(load(&data, None).unwrap_err().contains("holds 4096 bytes"));

@@ -25,6 +25,8 @@ enum Cmd {
     /// Register a logical unit on a file or block device, or in memory.
     CreateLu {
         /// Property name=value: alias, blk, guid, serial, vid, pid, wcd, wp, thin;
+        /// for a file or device: also direct (true: O_DIRECT, bypass the page cache)
+        /// and io_threads (I/Os at once, 1..1024; default: the device's queue, 16 for a file);
         /// for rbd: also conf (the cluster's ceph.conf) and id (cephx client id).
         #[arg(short = 'p', long = "lu-prop", value_name = "NAME=VALUE")]
         props: Vec<String>,
