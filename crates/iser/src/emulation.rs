@@ -20,7 +20,14 @@
 //!   ([`WcStatus::WrFlushErr`]) every receive still posted, and any later
 //!   post completes with a flush error;
 //! - [`Emulation::set_link`] pulls the "cable": live connections break and
-//!   connects fail until it is put back.
+//!   connects fail until it is put back;
+//! - [`Emulation::remove_device`] takes the device away, as
+//!   `RDMA_CM_EVENT_DEVICE_REMOVAL` / `IBV_EVENT_DEVICE_FATAL` do in the real
+//!   backend: every connection flushes at once, connects, accepts and
+//!   registrations fail until [`Emulation::add_device`]; listeners stay (the
+//!   real backend listens again by itself). [`Emulation::live_qps`] and
+//!   [`Emulation::live_regions`] say whether the layers above let go of every
+//!   queue pair and region, as a real removal waits for.
 //!
 //! Work requests execute synchronously inside `post_*` (there is no wire
 //! latency); completions are queued and handed out by [`QueuePair::poll`].
@@ -50,6 +57,9 @@ struct Fabric {
     next_key: AtomicU32,
     next_port: AtomicU32,
     link_down: AtomicBool,
+    device_gone: AtomicBool,
+    /// Every region registered on this fabric, to count the live ones.
+    regions: Mutex<Vec<Weak<MemoryRegion>>>,
 }
 
 impl Fabric {
@@ -78,6 +88,48 @@ impl Emulation {
                 qp.to_error();
             }
         }
+    }
+
+    /// Removes the device: every connection on it breaks at once (both sides
+    /// flush everything posted), and connects, accepts and registrations fail
+    /// until [`Emulation::add_device`].
+    pub fn remove_device(&self) {
+        self.shared.device_gone.store(true, Ordering::SeqCst);
+        let qps: Vec<Arc<QpShared>> = lock(&self.shared.qps)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for qp in qps {
+            qp.to_error();
+        }
+    }
+
+    /// Brings the device (back): new connections work again.
+    pub fn add_device(&self) {
+        self.shared.device_gone.store(false, Ordering::SeqCst);
+    }
+
+    fn device_ok(&self, peer: SocketAddr) -> Result<(), VerbsError> {
+        if self.shared.device_gone.load(Ordering::SeqCst)
+            || self.shared.link_down.load(Ordering::SeqCst)
+        {
+            return Err(VerbsError::Unreachable(peer));
+        }
+        Ok(())
+    }
+
+    /// Queue pairs not yet destroyed (dropped), connected or not.
+    pub fn live_qps(&self) -> usize {
+        let mut qps = lock(&self.shared.qps);
+        qps.retain(|w| w.strong_count() > 0);
+        qps.len()
+    }
+
+    /// Registered regions not yet deregistered (dropped).
+    pub fn live_regions(&self) -> usize {
+        let mut regions = lock(&self.shared.regions);
+        regions.retain(|w| w.strong_count() > 0);
+        regions.len()
     }
 
     /// Breaks one live connection (the oldest), as a single cable or port
@@ -174,9 +226,7 @@ impl Verbs for Emulation {
     where
         F: FnOnce(&EmuQp) -> Result<(), VerbsError> + Send,
     {
-        if self.shared.link_down.load(Ordering::SeqCst) {
-            return Err(VerbsError::Unreachable(addr));
-        }
+        self.device_ok(addr)?;
         let listener = lock(&self.shared.listeners).get(&addr).cloned();
         let Some(listener) = listener else {
             return Err(VerbsError::Unreachable(addr));
@@ -264,11 +314,10 @@ impl ConnectRequest for EmuRequest {
     where
         F: FnOnce(&EmuQp) -> Result<(), VerbsError> + Send,
     {
+        self.fabric.device_ok(self.pending.from)?;
         let qp = self.fabric.new_qp(self.local, self.pending.from, config);
         prepare(&qp)?;
-        if self.fabric.shared.link_down.load(Ordering::SeqCst) {
-            return Err(VerbsError::Unreachable(self.pending.from));
-        }
+        self.fabric.device_ok(self.pending.from)?;
         {
             let mut me = lock(&qp.shared.state);
             me.peer = Arc::downgrade(&self.pending.client);
@@ -518,6 +567,9 @@ impl QueuePair for EmuQp {
         if u32::try_from(len).is_err() {
             return Err(VerbsError::Invalid("region larger than 4 GiB"));
         }
+        if self.fabric.device_gone.load(Ordering::SeqCst) {
+            return Err(VerbsError::Backend("the device was removed".into()));
+        }
         let key = self.fabric.key();
         let region = Arc::new(MemoryRegion::from_parts(
             RegionMemory::zeroed(len),
@@ -529,6 +581,9 @@ impl QueuePair for EmuQp {
         lock(&self.shared.state)
             .regions
             .insert(key, Arc::downgrade(&region));
+        let mut all = lock(&self.fabric.regions);
+        all.retain(|w| w.strong_count() > 0);
+        all.push(Arc::downgrade(&region));
         Ok(region)
     }
 
@@ -833,6 +888,40 @@ mod tests {
             Err(VerbsError::Unreachable(_))
         ));
         fab.set_link(true);
+        let f2 = fab.clone();
+        let c =
+            tokio::spawn(
+                async move { f2.connect(addr, QpConfig::default(), &[], |_| Ok(())).await },
+            );
+        let req = l.next_request().await.unwrap();
+        let _s = req
+            .accept(QpConfig::default(), &[], |_| Ok(()))
+            .await
+            .unwrap();
+        assert!(c.await.unwrap().unwrap().0.is_connected());
+    }
+
+    #[tokio::test]
+    async fn removed_device_flushes_everything_and_refuses_new_work_until_added() {
+        let (fab, a, b) = pair().await;
+        let ra = a.register(64, ALL).unwrap();
+        a.post_recv(7, slice(&ra, 0, 64)).unwrap();
+        let mut l = fab.listen("127.0.0.1:3261".parse().unwrap()).await.unwrap();
+        fab.remove_device();
+        assert!(!a.is_connected() && !b.is_connected());
+        let c = one(&a).await;
+        assert_eq!((c.wr_id, c.status), (7, WcStatus::WrFlushErr));
+        assert!(a.register(64, ALL).is_err());
+        let addr = l.local_addr();
+        assert!(matches!(
+            fab.connect(addr, QpConfig::default(), &[], |_| Ok(()))
+                .await,
+            Err(VerbsError::Unreachable(_))
+        ));
+        assert_eq!(fab.live_regions(), 1);
+        drop((a, b, ra));
+        assert_eq!((fab.live_qps(), fab.live_regions()), (0, 0));
+        fab.add_device();
         let f2 = fab.clone();
         let c =
             tokio::spawn(

@@ -1328,4 +1328,110 @@ mod tests {
             .await;
         assert!(r.is_err());
     }
+
+    /// Waits (bounded) until the fabric holds no queue pair and no region.
+    async fn all_released(fab: &Emulation) -> (usize, usize) {
+        for _ in 0..200 {
+            if fab.live_qps() == 0 && fab.live_regions() == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        (fab.live_qps(), fab.live_regions())
+    }
+
+    #[tokio::test]
+    async fn device_removal_mid_write_ends_both_sides_and_releases_every_qp_and_region() {
+        let (fab, ini, tgt) = pair().await;
+        let (mut irx, mut itx) = ini.into_split();
+        let (mut trx, mut ttx) = tgt.into_split();
+        itx.enable_datamover(&params());
+        ttx.enable_datamover(&params());
+        // A write whose data the initiator has staged and advertised, an R2T
+        // answered by an RDMA READ, then a second command still unanswered.
+        let len = 65536u32;
+        let data = Bytes::from(vec![0x5au8; len as usize]);
+        let mut batch = vec![write_cmd(0x21, len, true, Bytes::new())];
+        batch.extend(idm::initiator_data::data_out_pdus(
+            0,
+            0x21,
+            pdu::RESERVED_TAG,
+            &data,
+            0,
+            len,
+            len,
+            0,
+        ));
+        itx.send(&batch).await.unwrap();
+        let cmd = trx.recv().await.unwrap().unwrap();
+        assert!(matches!(
+            cmd.parse().unwrap().header,
+            Header::ScsiCommand(_)
+        ));
+        ttx.send(&[r2t(0x21, 7, 0, len)]).await.unwrap();
+        // The Data-Out's bytes are a view of a registered region: the target
+        // layer holds it until the data is written, then lets it go.
+        let data_out = trx.recv().await.unwrap().unwrap().parse().unwrap();
+        assert_eq!(data_out.data.len(), len as usize);
+        drop(data_out);
+        itx.send(&[read_cmd(0x22, 131_072)]).await.unwrap();
+        assert!(fab.live_regions() > 2);
+
+        fab.remove_device();
+        // Both receive halves end (the connection is gone), sends fail.
+        let t = std::time::Duration::from_secs(5);
+        assert!(
+            tokio::time::timeout(t, async { while let Ok(Some(_)) = irx.recv().await {} })
+                .await
+                .is_ok()
+        );
+        assert!(
+            tokio::time::timeout(t, async { while let Ok(Some(_)) = trx.recv().await {} })
+                .await
+                .is_ok()
+        );
+        assert!(ttx.send(&[r2t(0x22, 8, 0, 512)]).await.is_err());
+        // A new connection is refused while the device is away.
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        assert!(IserTransport::connect(&fab, addr, IserConfig::default())
+            .await
+            .is_err());
+        // Once the layers above drop their halves, nothing of the device is held.
+        drop((irx, itx, trx, ttx));
+        assert_eq!(all_released(&fab).await, (0, 0));
+    }
+
+    #[tokio::test]
+    async fn after_the_device_comes_back_a_new_connection_works() {
+        let fab = Emulation::new();
+        let mut l = fab.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = l.local_addr();
+        fab.remove_device();
+        assert!(IserTransport::connect(&fab, addr, IserConfig::default())
+            .await
+            .is_err());
+        assert_eq!(all_released(&fab).await, (0, 0));
+        fab.add_device();
+        let f2 = fab.clone();
+        let ini =
+            tokio::spawn(
+                async move { IserTransport::connect(&f2, addr, IserConfig::default()).await },
+            );
+        let tgt = IserTransport::accept(l.next_request().await.unwrap(), IserConfig::default())
+            .await
+            .unwrap();
+        let (mut irx, _itx) = ini.await.unwrap().unwrap().into_split();
+        let (_trx, mut ttx) = tgt.into_split();
+        let nop = Pdu::new(
+            Header::NopIn(pdu::NopIn {
+                itt: 0xffff_ffff,
+                ttt: 5,
+                ..Default::default()
+            }),
+            Bytes::new(),
+        );
+        ttx.send(&[nop]).await.unwrap();
+        let got = irx.recv().await.unwrap().unwrap().parse().unwrap();
+        assert!(matches!(got.header, Header::NopIn(_)));
+    }
 }

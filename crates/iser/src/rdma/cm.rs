@@ -185,7 +185,23 @@ impl EventChannel {
     }
 }
 
-fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+/// Makes librdmacm re-read the device list (`rdma_get_devices` + `rdma_free_devices`). librdmacm
+/// keeps a verbs context of every device it has used open on its own, and the kernel cannot
+/// finish removing a device without disassociate support (rdma_rxe) while any context of it is
+/// open: after this call it marks a vanished device dead and closes its context as soon as the
+/// last CM id on it is destroyed (or at once when none is left).
+pub(crate) fn sync_devices() {
+    let mut n = 0;
+    // SAFETY: out-pointer to a local; the list is handed back to rdma_free_devices unchanged.
+    unsafe {
+        let list = sys::rdma_get_devices(&mut n);
+        if !list.is_null() {
+            sys::rdma_free_devices(list);
+        }
+    }
+}
+
+pub(crate) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     // SAFETY: fcntl on a descriptor we own.
     unsafe {
         let fl = libc::fcntl(fd, libc::F_GETFL);

@@ -27,7 +27,7 @@ use sideway::ibverbs::queue_pair::QueuePairState;
 use crate::verbs::{ConnectRequest, Listener, QpConfig, Verbs, VerbsError};
 use cm::{CmId, ConnParam, EventChannel, EventKind};
 pub use qp::{device_names, RdmaQp};
-use qp::{Conn, Shared};
+use qp::{device_removed, Conn, Shared};
 
 /// How long address/route resolution and each step of a connection may take.
 const CM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,13 +50,27 @@ fn depth(v: u32, device_max: u8) -> u8 {
         .clamp(1, device_max.max(1))
 }
 
+/// The next event of a connection being set up, within [`CM_TIMEOUT`] (every step of a connect
+/// or accept is bounded: address, route, the REP or the RTU). A DEVICE_REMOVAL here kills the
+/// device at once, like one on an established connection.
 async fn next_event(
     channel: &Arc<EventChannel>,
+    id: &CmId,
     peer: SocketAddr,
+    step: &str,
 ) -> Result<cm::Event, VerbsError> {
     match tokio::time::timeout(CM_TIMEOUT, channel.next_event()).await {
-        Ok(ev) => Ok(ev?),
-        Err(_) => Err(VerbsError::Unreachable(peer)),
+        Ok(ev) => {
+            let ev = ev?;
+            if ev.kind == EventKind::DeviceRemoval {
+                device_removed(id.device_name());
+            }
+            Ok(ev)
+        }
+        Err(_) => {
+            tracing::debug!("iser rdma: {step} {peer}: no answer within {CM_TIMEOUT:?}");
+            Err(VerbsError::Unreachable(peer))
+        }
     }
 }
 
@@ -87,13 +101,13 @@ impl Verbs for RdmaVerbs {
         let channel = EventChannel::new()?;
         let id = channel.create_id()?;
         id.resolve_addr(addr, RESOLVE_MS)?;
-        let ev = next_event(&channel, addr).await?;
+        let ev = next_event(&channel, &id, addr, "resolving").await?;
         if ev.kind != EventKind::AddrResolved {
             tracing::debug!("iser rdma: resolving {addr}: {:?} ({})", ev.kind, ev.status);
             return Err(VerbsError::Unreachable(addr));
         }
         id.resolve_route(RESOLVE_MS)?;
-        let ev = next_event(&channel, addr).await?;
+        let ev = next_event(&channel, &id, addr, "route to").await?;
         if ev.kind != EventKind::RouteResolved {
             tracing::debug!("iser rdma: route to {addr}: {:?} ({})", ev.kind, ev.status);
             return Err(VerbsError::Unreachable(addr));
@@ -114,7 +128,7 @@ impl Verbs for RdmaVerbs {
             initiator_depth: rd_atomic,
             qp_num,
         })?;
-        let ev = next_event(&channel, addr).await?;
+        let ev = next_event(&channel, &sh.id, addr, "connecting to").await?;
         match ev.kind {
             EventKind::ConnectResponse | EventKind::Established => {}
             EventKind::Rejected => {
@@ -196,9 +210,13 @@ impl Listener for RdmaListener {
                 }
                 (EventKind::DeviceRemoval, _) => {
                     tracing::warn!(
-                        "iser rdma: device removed under the listener on {}",
+                        "iser rdma: device removed under the listener on {}: listening again once it is back",
                         self.local
                     );
+                    let name = id.device_name();
+                    // Destroy the id now: the removal cannot finish while it lives.
+                    self.id = None;
+                    device_removed(name);
                 }
                 (kind, _) => tracing::debug!("iser rdma: listener event {kind:?}"),
             }
@@ -276,7 +294,7 @@ impl ConnectRequest for RdmaRequest {
             initiator_depth: rd_atomic,
             qp_num,
         })?;
-        let ev = next_event(&channel, peer).await?;
+        let ev = next_event(&channel, &sh.id, peer, "accepting").await?;
         if ev.kind != EventKind::Established {
             tracing::debug!("iser rdma: accepting {peer}: {:?} ({})", ev.kind, ev.status);
             return Err(VerbsError::Unreachable(peer));

@@ -8,7 +8,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use rdma_mummy_sys as sys;
@@ -41,14 +41,107 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A device context and its protection domain, opened once per device and shared by every
 /// connection on it while any holds it (so removing the device can finish once they are gone).
 pub(crate) struct Device {
+    pub(crate) name: String,
     pub(crate) pd: Arc<ProtectionDomain>,
     pub(crate) ctx: Arc<DeviceContext>,
     /// Device limits for RDMA READ depth (responder, initiator).
     pub(crate) max_rd_atom: u8,
     pub(crate) max_init_rd_atom: u8,
+    /// Removed (DEVICE_REMOVAL) or failed (IBV_EVENT_DEVICE_FATAL): no new connection uses it,
+    /// and [`device`] opens the device afresh when one of that name comes back.
+    dead: AtomicBool,
+    /// Every connection made on this context, so one removal or fatal event ends them all.
+    conns: Mutex<Vec<Weak<Shared>>>,
+    /// The task reading the context's async events; it holds its own reference to the context
+    /// (dropped after its fd leaves tokio), and is stopped when the device is dropped.
+    events: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        if let Some(t) = lock(&self.events).take() {
+            t.abort();
+        }
+    }
+}
+
+impl Device {
+    pub(crate) fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::SeqCst)
+    }
+
+    fn track(&self, conn: &Arc<Shared>) {
+        let mut conns = lock(&self.conns);
+        conns.retain(|w| w.strong_count() > 0);
+        conns.push(Arc::downgrade(conn));
+    }
+
+    /// The device is gone (or unusable): stop every connection on it at once — each flushes all
+    /// its outstanding work requests here, so the layers above end their tasks and drop their
+    /// QPs, CQs and regions promptly, and with the last of them this context and protection
+    /// domain close — and make sure librdmacm lets go of its own context too.
+    pub(crate) fn kill(&self, why: &str) {
+        if !self.dead.swap(true, Ordering::SeqCst) {
+            tracing::warn!(
+                "iser rdma: device {} {why}: closing every connection on it",
+                self.name
+            );
+            forget_device(&self.name);
+            release_rdmacm_contexts();
+        }
+        let conns: Vec<Arc<Shared>> = lock(&self.conns).iter().filter_map(Weak::upgrade).collect();
+        for c in conns {
+            c.shut(true);
+        }
+    }
 }
 
 static DEVICES: Mutex<Option<HashMap<String, Weak<Device>>>> = Mutex::new(None);
+
+/// Drops a dead device from the cache, so a device of the same name added later is opened anew.
+fn forget_device(name: &str) {
+    let mut g = lock(&DEVICES);
+    if let Some(map) = g.as_mut() {
+        let dead = map
+            .get(name)
+            .and_then(Weak::upgrade)
+            .is_none_or(|d| d.is_dead());
+        if dead {
+            map.remove(name);
+        }
+    }
+}
+
+/// RDMA_CM_EVENT_DEVICE_REMOVAL seen on some CM id bound to `name` (a listener, or a connection
+/// still being set up): kills our context of that device, if open, and releases librdmacm's.
+pub(crate) fn device_removed(name: Option<String>) {
+    let dev = name.and_then(|n| {
+        lock(&DEVICES)
+            .as_ref()
+            .and_then(|m| m.get(&n).and_then(Weak::upgrade))
+    });
+    match dev {
+        Some(d) => d.kill("removed (RDMA_CM_EVENT_DEVICE_REMOVAL)"),
+        None => release_rdmacm_contexts(),
+    }
+}
+
+/// After a device removal: has librdmacm re-read its device list now, while our CM ids on the
+/// device still exist (it marks the device dead and closes its context with the last of them),
+/// and again a few times over the next seconds in case the kernel still listed the device the
+/// first time. Cheap, and harmless when nothing is removed.
+pub(crate) fn release_rdmacm_contexts() {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        super::cm::sync_devices();
+        return;
+    };
+    rt.spawn(async {
+        for ms in [0u64, 200, 500, 1000, 2000, 4000] {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            let _ = tokio::task::spawn_blocking(super::cm::sync_devices).await;
+        }
+    });
+}
 
 /// The verbs devices present (empty without rdma-core or without a device).
 pub fn device_names() -> Vec<String> {
@@ -61,7 +154,7 @@ pub fn device_names() -> Vec<String> {
 pub(crate) fn device(name: &str) -> Result<Arc<Device>, VerbsError> {
     let mut g = lock(&DEVICES);
     let map = g.get_or_insert_with(HashMap::new);
-    map.retain(|_, w| w.strong_count() > 0);
+    map.retain(|_, w| w.upgrade().is_some_and(|d| !d.is_dead()));
     if let Some(d) = map.get(name).and_then(Weak::upgrade) {
         return Ok(d);
     }
@@ -77,14 +170,75 @@ pub(crate) fn device(name: &str) -> Result<Arc<Device>, VerbsError> {
     let clamp = |v: i32| u8::try_from(v.max(1)).unwrap_or(u8::MAX);
     let pd = ctx.alloc_pd().map_err(|e| backend("ibv_alloc_pd", e))?;
     let d = Arc::new(Device {
+        name: name.to_string(),
         pd,
-        ctx,
+        ctx: Arc::clone(&ctx),
         max_rd_atom: clamp(attr.max_qp_rd_atom()),
         max_init_rd_atom: clamp(attr.max_qp_init_rd_atom()),
+        dead: AtomicBool::new(false),
+        conns: Mutex::new(Vec::new()),
+        events: Mutex::new(None),
     });
+    match spawn_async_events(ctx, Arc::downgrade(&d)) {
+        Ok(t) => *lock(&d.events) = Some(t),
+        Err(e) => tracing::debug!("iser rdma: {name}: not watching async events: {e}"),
+    }
     map.insert(name.to_string(), Arc::downgrade(&d));
     Ok(d)
 }
+
+/// Reads the context's async events (`ibv_get_async_event`, each acknowledged at once):
+/// IBV_EVENT_DEVICE_FATAL kills the device like a removal does; the rest are logged.
+fn spawn_async_events(
+    ctx: Arc<DeviceContext>,
+    dev: Weak<Device>,
+) -> io::Result<tokio::task::JoinHandle<()>> {
+    // SAFETY: the context is live while `ctx` is held; async_fd is its descriptor.
+    let raw_ctx = unsafe { ctx.context() };
+    // SAFETY: as above.
+    let fd = unsafe { raw_ctx.as_ref().async_fd };
+    super::cm::set_nonblocking(fd)?;
+    // SAFETY: the fd stays open while `ctx` lives; the task drops `afd` before `ctx`.
+    let afd = unsafe { AsyncFd::register(Fd(fd)) }.map_err(io::Error::from)?;
+    let raw = RawCtx(raw_ctx);
+    Ok(tokio::spawn(async move {
+        // Declared in this order so the fd leaves tokio before the context can close.
+        let _ctx = ctx;
+        let raw = raw;
+        let afd = afd;
+        loop {
+            let Ok(mut guard) = afd.readable().await else {
+                return;
+            };
+            // SAFETY: all-zero is a valid ibv_async_event (a null element and event 0).
+            let mut ev: sys::ibv_async_event = unsafe { std::mem::zeroed() };
+            // SAFETY: the context is live (held by `_ctx`); the fd is non-blocking.
+            let r = unsafe { sys::ibv_get_async_event(raw.0.as_ptr(), &mut ev) };
+            if r != 0 {
+                if io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock {
+                    guard.clear_ready();
+                    continue;
+                }
+                return;
+            }
+            let kind = ev.event_type;
+            // SAFETY: acknowledges the event just read, once (ibv_destroy_* wait for that).
+            unsafe { sys::ibv_ack_async_event(&mut ev) };
+            if kind == sys::ibv_event_type::IBV_EVENT_DEVICE_FATAL {
+                if let Some(d) = dev.upgrade() {
+                    d.kill("reported a fatal error (IBV_EVENT_DEVICE_FATAL)");
+                }
+            } else {
+                tracing::debug!("iser rdma: async event {}", kind as u32);
+            }
+        }
+    }))
+}
+
+/// The raw context pointer, carried into the async-event task beside the `Arc` that keeps it.
+struct RawCtx(NonNull<sys::ibv_context>);
+// SAFETY: libibverbs' async-event calls are thread-safe; the context outlives the task's use.
+unsafe impl Send for RawCtx {}
 
 struct Fd(RawFd);
 impl AsRawFd for Fd {
@@ -274,7 +428,7 @@ impl Drop for Shared {
 impl Shared {
     pub(crate) fn new(id: CmId, conn: Conn, config: QpConfig) -> Arc<Shared> {
         let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
-        Arc::new(Shared {
+        let shared = Arc::new(Shared {
             local: id.local_addr().unwrap_or(unspecified),
             peer: id.peer_addr().unwrap_or(unspecified),
             conn,
@@ -283,7 +437,13 @@ impl Shared {
             config,
             id,
             watcher: Mutex::new(None),
-        })
+        });
+        shared.conn.dev.track(&shared);
+        if shared.conn.dev.is_dead() {
+            // Removed while this connection was being set up.
+            shared.shut(true);
+        }
+        shared
     }
 
     pub(crate) fn conn(&self) -> &Conn {
@@ -314,6 +474,12 @@ impl Shared {
                     K::DeviceRemoval => {
                         tracing::warn!("iser rdma: device removed under {}", shared.peer);
                         shared.shut(true);
+                        shared
+                            .conn
+                            .dev
+                            .kill("removed (RDMA_CM_EVENT_DEVICE_REMOVAL)");
+                        // Nothing more comes on this id; the watcher ends with it.
+                        break;
                     }
                     K::ConnectError | K::Unreachable | K::Rejected => shared.shut(false),
                     other => tracing::debug!("iser rdma: CM event {other:?} on a connection"),
@@ -325,7 +491,7 @@ impl Shared {
 
     /// Stops posting, disconnects (idempotent) and flushes. With `device_gone`, no completion
     /// can come from the device any more: every outstanding WR is flushed here instead.
-    fn shut(&self, device_gone: bool) {
+    pub(crate) fn shut(&self, device_gone: bool) {
         let first = {
             let mut st = lock(&self.state);
             let first = !st.down;
