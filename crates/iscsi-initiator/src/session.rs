@@ -371,11 +371,12 @@ async fn open_connections(
     portal: &Portal,
     cfg: &LoginConfig,
     opts: &SessionOptions,
+    timeout: Duration,
 ) -> Result<Vec<conn::LoggedIn>, Error> {
     let mut cfg = cfg.clone();
     cfg.tsih = 0;
     cfg.cid = 0;
-    let lead = conn::login_over(&opts.link, portal, &cfg, opts.login_timeout).await?;
+    let lead = conn::login_over(&opts.link, portal, &cfg, timeout).await?;
     let want = u32::from(opts.connections.max(1)).min(lead.result.params.max_connections.max(1));
     let mut all = vec![lead];
     for cid in 1..want {
@@ -385,7 +386,7 @@ async fn open_connections(
         more.cid = cid as u16;
         more.cmd_sn = first.result.cmd_sn;
         let at = first.portal.clone();
-        match conn::login_over(&opts.link, &at, &more, opts.login_timeout).await {
+        match conn::login_over(&opts.link, &at, &more, timeout).await {
             Ok(c) => all.push(c),
             Err(e) => {
                 tracing::warn!(cid, error = %e, "could not add a connection; continuing with fewer");
@@ -418,7 +419,7 @@ impl Session {
         if opts.connections > 1 {
             cfg.policy.max_connections = u32::from(opts.connections);
         }
-        let logged = open_connections(portal, &cfg, &opts).await?;
+        let logged = open_connections(portal, &cfg, &opts, opts.login_timeout).await?;
         let state = State {
             cmd_sn: 1,
             exp_cmd_sn: 1,
@@ -747,6 +748,22 @@ impl Session {
 /// Most reconnect attempts in one recovery (each also bounded by time).
 const MAX_RECONNECT_ATTEMPTS: u32 = 64;
 
+/// Longest one reconnect attempt (connect and login) may take while recovering, whatever the
+/// login timeout: a connection that opens but never answers (a fabric that lost its way after a
+/// link flap, a target half up) is dropped and the next attempt starts, instead of one attempt
+/// eating the whole replacement time (open-iscsi's login_timeout default is 15 s too).
+const RECONNECT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The bound of one recovery attempt begun `started` ago: the login timeout, at most
+/// [`RECONNECT_ATTEMPT_TIMEOUT`], and never past the end of the replacement time (but at least a
+/// second, so the last attempt is a real one).
+fn attempt_timeout(opts: &SessionOptions, started: Instant) -> Duration {
+    let left = opts.replacement_timeout.saturating_sub(started.elapsed());
+    opts.login_timeout
+        .min(RECONNECT_ATTEMPT_TIMEOUT)
+        .min(left.max(Duration::from_secs(1)))
+}
+
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A poisoned lock only means another task panicked mid-update; the
@@ -946,8 +963,13 @@ impl Inner {
                 cfg.exp_stat_sn = job.exp_stat_sn;
                 (cfg, st.portal.clone())
             };
-            let result =
-                conn::login_over(&self.opts.link, &portal, &cfg, self.opts.login_timeout).await;
+            let result = conn::login_over(
+                &self.opts.link,
+                &portal,
+                &cfg,
+                attempt_timeout(&self.opts, started),
+            )
+            .await;
             // The old connection is logged out now (or the target is not
             // there to care): its commands may be aborted elsewhere.
             let orphans = std::mem::take(&mut job.orphans);
@@ -1078,7 +1100,8 @@ impl Inner {
         let mut last;
         loop {
             attempt += 1;
-            match open_connections(&self.home, &self.login, &self.opts).await {
+            let bound = attempt_timeout(&self.opts, started);
+            match open_connections(&self.home, &self.login, &self.opts, bound).await {
                 Ok(logged) => {
                     let mut st = self.lock();
                     if st.closed.is_some() {
@@ -1127,7 +1150,7 @@ impl Inner {
                     return;
                 }
                 Err(e) => {
-                    tracing::debug!(attempt, error = %e, "reconnect failed");
+                    tracing::info!(attempt, error = %e, "reconnect failed; retrying until the replacement timeout");
                     last = e.to_string();
                 }
             }
@@ -1777,5 +1800,34 @@ impl Lun {
             joined.map_err(|e| Error::Protocol(format!("I/O task failed: {e}")))??;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recovery_attempt_is_bounded_even_with_a_long_login_timeout() {
+        let mut o = SessionOptions::new("iqn.2026-11.dev.ironstar.test:i");
+        o.login_timeout = Duration::from_secs(180);
+        o.replacement_timeout = Duration::from_secs(180);
+        assert_eq!(
+            attempt_timeout(&o, Instant::now()),
+            RECONNECT_ATTEMPT_TIMEOUT
+        );
+        o.login_timeout = Duration::from_secs(5);
+        assert_eq!(attempt_timeout(&o, Instant::now()), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_last_recovery_attempt_ends_with_the_replacement_time_but_is_still_a_real_one() {
+        let mut o = SessionOptions::new("iqn.2026-11.dev.ironstar.test:i");
+        o.login_timeout = Duration::from_secs(30);
+        o.replacement_timeout = Duration::from_secs(4);
+        let t = attempt_timeout(&o, Instant::now());
+        assert!(t <= Duration::from_secs(4) && t > Duration::from_secs(3));
+        o.replacement_timeout = Duration::ZERO;
+        assert_eq!(attempt_timeout(&o, Instant::now()), Duration::from_secs(1));
     }
 }

@@ -345,3 +345,80 @@ async fn one_lost_connection_is_reinstated_and_its_commands_aborted_and_reissued
     s.logout().await.unwrap();
     all_gone(&f).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_device_mid_io_frees_everything_on_both_sides_and_the_session_recovers_when_it_returns(
+) {
+    let f = start("").await;
+    let mut o = options(&f);
+    o.connections = 4;
+    o.replacement_timeout = Duration::from_secs(15);
+    o.io_depth = 8;
+    o.max_io_bytes = 64 * 1024;
+    let s = login(&f, o).await;
+    let mut jobs = Vec::new();
+    let mut data = Vec::new();
+    for i in 0..6u64 {
+        let d = pattern(2 << 20, 70 + i as u32);
+        data.push(d.clone());
+        let s = s.clone();
+        jobs.push(tokio::spawn(async move {
+            tokio::time::timeout(LIMIT, s.lun(0).write(i * 8192, d))
+                .await
+                .expect("write hung across the device removal")
+                .expect("write across the device removal");
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    f.fab.remove_device();
+    // What a real removal waits for: every queue pair and registered region
+    // of the device let go, on the target and the initiator alike, and the
+    // target holds no session (its tasks ended with it).
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while f.fab.live_qps() > 0 || f.fab.live_regions() > 0 || !f.registry.sessions.all().is_empty()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "held after the device removal: {} queue pairs, {} regions, {} sessions",
+            f.fab.live_qps(),
+            f.fab.live_regions(),
+            f.registry.sessions.all().len()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(f.registry.sessions.write_budget.used(), 0);
+    // The initiator keeps trying while the device is away.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    f.fab.add_device();
+    for j in jobs {
+        tokio::time::timeout(LIMIT, j)
+            .await
+            .expect("I/O hung after the device came back")
+            .unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while s.reconnects() + s.connection_reinstatements() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no recovery");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for (i, d) in data.iter().enumerate() {
+        let back = tokio::time::timeout(LIMIT, s.lun(0).read(i as u64 * 8192, 4096))
+            .await
+            .expect("read hung")
+            .expect("read");
+        assert!(back == *d, "write {i} does not read back after the removal");
+    }
+    s.logout().await.unwrap();
+    all_gone(&f).await;
+    drop(s);
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while f.fab.live_qps() > 0 || f.fab.live_regions() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "held after logout: {} queue pairs, {} regions",
+            f.fab.live_qps(),
+            f.fab.live_regions()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
