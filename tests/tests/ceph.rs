@@ -13,7 +13,8 @@
 //! 5. persistent reservations in the cluster: initiator X registers and takes Write
 //!    Exclusive through gateway A; initiator Y's write through gateway B gets RESERVATION
 //!    CONFLICT; A is killed and started again, and the keys and the reservation are still
-//!    there (Y still conflicts, X writes); X's CLEAR through the new A frees Y on B;
+//!    there (Y still conflicts, X writes); Y registers through B, and X's CLEAR through
+//!    the new A frees Y on B and reaches it there as RESERVATIONS PREEMPTED;
 //! 6. failover: a verified stream of writes through our initiator (`iscsi write`) to
 //!    gateway A, A killed with SIGKILL while a write is in flight, the stream finished
 //!    through gateway B (the in-flight chunk rewritten with new data, so a late write from
@@ -636,12 +637,22 @@ fn reservations(cluster: &Cluster, mut a: Gateway, b: &Gateway) -> Gateway {
         write_block(&mut x, 4096, &block).good(),
         "the holder writes"
     );
+    // Y registers through B; A's CLEAR reaches Y through B as the unit attention SPC-4
+    // gives every registrant: RESERVATIONS PREEMPTED (2A/03).
+    assert!(prout(&mut y, 0, 0, 0, key ^ 1).good(), "REGISTER through B");
     assert!(
         prout(&mut x, 3, 0, key, 0).good(),
         "CLEAR through the new A"
     );
-    // B learns of the CLEAR (unit attention RESERVATIONS PREEMPTED stays on A's side).
-    y.clear_unit_attention();
+    let itt = y.itt();
+    let tur = y.scsi_command(itt, &[0; 6], false, false, 0);
+    assert!(y.send(&tur));
+    let ua = ScsiStatus::of(&y.recv_until(|p| p.itt() == itt).pdu());
+    assert_eq!(
+        (ua.status, ua.sense),
+        (0x02, Some((0x06, 0x2A, 0x03))),
+        "RESERVATIONS PREEMPTED through B after a CLEAR through A"
+    );
     assert!(
         write_block(&mut y, 4096, &block).good(),
         "B writes once cleared"
