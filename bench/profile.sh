@@ -7,6 +7,7 @@
 #   SECS=5 QD=1 bench/profile.sh         # QD1 instead
 #   JOBS=64 QD=1 bench/profile.sh        # 64 sessions (fio jobs, one libiscsi session each) at QD1
 #   REV=HEAD bench/profile.sh            # build a commit (git archive), not the working tree
+#   ISCSITD=/path/to/iscsitd bench/profile.sh   # profile that binary, build nothing
 #
 # Prints the summary (markdown) on stdout; perf.data is left in $OUT (default /tmp/ironstar-profile).
 # Needs linux-perf, and fio with the libiscsi engine (bench/build-fio.sh builds it).
@@ -32,16 +33,22 @@ trap cleanup EXIT
 
 command -v perf >/dev/null || { echo "missing: perf (linux-perf)" >&2; exit 1; }
 FIO=$("$ROOT/bench/build-fio.sh")
-SRC=$ROOT
-if [[ -n ${REV:-} ]]; then
-    SRC=${IRONSTAR_BENCH_CACHE:-$HOME/.cache/ironstar-bench}/src-$(git -C "$ROOT" rev-parse --short "$REV")
-    if [[ ! -f $SRC/Cargo.toml ]]; then
-        mkdir -p "$SRC"
-        git -C "$ROOT" archive "$REV" | tar -x -C "$SRC"
+if [[ -n ${ISCSITD:-} ]]; then
+    BIN=$(cd "$(dirname "$ISCSITD")" && pwd)
+    EXE=$BIN/$(basename "$ISCSITD")
+else
+    SRC=$ROOT
+    if [[ -n ${REV:-} ]]; then
+        SRC=${IRONSTAR_BENCH_CACHE:-$HOME/.cache/ironstar-bench}/src-$(git -C "$ROOT" rev-parse --short "$REV")
+        if [[ ! -f $SRC/Cargo.toml ]]; then
+            mkdir -p "$SRC"
+            git -C "$ROOT" archive "$REV" | tar -x -C "$SRC"
+        fi
     fi
+    (cd "$SRC" && cargo build --release --bin iscsitd >&2)
+    BIN=${CARGO_TARGET_DIR:-$SRC/target}/release
+    EXE=$BIN/iscsitd
 fi
-(cd "$SRC" && cargo build --release --bin iscsitd >&2)
-BIN=${CARGO_TARGET_DIR:-$SRC/target}/release
 
 cat >"$OUT/iscsitd.toml" <<EOF
 [[portal_group]]
@@ -59,7 +66,7 @@ lun = 0
 backend = "memory"
 size = "256MiB"
 EOF
-RUST_LOG=warn "$BIN/iscsitd" --config "$OUT/iscsitd.toml" --socket "$OUT/s.sock" >"$OUT/iscsitd.log" 2>&1 &
+RUST_LOG=warn "$EXE" --config "$OUT/iscsitd.toml" --socket "$OUT/s.sock" >"$OUT/iscsitd.log" 2>&1 &
 PID=$!
 for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.1; done
 
