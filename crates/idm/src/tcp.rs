@@ -3,9 +3,10 @@
 //! into one vectored write; small data segments are copied next to their
 //! header so a batch of 4 KiB reads is a handful of iovecs.
 
+use std::collections::VecDeque;
 use std::io::IoSlice;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use iscsi_proto::codec::PduDecoder;
 use iscsi_proto::pdu::{Pdu, RawPdu};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -64,6 +65,7 @@ impl Transport for TcpTransport {
                 header_digest: false,
                 data_digest: false,
                 scratch: BytesMut::with_capacity(16 * 1024),
+                unsent: VecDeque::new(),
             },
         )
     }
@@ -110,6 +112,10 @@ pub struct TcpTx {
     header_digest: bool,
     data_digest: bool,
     scratch: BytesMut,
+    /// What a [`PduTx::try_send`] could not write at once, in order: views of
+    /// the encoded headers and of the PDUs' own data (no copy). It goes out
+    /// first on the next send.
+    unsent: VecDeque<Bytes>,
 }
 
 enum Piece {
@@ -117,10 +123,16 @@ enum Piece {
     Data(Bytes),
 }
 
-impl PduTx for TcpTx {
-    async fn send(&mut self, pdus: &[Pdu]) -> Result<(), TransportError> {
+/// At most this many buffers per `writev` (Linux's IOV_MAX is 1024).
+const MAX_IOVECS: usize = 1024;
+
+impl TcpTx {
+    /// Encodes `pdus` and appends the wire image to `out`: headers, small
+    /// data and trailers are packed into one scratch buffer (frozen, so the
+    /// pieces are views of it), large data segments are referenced as they are.
+    fn encode(&mut self, pdus: &[Pdu], out: &mut VecDeque<Bytes>) {
         self.scratch.clear();
-        let mut pieces: Vec<Piece> = Vec::with_capacity(pdus.len() * 3);
+        let mut pieces: Vec<Piece> = Vec::with_capacity(pdus.len() * 2 + 1);
         let mut start = 0;
         for pdu in pdus {
             pdu.encode_header(self.header_digest, &mut self.scratch);
@@ -135,29 +147,93 @@ impl PduTx for TcpTx {
                 start = self.scratch.len();
             }
             let (trailer, n) = pdu.encode_trailer(self.data_digest);
-            self.scratch.put_slice(&trailer[..n]);
+            self.scratch.put_slice(trailer.get(..n).unwrap_or(&[]));
         }
         pieces.push(Piece::Scratch(start, self.scratch.len()));
-        let scratch = &self.scratch;
-        let mut slices: Vec<IoSlice<'_>> = pieces
-            .iter()
-            .filter_map(|p| {
-                let s: &[u8] = match p {
-                    Piece::Scratch(a, b) => scratch.get(*a..*b)?,
-                    Piece::Data(d) => d,
-                };
-                (!s.is_empty()).then_some(IoSlice::new(s))
-            })
-            .collect();
-        let mut bufs = &mut slices[..];
-        while !bufs.is_empty() {
-            let n = self.sock.write_vectored(bufs).await?;
+        // Once every view is dropped, the next `clear`/`reserve` reuses the allocation.
+        let head = self.scratch.split().freeze();
+        for p in pieces {
+            let b = match p {
+                Piece::Scratch(a, b) if a < b && b <= head.len() => head.slice(a..b),
+                Piece::Scratch(..) => continue,
+                Piece::Data(d) => d,
+            };
+            if !b.is_empty() {
+                out.push_back(b);
+            }
+        }
+    }
+}
+
+/// The next `writev`'s buffers: the front of `q`.
+fn iovecs(q: &VecDeque<Bytes>) -> Vec<IoSlice<'_>> {
+    q.iter().take(MAX_IOVECS).map(|b| IoSlice::new(b)).collect()
+}
+
+/// Drops the first `n` bytes of `q` (they were written).
+fn consume(q: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let Some(front) = q.front_mut() else {
+            return;
+        };
+        if front.len() <= n {
+            n -= front.len();
+            q.pop_front();
+        } else {
+            front.advance(n);
+            n = 0;
+        }
+    }
+}
+
+impl PduTx for TcpTx {
+    async fn send(&mut self, pdus: &[Pdu]) -> Result<(), TransportError> {
+        let mut q = std::mem::take(&mut self.unsent);
+        self.encode(pdus, &mut q);
+        while !q.is_empty() {
+            let n = {
+                let slices = iovecs(&q);
+                self.sock.write_vectored(&slices).await?
+            };
             if n == 0 {
                 return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
             }
-            IoSlice::advance_slices(&mut bufs, n);
+            consume(&mut q, n);
         }
+        // Keep the deque's allocation for the next partial write.
+        self.unsent = q;
         Ok(())
+    }
+
+    /// Writes what the socket takes now and keeps the rest (as views, no
+    /// copy) for the next [`send`](PduTx::send): always takes the PDUs.
+    fn try_send(&mut self, pdus: &[Pdu]) -> Result<bool, TransportError> {
+        let mut q = std::mem::take(&mut self.unsent);
+        self.encode(pdus, &mut q);
+        let result = loop {
+            if q.is_empty() {
+                break Ok(true);
+            }
+            let r = {
+                let slices = iovecs(&q);
+                self.sock.try_write_vectored(&slices)
+            };
+            match r {
+                Ok(0) => {
+                    break Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+                }
+                Ok(n) => consume(&mut q, n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e.into()),
+            }
+        };
+        self.unsent = q;
+        result
+    }
+
+    fn has_unsent(&self) -> bool {
+        !self.unsent.is_empty()
     }
 
     fn set_digests(&mut self, header: bool, data: bool) {
@@ -219,5 +295,43 @@ mod tests {
         ctx.shutdown().await;
         drop(ctx);
         assert!(srx.recv().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn try_send_keeps_what_a_full_socket_refuses_and_send_writes_it_first() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move { TcpStream::connect(addr).await.unwrap() });
+        let (server, _) = listener.accept().await.unwrap();
+        let client = client.await.unwrap();
+        let (_crx, mut ctx) = TcpTransport::new(client).unwrap().into_split();
+        let (mut srx, _stx) = TcpTransport::new(server).unwrap().into_split();
+        srx.set_max_recv_data_segment_length(1 << 24);
+        let pdu = |itt: u32, len: usize| {
+            Pdu::new(
+                Header::DataIn(DataIn {
+                    itt,
+                    ..Default::default()
+                }),
+                Bytes::from(vec![itt as u8; len]),
+            )
+        };
+        // Far more than the socket buffers hold while nobody reads.
+        let first: Vec<Pdu> = (1..=4).map(|i| pdu(i, 8 << 20)).collect();
+        assert!(ctx.try_send(&first).unwrap());
+        assert!(ctx.has_unsent());
+        let last = vec![pdu(5, 100)];
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..5 {
+                got.push(srx.recv().await.unwrap().unwrap().parse().unwrap());
+            }
+            got
+        });
+        ctx.send(&last).await.unwrap();
+        assert!(!ctx.has_unsent());
+        let got = reader.await.unwrap();
+        let want: Vec<Pdu> = first.into_iter().chain(last).collect();
+        assert_eq!(got, want);
     }
 }

@@ -109,6 +109,20 @@ pub trait PduTx: Send + 'static {
     /// Sends the PDUs in order, as few system calls as possible.
     fn send(&mut self, pdus: &[Pdu]) -> impl Future<Output = Result<(), TransportError>> + Send;
     fn set_digests(&mut self, header: bool, data: bool);
+    /// Sends without waiting, from synchronous code (no task hop to a
+    /// writer): `Ok(true)` when the transport took the PDUs — what the
+    /// peer's window could not take now is kept, in order, and goes out
+    /// first on the next [`send`](Self::send), see [`has_unsent`](Self::has_unsent);
+    /// `Ok(false)` when it took nothing and they must go through `send`
+    /// (the default, for a transport that cannot send this way).
+    fn try_send(&mut self, _pdus: &[Pdu]) -> Result<bool, TransportError> {
+        Ok(false)
+    }
+    /// A [`try_send`](Self::try_send) left bytes that only a `send` (even
+    /// of no PDUs) writes out.
+    fn has_unsent(&self) -> bool {
+        false
+    }
     /// Login is over: switch to full feature phase data movement with what
     /// it settled (iSER: from plain SENDs to RDMA-assisted mode, see the
     /// module's table). TCP has nothing to switch.

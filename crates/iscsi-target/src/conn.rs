@@ -4,9 +4,11 @@
 //! [`WriteCollector`], Data-In through [`build_response`], NOP-Out/NOP-In
 //! both ways, task management, text (SendTargets), logout.
 //!
-//! Each connection is two tasks: this reader, which owns the task table, and
-//! a writer that batches every ready PDU into one vectored send and stamps
-//! StatSN / ExpCmdSN / MaxCmdSN at send time.
+//! The reader task owns the task table and answers on its own: it handles
+//! every request that has arrived, then sends all their responses in one
+//! vectored write without waiting (StatSN / ExpCmdSN / MaxCmdSN stamped at
+//! send time), so a command costs no wake-up of another task. A writer task
+//! steps in only when the socket cannot take everything at once.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -38,8 +40,12 @@ use crate::discovery;
 use crate::inspect::{ConnInfo, NewTask, StateLog, TaskSlot, TaskState};
 use crate::metrics::{now_ns, Dir, Finished, IoStats};
 use crate::registry::Registry;
-use crate::session::{ConnHandle, ConnMsg, NewSession, Session, WriterMsg};
+use crate::session::{ConnHandle, ConnMsg, NewSession, Session};
 
+/// Requests a connection handles in a row, while more keep arriving,
+/// before it sends their answers and looks at its other sources (session
+/// messages, timers).
+const STREAK_MAX: u32 = 64;
 /// Largest write we collect for one command.
 const MAX_WRITE: u32 = 64 << 20;
 /// Write data one connection may hold while collecting it; beyond this,
@@ -134,22 +140,14 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
         local_addr: info.local_addr.clone(),
         info: live.clone(),
     });
-    let (wtx, wrx) = mpsc::unbounded_channel();
-    let outbox = Outbox {
-        tx: wtx,
-        backlog: Arc::new(Backlog {
-            limit: usize::try_from(defaults.connection_buffer_limit).unwrap_or(usize::MAX),
-            ..Default::default()
-        }),
-        info: live.clone(),
-    };
-    let writer = tokio::spawn(writer_loop(
+    let (outbox, writer) = Outbox::new(
         tx,
-        wrx,
-        outbox.clone(),
         session.clone(),
         outcome.next_stat_sn,
-    ));
+        usize::try_from(defaults.connection_buffer_limit).unwrap_or(usize::MAX),
+        live.clone(),
+    );
+    let writer = tokio::spawn(writer);
     let local: Option<SocketAddr> = info.local_addr.parse().ok();
     let mut conn = Conn {
         registry: registry.clone(),
@@ -394,80 +392,116 @@ impl LoginAuthority for Authority {
     }
 }
 
-async fn writer_loop<Tx: PduTx>(
-    mut tx: Tx,
-    mut rx: mpsc::UnboundedReceiver<WriterMsg>,
-    outbox: Outbox,
-    session: Arc<Session>,
-    mut stat_sn: u32,
-) {
-    let mut batch: Vec<Pdu> = Vec::with_capacity(64);
-    let mut closing = false;
-    while let Some(first) = rx.recv().await {
-        let mut msgs = vec![first];
-        while msgs.len() < 256 {
-            match rx.try_recv() {
-                Ok(m) => msgs.push(m),
-                Err(_) => break,
-            }
+/// The writer task: steps in when the transport could not take queued PDUs
+/// without waiting (a full socket, or a transport without `try_send`), and
+/// then holds the transport, sending, until the queue is empty; closes it at
+/// the end of the connection.
+async fn writer_loop<Tx: PduTx>(shared: Arc<Shared<Tx>>) {
+    let common = shared.common.clone();
+    let mut held: Option<Tx> = None;
+    loop {
+        if held.is_none() {
+            common.wake.notified().await;
         }
-        let exp = session.exp_cmd_sn();
-        let max = session.max_cmd_sn();
-        for m in msgs {
-            match m {
-                WriterMsg::Pdus(pdus) => {
-                    for OutPdu {
-                        mut pdu,
-                        carries_status,
-                    } in pdus
-                    {
-                        pdu.header.set_sequence_numbers(stat_sn, exp, max);
-                        if carries_status {
-                            stat_sn = stat_sn.wrapping_add(1);
-                        }
-                        batch.push(pdu);
-                    }
-                }
-                WriterMsg::Close => closing = true,
-            }
-        }
-        let bytes: usize = batch.iter().map(|p| BHS_LEN + p.data.len()).sum();
-        if !batch.is_empty() {
-            match tokio::time::timeout(SEND_TIMEOUT, tx.send(&batch)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) | Err(_) => break,
-            }
-        }
-        outbox.sent(bytes);
-        outbox.info.sent(bytes);
-        batch.clear();
-        if closing {
+        if common.writer_gone() {
             break;
         }
+        let batch = {
+            let Ok(mut s) = shared.slot.lock() else {
+                break;
+            };
+            if held.is_none() {
+                held = s.tx.take();
+            }
+            let batch = shared.stamp(&mut s);
+            let unsent = held.as_ref().is_some_and(|t| t.has_unsent());
+            if batch.is_empty() && !unsent {
+                if s.closing {
+                    break;
+                }
+                // Nothing left: the transport goes back for inline sends.
+                if held.is_some() {
+                    s.tx = held.take();
+                }
+                continue;
+            }
+            batch
+        };
+        let Some(tx) = held.as_mut() else {
+            break;
+        };
+        let bytes = batch_len(&batch);
+        match tokio::time::timeout(SEND_TIMEOUT, tx.send(&batch)).await {
+            Ok(Ok(())) => common.sent(bytes),
+            Ok(Err(_)) | Err(_) => break,
+        }
     }
-    outbox.writer_stopped();
-    tx.shutdown().await;
+    common.writer_stopped();
+    let tx = held.or_else(|| shared.slot.lock().ok().and_then(|mut s| s.tx.take()));
+    if let Some(mut tx) = tx {
+        tx.shutdown().await;
+    }
 }
 
-/// Bytes queued for the writer and not yet on the wire. The reader stops
-/// reading while this is above the limit (`connection_buffer_limit`), so a
-/// peer that sends requests without reading the answers cannot grow our memory.
+/// The send side of a connection, shared by its reader, the threads that
+/// complete commands of LUs that may block, and its writer task.
+///
+/// PDUs are queued, then flushed: stamped with StatSN / ExpCmdSN / MaxCmdSN
+/// and handed to the transport without waiting ([`PduTx::try_send`]) by
+/// whoever flushes — the reader once it has answered every request it has
+/// received (one `writev` per batch, and no wake-up of another task on the
+/// way), a blocking-pool thread right after its command. The writer task
+/// only steps in when the transport cannot take them now.
+///
+/// Bytes queued and not yet on the wire are counted: the reader stops
+/// reading while they are above `connection_buffer_limit`, so a peer that
+/// sends requests without reading the answers cannot grow our memory.
 #[derive(Clone)]
 struct Outbox {
-    tx: mpsc::UnboundedSender<WriterMsg>,
-    backlog: Arc<Backlog>,
+    queue: Arc<dyn SendQueue>,
+    common: Arc<Common>,
     /// Counts PDUs and bytes for inspection.
     info: Arc<ConnInfo>,
 }
 
-#[derive(Default)]
-struct Backlog {
+/// The transport-independent half of [`Outbox`].
+struct Common {
     bytes: std::sync::atomic::AtomicUsize,
     /// Above this many queued bytes the reader waits.
     limit: usize,
     room: tokio::sync::Notify,
-    /// The writer has stopped (send failed or timed out).
+    /// Wakes the writer task (a stored permit: no wake-up is lost).
+    wake: tokio::sync::Notify,
+    /// The writer has stopped, or a send failed: the connection is over.
     writer_gone: std::sync::atomic::AtomicBool,
+    info: Arc<ConnInfo>,
+}
+
+/// What [`Outbox`] needs of [`Shared`] without knowing the transport's type.
+trait SendQueue: Send + Sync {
+    fn push(&self, pdus: Vec<OutPdu>);
+    fn flush(&self);
+    fn close(&self);
+}
+
+/// The transport and its queue, behind one lock that is never held across
+/// an await (the writer task takes the transport out to await on it).
+struct Shared<Tx> {
+    slot: Mutex<Slot<Tx>>,
+    common: Arc<Common>,
+    session: Arc<Session>,
+}
+
+struct Slot<Tx> {
+    /// `None` while the writer task holds it.
+    tx: Option<Tx>,
+    /// Queued in order, not stamped yet.
+    queue: Vec<OutPdu>,
+    /// Stamped and in order, for the writer task: the transport took
+    /// nothing of them, or still had bytes of an earlier batch to send.
+    stamped: Vec<Pdu>,
+    stat_sn: u32,
+    closing: bool,
 }
 
 /// A send that makes no progress for this long ends the connection.
@@ -477,53 +511,188 @@ fn wire_len(pdus: &[OutPdu]) -> usize {
     pdus.iter().map(|p| BHS_LEN + p.pdu.data.len()).sum()
 }
 
-impl Outbox {
-    /// Queues `pdus`; returns the connection's running total of queued
-    /// bytes (the writer has sent them once its own total reaches it).
-    fn send(&self, pdus: Vec<OutPdu>) -> u64 {
-        let len = wire_len(&pdus);
-        self.backlog
-            .bytes
-            .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
-        let mark = self.info.queued(pdus.len(), len);
-        let _ = self.tx.send(WriterMsg::Pdus(pdus));
-        mark
+fn batch_len(pdus: &[Pdu]) -> usize {
+    pdus.iter().map(|p| BHS_LEN + p.data.len()).sum()
+}
+
+impl<Tx: PduTx> Shared<Tx> {
+    /// Everything due to go out, in order, with sequence numbers as of now.
+    fn stamp(&self, s: &mut Slot<Tx>) -> Vec<Pdu> {
+        let mut batch = std::mem::take(&mut s.stamped);
+        if s.queue.is_empty() {
+            return batch;
+        }
+        let exp = self.session.exp_cmd_sn();
+        let max = self.session.max_cmd_sn();
+        batch.reserve(s.queue.len());
+        for OutPdu {
+            mut pdu,
+            carries_status,
+        } in s.queue.drain(..)
+        {
+            pdu.header.set_sequence_numbers(s.stat_sn, exp, max);
+            if carries_status {
+                s.stat_sn = s.stat_sn.wrapping_add(1);
+            }
+            batch.push(pdu);
+        }
+        batch
+    }
+}
+
+impl<Tx: PduTx> SendQueue for Shared<Tx> {
+    fn push(&self, pdus: Vec<OutPdu>) {
+        if let Ok(mut s) = self.slot.lock() {
+            if s.queue.is_empty() {
+                s.queue = pdus;
+            } else {
+                s.queue.extend(pdus);
+            }
+        }
+    }
+
+    fn flush(&self) {
+        if self.common.writer_gone() {
+            return;
+        }
+        let Ok(mut s) = self.slot.lock() else {
+            return;
+        };
+        if s.queue.is_empty() && s.stamped.is_empty() {
+            return;
+        }
+        let batch = self.stamp(&mut s);
+        let Some(tx) = s.tx.as_mut() else {
+            // The writer task is sending; it takes these before it stops.
+            s.stamped = batch;
+            return;
+        };
+        if tx.has_unsent() {
+            s.stamped = batch;
+            drop(s);
+            self.common.wake.notify_one();
+            return;
+        }
+        match tx.try_send(&batch) {
+            Ok(true) => {
+                let unsent = tx.has_unsent();
+                drop(s);
+                self.common.sent(batch_len(&batch));
+                if unsent {
+                    self.common.wake.notify_one();
+                }
+            }
+            Ok(false) => {
+                s.stamped = batch;
+                drop(s);
+                self.common.wake.notify_one();
+            }
+            Err(e) => {
+                drop(s);
+                tracing::debug!(error = %e, "send failed");
+                self.common.writer_stopped();
+                self.common.wake.notify_one();
+            }
+        }
     }
 
     fn close(&self) {
-        let _ = self.tx.send(WriterMsg::Close);
+        if let Ok(mut s) = self.slot.lock() {
+            s.closing = true;
+        }
+        self.common.wake.notify_one();
     }
+}
 
+impl Common {
     fn sent(&self, bytes: usize) {
-        self.backlog
-            .bytes
+        self.bytes
             .fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
-        self.backlog.room.notify_waiters();
+        self.info.sent(bytes);
+        self.room.notify_waiters();
     }
 
     fn writer_stopped(&self) {
-        self.backlog
-            .writer_gone
+        self.writer_gone
             .store(true, std::sync::atomic::Ordering::Release);
-        self.backlog.room.notify_waiters();
+        self.room.notify_waiters();
     }
 
     fn writer_gone(&self) -> bool {
-        self.backlog
-            .writer_gone
-            .load(std::sync::atomic::Ordering::Acquire)
+        self.writer_gone.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Outbox {
+    /// A connection's send side over `tx`, and the writer task to spawn.
+    fn new<Tx: PduTx>(
+        tx: Tx,
+        session: Arc<Session>,
+        stat_sn: u32,
+        limit: usize,
+        info: Arc<ConnInfo>,
+    ) -> (Outbox, impl std::future::Future<Output = ()> + Send) {
+        let common = Arc::new(Common {
+            bytes: std::sync::atomic::AtomicUsize::new(0),
+            limit,
+            room: tokio::sync::Notify::new(),
+            wake: tokio::sync::Notify::new(),
+            writer_gone: std::sync::atomic::AtomicBool::new(false),
+            info: info.clone(),
+        });
+        let shared = Arc::new(Shared {
+            slot: Mutex::new(Slot {
+                tx: Some(tx),
+                queue: Vec::new(),
+                stamped: Vec::new(),
+                stat_sn,
+                closing: false,
+            }),
+            common: common.clone(),
+            session,
+        });
+        let outbox = Outbox {
+            queue: shared.clone(),
+            common,
+            info,
+        };
+        (outbox, writer_loop(shared))
+    }
+
+    /// Queues `pdus` (they go out at the next [`flush`](Self::flush));
+    /// returns the connection's running total of queued bytes (they are on
+    /// the wire once the sent total reaches it).
+    fn send(&self, pdus: Vec<OutPdu>) -> u64 {
+        let len = wire_len(&pdus);
+        self.common
+            .bytes
+            .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+        let mark = self.info.queued(pdus.len(), len);
+        self.queue.push(pdus);
+        mark
+    }
+
+    /// Sends what is queued, or has the writer task send it.
+    fn flush(&self) {
+        self.queue.flush();
+    }
+
+    /// Sends what is queued, then closes the transport.
+    fn close(&self) {
+        self.queue.close();
+    }
+
+    fn writer_gone(&self) -> bool {
+        self.common.writer_gone()
     }
 
     fn has_room(&self) -> bool {
-        self.backlog
-            .bytes
-            .load(std::sync::atomic::Ordering::Relaxed)
-            <= self.backlog.limit
+        self.common.bytes.load(std::sync::atomic::Ordering::Relaxed) <= self.common.limit
     }
 
     async fn wait_for_room(&self) {
         loop {
-            let room = self.backlog.room.notified();
+            let room = self.common.room.notified();
             if self.has_room() || self.writer_gone() {
                 return;
             }
@@ -577,9 +746,23 @@ struct Conn {
     lu_io: HashMap<u64, Arc<IoStats>>,
 }
 
+/// [`queue_finished`] off the reader's task, which flushes only once it
+/// has answered what it received: this sends the response now.
+fn finish(
+    writer: &Outbox,
+    lu_io: Option<&IoStats>,
+    slot: TaskSlot,
+    start_ns: u64,
+    pdus: Vec<OutPdu>,
+    f: Finished,
+) {
+    queue_finished(writer, lu_io, slot, start_ns, pdus, f);
+    writer.flush();
+}
+
 /// Counts a finished command (session, target, LU), queues its response
 /// and lets its task slot go once the response is on the wire.
-fn finish(
+fn queue_finished(
     writer: &Outbox,
     lu_io: Option<&IoStats>,
     slot: TaskSlot,
@@ -671,33 +854,43 @@ impl Conn {
         let ping_limit = Duration::from_secs(defaults.nop_in_timeout.max(1));
         let mut last_rx = Instant::now();
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        // Requests handled in a row without a look at the other sources.
+        let mut streak = 0u32;
         while !self.closing && !self.writer.writer_gone() {
             let room = self.writer.has_room();
+            if room && streak < STREAK_MAX {
+                // A request already here (read ahead, or waiting in the
+                // socket) is handled before anything is sent: one send then
+                // answers the whole batch. Dropping the pending receive loses
+                // nothing (receiving is cancel-safe, as `select!` needs).
+                let ready = {
+                    let mut next = std::pin::pin!(rx.recv());
+                    std::future::poll_fn(|cx| {
+                        std::task::Poll::Ready(match std::future::Future::poll(next.as_mut(), cx) {
+                            std::task::Poll::Ready(r) => Some(r),
+                            std::task::Poll::Pending => None,
+                        })
+                    })
+                    .await
+                };
+                if let Some(r) = ready {
+                    streak += 1;
+                    if !self.on_recv(r, &mut last_rx).await {
+                        break;
+                    }
+                    continue;
+                }
+            }
+            streak = 0;
+            // Everything received is handled: answer it before waiting.
+            self.writer.flush();
             tokio::select! {
                 _ = self.writer.wait_for_room(), if !room => {}
-                r = rx.recv(), if room => match r {
-                    Ok(Some(raw)) => {
-                        last_rx = Instant::now();
-                        self.info.received(BHS_LEN + raw.ahs.len() + raw.data.len());
-                        self.on_raw(raw).await;
-                    }
-                    Ok(None) => {
-                        self.transition(ConnEvent::TransportFailed);
+                r = rx.recv(), if room => {
+                    if !self.on_recv(r, &mut last_rx).await {
                         break;
                     }
-                    Err(TransportError::Decode(DecodeError::DataDigest { bhs })) => {
-                        self.reject(reject_reason::DATA_DIGEST_ERROR, &bhs);
-                    }
-                    Err(TransportError::Decode(DecodeError::DataSegmentTooLong { bhs, len, max })) => {
-                        tracing::info!(len, max, "data segment too long: closing");
-                        self.reject(reject_reason::PROTOCOL_ERROR, &bhs);
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::info!(error = %e, "connection dropped");
-                        break;
-                    }
-                },
+                }
                 m = inbox.recv() => match m {
                     Some(ConnMsg::Deliver(pdu)) => self.dispatch(pdu).await,
                     Some(ConnMsg::RequestLogout) => {
@@ -738,6 +931,39 @@ impl Conn {
                         }]);
                     }
                 }
+            }
+        }
+    }
+
+    /// What the transport gave; false when the connection is over.
+    async fn on_recv(
+        &mut self,
+        r: Result<Option<RawPdu>, TransportError>,
+        last_rx: &mut Instant,
+    ) -> bool {
+        match r {
+            Ok(Some(raw)) => {
+                *last_rx = Instant::now();
+                self.info.received(BHS_LEN + raw.ahs.len() + raw.data.len());
+                self.on_raw(raw).await;
+                true
+            }
+            Ok(None) => {
+                self.transition(ConnEvent::TransportFailed);
+                false
+            }
+            Err(TransportError::Decode(DecodeError::DataDigest { bhs })) => {
+                self.reject(reject_reason::DATA_DIGEST_ERROR, &bhs);
+                true
+            }
+            Err(TransportError::Decode(DecodeError::DataSegmentTooLong { bhs, len, max })) => {
+                tracing::info!(len, max, "data segment too long: closing");
+                self.reject(reject_reason::PROTOCOL_ERROR, &bhs);
+                false
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "connection dropped");
+                false
             }
         }
     }
@@ -1215,7 +1441,7 @@ impl Conn {
             }
         } else {
             let (pdus, f) = run();
-            finish(&self.writer, lu_io.as_deref(), slot, start_ns, pdus, f);
+            queue_finished(&self.writer, lu_io.as_deref(), slot, start_ns, pdus, f);
         }
     }
 
