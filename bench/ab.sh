@@ -6,10 +6,11 @@
 #   bench/ab.sh OLD_ISCSITD NEW_ISCSITD [MORE_ISCSITD...]
 #   REPS=4 DUR=4 CASES="64x1 1x64 pin1" bench/ab.sh old new
 #   TGT=1 bench/ab.sh old new        # tgtd (defaults, a /dev/shm file LU) joins the rotation as T
+#   EXTRA=$'[defaults]\ninitial_r2t = true' CASES="w128k" bench/ab.sh old new   # TOML added to the config
 #
 # CASES: SxQ = S sessions (fio jobs) each at queue depth Q; pin1 = one session at QD1 with fio
 # on CPU 1 and every thread of the target on CPU 0 (the shape of bench/pingpong.c's reference,
-# whose p50 is printed first). Prints one line per run and the per-case means, with the target's
+# whose p50 is printed first); wBS = sequential writes of BS (e.g. w128k, w1m), 1 session at QD8. Prints one line per run and the per-case means, with the target's
 # CPU per I/O (its /proc/PID/stat) and fio's own (user + system of all its processes).
 # Needs fio with the libiscsi engine (bench/build-fio.sh), gcc, taskset; tgt for TGT=1.
 set -euo pipefail
@@ -71,6 +72,7 @@ lun = 0
 backend = "memory"
 size = "256MiB"
 EOF
+    [[ -n ${EXTRA:-} ]] && printf '\n%s\n' "$EXTRA" >>"$TMP/t$i.toml"
     RUST_LOG=warn "${BINS[$i]}" --config "$TMP/t$i.toml" --socket "$TMP/s$i.sock" >"$TMP/t$i.log" 2>&1 &
     PIDS+=($!)
     for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
@@ -107,16 +109,20 @@ for _ in $(seq "$REPS"); do
         for i in "${IDX[@]}"; do
             pid=$(pid_of "$i")
             pin=()
+            rw=(--rw=randread --bs=4k)
             if [[ $c == pin1 ]]; then
                 jobs=1 qd=1
                 pin=(taskset -c 1)
                 taskset -a -p -c 0 "$pid" >/dev/null
+            elif [[ $c == w* ]]; then
+                jobs=1 qd=8
+                rw=(--rw=write --bs="${c#w}")
             else
                 jobs=${c%x*} qd=${c#*x}
             fi
             t0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
             read -r _ u0 n0 s0 i0 w0 _ < /proc/stat
-            /usr/bin/time -f "%U %S" -o "$TMP/time.txt" "${pin[@]}" "$FIO" --name=ab "${COMMON[@]}" --filename="$(fio_file $i)" --rw=randread --bs=4k \
+            /usr/bin/time -f "%U %S" -o "$TMP/time.txt" "${pin[@]}" "$FIO" --name=ab "${COMMON[@]}" --filename="$(fio_file $i)" "${rw[@]}" \
                 --numjobs="$jobs" --iodepth="$qd" --time_based --runtime="$DUR" >"$TMP/out.json" 2>/dev/null || true
             t1=$(awk '{print $14 + $15}' "/proc/$pid/stat")
             read -r _ u1 n1 s1 i1 w1 _ < /proc/stat
