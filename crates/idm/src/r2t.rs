@@ -5,8 +5,12 @@
 //! what was asked for (offset, length, DataSN, Target Transfer Tag).
 //!
 //! Sans-IO: `handle_data_out` takes a PDU, `next_r2ts` says what to send.
+//! A transport that can receive a Data-Out's data straight into the
+//! command's buffer asks [`WriteCollector::placement`] where, then reports
+//! it with [`WriteCollector::data_placed`]: write data then reaches the LU
+//! without a copy of ours on the way.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use iscsi_proto::pdu::{DataOut, R2t, RESERVED_TAG};
 use thiserror::Error;
 
@@ -66,7 +70,8 @@ pub struct WriteCollector {
     pub lun: u64,
     edtl: u32,
     limits: WriteLimits,
-    buf: Vec<u8>,
+    /// The data, from offset 0; grown as it arrives, in order normally.
+    buf: BytesMut,
     /// Zero-copy fast path: the immediate data is the whole transfer.
     whole: Option<Bytes>,
     received: u32,
@@ -102,7 +107,7 @@ impl WriteCollector {
             lun,
             edtl,
             limits,
-            buf: Vec::new(),
+            buf: BytesMut::new(),
             whole: None,
             received: imm_len,
             unsolicited: None,
@@ -116,7 +121,7 @@ impl WriteCollector {
         }
         // Grown as data arrives (in order, normally): zero-filling the whole
         // transfer up front cost a memset and page faults per large write.
-        c.buf = Vec::with_capacity(edtl as usize);
+        c.buf = BytesMut::with_capacity(edtl as usize);
         c.buf.extend_from_slice(&immediate);
         let unsolicited_end = limits.first_burst_length.min(edtl);
         if !command_final && !limits.initial_r2t && unsolicited_end > imm_len {
@@ -146,14 +151,65 @@ impl WriteCollector {
     /// Takes one Data-Out PDU's header and data.
     pub fn handle_data_out(&mut self, hdr: &DataOut, data: &[u8]) -> Result<(), DataOutError> {
         let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
-        let in_order = self.limits.data_pdu_in_order;
+        self.check(hdr, len)?;
+        let start = hdr.buffer_offset as usize;
+        let end = start + data.len();
+        if start > self.buf.len() {
+            self.buf.resize(start, 0);
+        }
+        let overlap = end.min(self.buf.len()).saturating_sub(start);
+        if let (Some(dst), Some(src)) = (
+            self.buf.get_mut(start..start + overlap),
+            data.get(..overlap),
+        ) {
+            dst.copy_from_slice(src);
+        }
+        if let Some(rest) = data.get(overlap..) {
+            self.buf.extend_from_slice(rest);
+        }
+        self.advance(hdr, len);
+        Ok(())
+    }
+
+    /// Where the `len` data bytes of this Data-Out go if they are received
+    /// straight into the command's buffer (appended to the returned buffer),
+    /// `done` of them already there: only for a Data-Out that passes every
+    /// check of [`handle_data_out`](Self::handle_data_out) and continues the
+    /// data received so far; otherwise `None` (receive it as usual).
+    pub fn placement(&mut self, hdr: &DataOut, len: u32, done: u32) -> Option<&mut BytesMut> {
+        if self.whole.is_some() || done > len {
+            return None;
+        }
+        self.check(hdr, len).ok()?;
+        let at = (hdr.buffer_offset as usize).checked_add(done as usize)?;
+        (at == self.buf.len()).then_some(&mut self.buf)
+    }
+
+    /// The `len` data bytes of this Data-Out were received into the buffer
+    /// [`placement`](Self::placement) gave: account for them.
+    pub fn data_placed(&mut self, hdr: &DataOut, len: u32) -> Result<(), DataOutError> {
+        self.check(hdr, len)?;
+        let end = u64::from(hdr.buffer_offset) + u64::from(len);
+        if (self.buf.len() as u64) < end {
+            // Not what placement handed out: the data is not there.
+            return Err(DataOutError::OutOfOrder {
+                got: hdr.buffer_offset,
+                expected: u32::try_from(self.buf.len()).unwrap_or(u32::MAX),
+            });
+        }
+        self.advance(hdr, len);
+        Ok(())
+    }
+
+    /// Whether a Data-Out of `len` bytes with this header may be taken.
+    fn check(&self, hdr: &DataOut, len: u32) -> Result<(), DataOutError> {
         let seq = if hdr.ttt == RESERVED_TAG {
             self.unsolicited
-                .as_mut()
+                .as_ref()
                 .ok_or(DataOutError::UnsolicitedNotAllowed)?
         } else {
             self.solicited
-                .iter_mut()
+                .iter()
                 .find(|s| s.ttt == hdr.ttt)
                 .ok_or(DataOutError::UnknownTtt(hdr.ttt))?
         };
@@ -172,31 +228,29 @@ impl WriteCollector {
                 expected: seq.next_data_sn,
             });
         }
-        if in_order && hdr.buffer_offset != seq.next_offset {
+        if self.limits.data_pdu_in_order && hdr.buffer_offset != seq.next_offset {
             return Err(DataOutError::OutOfOrder {
                 got: hdr.buffer_offset,
                 expected: seq.next_offset,
             });
         }
-        let start = hdr.buffer_offset as usize;
-        let end = start + data.len();
-        if start > self.buf.len() {
-            self.buf.resize(start, 0);
-        }
-        let overlap = end.min(self.buf.len()).saturating_sub(start);
-        if let (Some(dst), Some(src)) = (
-            self.buf.get_mut(start..start + overlap),
-            data.get(..overlap),
-        ) {
-            dst.copy_from_slice(src);
-        }
-        if let Some(rest) = data.get(overlap..) {
-            self.buf.extend_from_slice(rest);
-        }
-        seq.next_offset = hdr.buffer_offset + len;
-        seq.next_data_sn += 1;
-        seq.received += len;
-        self.received += len;
+        Ok(())
+    }
+
+    /// Counts a checked Data-Out of `len` bytes as received.
+    fn advance(&mut self, hdr: &DataOut, len: u32) {
+        let seq = if hdr.ttt == RESERVED_TAG {
+            self.unsolicited.as_mut()
+        } else {
+            self.solicited.iter_mut().find(|s| s.ttt == hdr.ttt)
+        };
+        let Some(seq) = seq else {
+            return;
+        };
+        seq.next_offset = hdr.buffer_offset.saturating_add(len);
+        seq.next_data_sn = seq.next_data_sn.wrapping_add(1);
+        seq.received = seq.received.saturating_add(len);
+        self.received = self.received.saturating_add(len);
         let seq_done = hdr.final_ || seq.received >= seq.end - seq.start;
         if seq_done {
             if hdr.ttt == RESERVED_TAG {
@@ -209,7 +263,6 @@ impl WriteCollector {
                 self.solicited.retain(|s| s.ttt != ttt);
             }
         }
-        Ok(())
     }
 
     /// R2Ts to send now, each with a fresh TTT from `alloc_ttt`.
@@ -254,7 +307,7 @@ impl WriteCollector {
             None => {
                 let mut buf = self.buf;
                 buf.resize(self.edtl as usize, 0);
-                Bytes::from(buf)
+                buf.freeze()
             }
         }
     }
@@ -422,5 +475,57 @@ mod tests {
             WriteCollector::new(1, 0, 8192, Bytes::from(vec![0; 512]), true, lim).unwrap_err(),
             DataOutError::ImmediateNotAllowed
         );
+    }
+
+    #[test]
+    fn placement_is_given_only_to_a_data_out_that_passes_the_checks_and_continues_the_data() {
+        let mut c = WriteCollector::new(
+            1,
+            0,
+            16384,
+            Bytes::from(vec![1u8; 4096]),
+            true,
+            limits(true),
+        )
+        .unwrap();
+        let r = c.next_r2ts(|| 9);
+        assert_eq!(
+            (r[0].buffer_offset, r[0].desired_data_transfer_length),
+            (4096, 12288)
+        );
+        // Wrong TTT, wrong DataSN, beyond the burst, not where the data ends so far: no buffer.
+        assert!(c.placement(&dout(8, 0, 4096, false), 4096, 0).is_none());
+        assert!(c.placement(&dout(9, 1, 4096, false), 4096, 0).is_none());
+        assert!(c.placement(&dout(9, 0, 4096, false), 16384, 0).is_none());
+        assert!(c.placement(&dout(9, 0, 8192, false), 4096, 0).is_none());
+        // In order: the buffer, to append to (part of it may already be there).
+        let hdr = dout(9, 0, 4096, false);
+        c.placement(&hdr, 8192, 0)
+            .unwrap()
+            .extend_from_slice(&[2; 5000]);
+        assert!(c.placement(&hdr, 8192, 0).is_none());
+        c.placement(&hdr, 8192, 5000)
+            .unwrap()
+            .extend_from_slice(&[2; 3192]);
+        c.data_placed(&hdr, 8192).unwrap();
+        assert!(!c.is_complete());
+        // The next one through the copying path, then one more placed.
+        c.handle_data_out(&dout(9, 1, 12288, true), &[3; 4096])
+            .unwrap();
+        assert!(c.is_complete());
+        assert!(c.placement(&dout(9, 2, 16384, true), 4096, 0).is_none());
+        let d = c.into_data();
+        assert_eq!(
+            (d.len(), d[4095], d[4096], d[12287], d[12288], d[16383]),
+            (16384, 1, 2, 2, 3, 3)
+        );
+    }
+
+    #[test]
+    fn data_placed_without_the_data_in_the_buffer_is_refused() {
+        let mut c = WriteCollector::new(1, 0, 8192, Bytes::new(), true, limits(true)).unwrap();
+        let _ = c.next_r2ts(|| 4);
+        assert!(c.data_placed(&dout(4, 0, 0, true), 8192).is_err());
+        assert!(!c.is_complete());
     }
 }

@@ -8,17 +8,23 @@ use std::io::IoSlice;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use iscsi_proto::codec::PduDecoder;
-use iscsi_proto::pdu::{Pdu, RawPdu};
+use iscsi_proto::digest;
+use iscsi_proto::pdu::{self, Opcode, Pdu, RawPdu, BHS_LEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
-use crate::transport::{PduRx, PduTx, Transport, TransportError, TransportInfo};
+use crate::transport::{
+    DataOutSink, PduRx, PduTx, Received, Transport, TransportError, TransportInfo,
+};
 
 /// Data segments up to this size are copied into the header buffer.
 const INLINE_DATA_MAX: usize = 2048;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 64 * 1024;
+/// Data-Out data segments at least this long are received straight into
+/// their write's buffer (below it, the copy costs less than the extra read).
+const PLACE_MIN: usize = 4096;
 
 pub struct TcpTransport {
     stream: TcpStream,
@@ -59,6 +65,8 @@ impl Transport for TcpTransport {
                 sock: r,
                 buf: BytesMut::with_capacity(READ_CHUNK),
                 decoder: PduDecoder::default(),
+                placing: None,
+                header_first: false,
             },
             TcpTx {
                 sock: w,
@@ -75,6 +83,129 @@ pub struct TcpRx {
     sock: OwnedReadHalf,
     buf: BytesMut,
     decoder: PduDecoder,
+    /// A Data-Out whose data is being received into its write's buffer.
+    placing: Option<Placing>,
+    /// The last PDU was a placed Data-Out: read the next header alone, so
+    /// the data of a Data-Out behind it is not read ahead into `buf`.
+    header_first: bool,
+}
+
+struct Placing {
+    bhs: [u8; BHS_LEN],
+    len: usize,
+    done: usize,
+    /// The sink gave no buffer for the rest: it is read and dropped.
+    dropped: bool,
+}
+
+impl TcpRx {
+    /// Reads more of the stream into `buf` (at most `max` bytes); false at EOF.
+    async fn fill(&mut self, max: usize) -> Result<bool, TransportError> {
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        let n = self.sock.read_buf(&mut (&mut self.buf).limit(max)).await?;
+        Ok(n > 0)
+    }
+
+    /// The BHS, header length and data length of a Data-Out whose header
+    /// (checked, as the decoder would) is at the front of `buf` and whose
+    /// data is worth receiving straight into its write's buffer.
+    fn data_out_header(&self) -> Option<([u8; BHS_LEN], usize, usize)> {
+        let head = self.buf.get(..BHS_LEN)?;
+        let mut bhs = [0u8; BHS_LEN];
+        bhs.copy_from_slice(head);
+        if Opcode::from_u8(bhs[0]) != Some(Opcode::DataOut) || pdu::total_ahs_length(&bhs) != 0 {
+            return None;
+        }
+        let len = pdu::data_segment_length(&bhs);
+        if (len as usize) < PLACE_MIN || len > self.decoder.max_data_segment_length {
+            return None;
+        }
+        let mut header_len = BHS_LEN;
+        if self.decoder.header_digest {
+            let hd = self.buf.get(BHS_LEN..BHS_LEN + 4)?;
+            if digest::from_wire([hd[0], hd[1], hd[2], hd[3]]) != digest::crc32c(&bhs) {
+                // The decoder reports it.
+                return None;
+            }
+            header_len += 4;
+        }
+        Some((bhs, header_len, len as usize))
+    }
+
+    /// Goes on with the Data-Out being placed: `Some` once all of it, its
+    /// padding and digest are in.
+    async fn place<S: DataOutSink>(
+        &mut self,
+        sink: &mut S,
+    ) -> Result<Option<Received>, TransportError> {
+        let Some(p) = self.placing.as_mut() else {
+            return Ok(None);
+        };
+        let rest = p.len - p.done;
+        if rest > 0 {
+            let dst = if p.dropped {
+                None
+            } else {
+                sink.sink_for(&p.bhs, p.len, p.done)
+            };
+            let Some(dst) = dst else {
+                p.dropped = true;
+                let have = rest.min(self.buf.len());
+                p.done += have;
+                self.buf.advance(have);
+                if have == 0 && !self.fill(rest).await? {
+                    return Err(TransportError::TruncatedPdu);
+                }
+                return Ok(None);
+            };
+            // What was read ahead is copied; the rest comes straight from the socket.
+            let have = rest.min(self.buf.len());
+            if have > 0 {
+                dst.extend_from_slice(self.buf.get(..have).unwrap_or(&[]));
+                self.buf.advance(have);
+                p.done += have;
+                return Ok(None);
+            }
+            let n = self.sock.read_buf(&mut (&mut *dst).limit(rest)).await?;
+            if n == 0 {
+                return Err(TransportError::TruncatedPdu);
+            }
+            p.done += n;
+            return Ok(None);
+        }
+        let pad = digest::pad_len(p.len);
+        let trailer = pad + if self.decoder.data_digest { 4 } else { 0 };
+        if self.buf.len() < trailer {
+            if !self.fill(READ_CHUNK).await? {
+                return Err(TransportError::TruncatedPdu);
+            }
+            return Ok(None);
+        }
+        let (bhs, len, dropped) = (p.bhs, p.len, p.dropped);
+        let digest_ok = !self.decoder.data_digest || dropped || {
+            let got = self
+                .buf
+                .get(pad..pad + 4)
+                .map(|d| digest::from_wire([d[0], d[1], d[2], d[3]]));
+            let placed = sink
+                .sink_for(&bhs, len, len)
+                .and_then(|dst| dst.len().checked_sub(len).and_then(|at| dst.get(at..)));
+            placed.is_some_and(|d| Some(digest::data_digest(d, pad)) == got)
+        };
+        self.buf.advance(trailer);
+        self.placing = None;
+        self.header_first = true;
+        if !digest_ok {
+            return Err(iscsi_proto::codec::DecodeError::DataDigest { bhs: Box::new(bhs) }.into());
+        }
+        Ok(Some(Received::Placed {
+            bhs: Box::new(bhs),
+            len,
+            dropped,
+        }))
+    }
 }
 
 impl PduRx for TcpRx {
@@ -83,11 +214,51 @@ impl PduRx for TcpRx {
             if let Some(pdu) = self.decoder.decode(&mut self.buf)? {
                 return Ok(Some(pdu));
             }
-            if self.buf.capacity() - self.buf.len() < 4096 {
-                self.buf.reserve(READ_CHUNK);
+            if !self.fill(usize::MAX).await? {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(TransportError::TruncatedPdu)
+                };
             }
-            let n = self.sock.read_buf(&mut self.buf).await?;
-            if n == 0 {
+        }
+    }
+
+    async fn recv_into<S: DataOutSink>(
+        &mut self,
+        mut sink: S,
+    ) -> Result<Option<Received>, TransportError> {
+        loop {
+            if self.placing.is_some() {
+                if let Some(r) = self.place(&mut sink).await? {
+                    return Ok(Some(r));
+                }
+                continue;
+            }
+            if let Some((bhs, header_len, len)) = self.data_out_header() {
+                let whole = header_len + len + digest::pad_len(len);
+                if self.buf.len() < whole && sink.sink_for(&bhs, len, 0).is_some() {
+                    self.buf.advance(header_len);
+                    self.placing = Some(Placing {
+                        bhs,
+                        len,
+                        done: 0,
+                        dropped: false,
+                    });
+                    continue;
+                }
+            }
+            if let Some(pdu) = self.decoder.decode(&mut self.buf)? {
+                self.header_first = false;
+                return Ok(Some(Received::Pdu(pdu)));
+            }
+            let max = if self.header_first && self.buf.is_empty() {
+                BHS_LEN
+            } else {
+                usize::MAX
+            };
+            self.header_first = false;
+            if !self.fill(max).await? {
                 return if self.buf.is_empty() {
                     Ok(None)
                 } else {
@@ -333,5 +504,138 @@ mod tests {
         let got = reader.await.unwrap();
         let want: Vec<Pdu> = first.into_iter().chain(last).collect();
         assert_eq!(got, want);
+    }
+
+    /// Takes Data-Out data into `buf`, for at most `give_up_to` bytes of it.
+    struct Sink {
+        buf: BytesMut,
+        give_up_to: usize,
+    }
+
+    impl DataOutSink for &mut Sink {
+        fn sink_for(
+            &mut self,
+            _bhs: &[u8; BHS_LEN],
+            _len: usize,
+            done: usize,
+        ) -> Option<&mut BytesMut> {
+            (done < self.give_up_to).then_some(&mut self.buf)
+        }
+    }
+
+    async fn pair() -> (TcpRx, TcpTx) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move { TcpStream::connect(addr).await.unwrap() });
+        let (server, _) = listener.accept().await.unwrap();
+        let client = client.await.unwrap();
+        let (_crx, ctx) = TcpTransport::new(client).unwrap().into_split();
+        let (srx, _stx) = TcpTransport::new(server).unwrap().into_split();
+        (srx, ctx)
+    }
+
+    /// Writes the PDUs' wire image in small pieces, pausing between them.
+    async fn trickle(mut ctx: TcpTx, pdus: Vec<Pdu>, digests: bool) {
+        let mut wire = BytesMut::new();
+        for p in &pdus {
+            p.encode(digests, digests, &mut wire);
+        }
+        for piece in wire.chunks(3000) {
+            ctx.sock.write_all(piece).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+        }
+        ctx.shutdown().await;
+    }
+
+    fn data_out(itt: u32, data: Bytes) -> Pdu {
+        Pdu::new(
+            Header::DataOut(iscsi_proto::pdu::DataOut {
+                itt,
+                ttt: 5,
+                final_: true,
+                ..Default::default()
+            }),
+            data,
+        )
+    }
+
+    #[tokio::test]
+    async fn data_out_data_goes_straight_into_the_sink_buffer_across_cancelled_receives() {
+        for digests in [false, true] {
+            let (mut srx, ctx) = pair().await;
+            srx.set_digests(digests, digests);
+            srx.set_max_recv_data_segment_length(1 << 20);
+            let data = Bytes::from((0..65_537u32).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+            let nop = |itt| {
+                Pdu::new(
+                    Header::NopOut(NopOut {
+                        itt,
+                        ..Default::default()
+                    }),
+                    Bytes::new(),
+                )
+            };
+            let writer = tokio::spawn(trickle(
+                ctx,
+                vec![nop(1), data_out(2, data.clone()), nop(3)],
+                digests,
+            ));
+            let mut sink = Sink {
+                buf: BytesMut::new(),
+                give_up_to: usize::MAX,
+            };
+            let mut got = Vec::new();
+            loop {
+                // Short timeouts drop the receive mid-PDU: nothing may be lost.
+                match tokio::time::timeout(
+                    std::time::Duration::from_micros(300),
+                    srx.recv_into(&mut sink),
+                )
+                .await
+                {
+                    Err(_) => continue,
+                    Ok(r) => match r.unwrap() {
+                        None => break,
+                        Some(Received::Pdu(raw)) => got.push(raw.parse().unwrap().header.itt()),
+                        Some(Received::Placed { bhs, len, dropped }) => {
+                            assert_eq!((len, dropped), (data.len(), false));
+                            got.push(Header::parse(&bhs, &[]).unwrap().itt());
+                        }
+                    },
+                }
+            }
+            writer.await.unwrap();
+            assert_eq!(got, vec![Some(1), Some(2), Some(3)], "digests {digests}");
+            assert_eq!(sink.buf.freeze(), data, "digests {digests}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sink_that_lets_go_midway_gets_a_dropped_placement_and_the_stream_stays_in_step() {
+        let (mut srx, ctx) = pair().await;
+        srx.set_max_recv_data_segment_length(1 << 20);
+        let data = Bytes::from(vec![7u8; 100_000]);
+        let nop = Pdu::new(
+            Header::NopOut(NopOut {
+                itt: 9,
+                ..Default::default()
+            }),
+            Bytes::from_static(b"ok"),
+        );
+        let writer = tokio::spawn(trickle(ctx, vec![data_out(2, data), nop.clone()], false));
+        let mut sink = Sink {
+            buf: BytesMut::new(),
+            give_up_to: 10_000,
+        };
+        match srx.recv_into(&mut sink).await.unwrap().unwrap() {
+            Received::Placed { len, dropped, .. } => assert_eq!((len, dropped), (100_000, true)),
+            Received::Pdu(_) => panic!("placed expected"),
+        }
+        assert!(sink.buf.len() < 100_000);
+        match srx.recv_into(&mut sink).await.unwrap().unwrap() {
+            Received::Pdu(raw) => assert_eq!(raw.parse().unwrap(), nop),
+            Received::Placed { .. } => panic!("the NOP-Out expected"),
+        }
+        writer.await.unwrap();
     }
 }

@@ -28,9 +28,10 @@
 
 use std::future::Future;
 
+use bytes::BytesMut;
 use iscsi_proto::codec::DecodeError;
 use iscsi_proto::negotiation::NegotiatedParams;
-use iscsi_proto::pdu::{Pdu, RawPdu};
+use iscsi_proto::pdu::{Pdu, RawPdu, BHS_LEN};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -94,10 +95,42 @@ pub trait Transport: Send + 'static {
     fn into_split(self) -> (Self::Rx, Self::Tx);
 }
 
+/// Where a Data-Out's data may be received straight into: the buffer of the
+/// write it belongs to (see [`crate::r2t::WriteCollector::placement`]).
+pub trait DataOutSink: Send {
+    /// For the Data-Out whose BHS is `bhs`, with `len` data bytes of which
+    /// `done` are already received into it: the buffer the rest is appended
+    /// to, or `None` to receive the PDU as usual (or, once begun, to drop
+    /// the rest of its data: the write went away meanwhile).
+    fn sink_for(&mut self, bhs: &[u8; BHS_LEN], len: usize, done: usize) -> Option<&mut BytesMut>;
+}
+
+/// What [`PduRx::recv_into`] received.
+#[derive(Debug)]
+pub enum Received {
+    Pdu(RawPdu),
+    /// A Data-Out whose `len` data bytes went into the buffer the sink gave
+    /// (all of them unless `dropped`: the sink gave none for the rest).
+    Placed {
+        bhs: Box<[u8; BHS_LEN]>,
+        len: usize,
+        dropped: bool,
+    },
+}
+
 /// The receive half.
 pub trait PduRx: Send + 'static {
     /// The next PDU, or `Ok(None)` when the peer closed cleanly between PDUs.
     fn recv(&mut self) -> impl Future<Output = Result<Option<RawPdu>, TransportError>> + Send;
+    /// Like [`recv`](Self::recv), but the data of a Data-Out may be received
+    /// straight into the buffer `sink` gives for it. Cancel-safe as `recv`
+    /// is. The default receives every PDU as usual.
+    fn recv_into<S: DataOutSink>(
+        &mut self,
+        _sink: S,
+    ) -> impl Future<Output = Result<Option<Received>, TransportError>> + Send {
+        async move { Ok(self.recv().await?.map(Received::Pdu)) }
+    }
     /// Turns digests on or off (after login negotiated them).
     fn set_digests(&mut self, header: bool, data: bool);
     /// Our MaxRecvDataSegmentLength: longer data segments are refused.

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use idm::datain::{build_response, Completion, DataInLimits, OutPdu, Residual};
 use idm::login::{
     Admission, Binding, ChapRequirement, LoginAuthority, LoginIdentity, LoginOutcome, LoginStep,
@@ -23,7 +23,7 @@ use idm::login::{
 };
 use idm::r2t::{WriteCollector, WriteLimits};
 use idm::state::{ConnEvent, ConnState};
-use idm::transport::{PduRx, PduTx, Transport, TransportError};
+use idm::transport::{DataOutSink, PduRx, PduTx, Received, Transport, TransportError};
 use iscsi_proto::chap::ChapAlgorithm;
 use iscsi_proto::codec::DecodeError;
 use iscsi_proto::negotiation::{Digest, NegotiatedParams, Policy, SessionType};
@@ -701,6 +701,21 @@ impl Outbox {
     }
 }
 
+/// Tells the transport where a Data-Out's data goes: straight into the
+/// buffer of the write it belongs to, when it passes the write's checks.
+struct Placer<'a>(&'a mut HashMap<u32, PendingWrite>);
+
+impl DataOutSink for Placer<'_> {
+    fn sink_for(&mut self, bhs: &[u8; BHS_LEN], len: usize, done: usize) -> Option<&mut BytesMut> {
+        let Ok(Header::DataOut(h)) = Header::parse(bhs, &[]) else {
+            return None;
+        };
+        let len = u32::try_from(len).ok()?;
+        let done = u32::try_from(done).ok()?;
+        self.0.get_mut(&h.itt)?.collector.placement(&h, len, done)
+    }
+}
+
 /// A write command waiting for its data.
 struct PendingWrite {
     /// Its share of the process-wide write budget, returned when the task ends.
@@ -864,7 +879,7 @@ impl Conn {
                 // answers the whole batch. Dropping the pending receive loses
                 // nothing (receiving is cancel-safe, as `select!` needs).
                 let ready = {
-                    let mut next = std::pin::pin!(rx.recv());
+                    let mut next = std::pin::pin!(rx.recv_into(Placer(&mut self.tasks)));
                     std::future::poll_fn(|cx| {
                         std::task::Poll::Ready(match std::future::Future::poll(next.as_mut(), cx) {
                             std::task::Poll::Ready(r) => Some(r),
@@ -886,7 +901,7 @@ impl Conn {
             self.writer.flush();
             tokio::select! {
                 _ = self.writer.wait_for_room(), if !room => {}
-                r = rx.recv(), if room => {
+                r = rx.recv_into(Placer(&mut self.tasks)), if room => {
                     if !self.on_recv(r, &mut last_rx).await {
                         break;
                     }
@@ -938,11 +953,17 @@ impl Conn {
     /// What the transport gave; false when the connection is over.
     async fn on_recv(
         &mut self,
-        r: Result<Option<RawPdu>, TransportError>,
+        r: Result<Option<Received>, TransportError>,
         last_rx: &mut Instant,
     ) -> bool {
         match r {
-            Ok(Some(raw)) => {
+            Ok(Some(Received::Placed { bhs, len, dropped })) => {
+                *last_rx = Instant::now();
+                self.info.received(BHS_LEN + len);
+                self.data_placed(&bhs, len, dropped).await;
+                true
+            }
+            Ok(Some(Received::Pdu(raw))) => {
                 *last_rx = Instant::now();
                 self.info.received(BHS_LEN + raw.ahs.len() + raw.data.len());
                 self.on_raw(raw).await;
@@ -1332,6 +1353,30 @@ impl Conn {
         self.info.tasks.add_done(task.slot, pdu.data.len() as u64);
         let itt = h.itt;
         self.pump_write(itt).await;
+    }
+
+    /// A Data-Out whose data the transport received straight into its
+    /// write's buffer (see [`Placer`]); checked as [`Self::data_out`] does.
+    async fn data_placed(&mut self, bhs: &[u8; BHS_LEN], len: usize, dropped: bool) {
+        let h = match Header::parse(bhs, &[]) {
+            Ok(Header::DataOut(h)) => h,
+            _ => {
+                self.reject(reject_reason::PROTOCOL_ERROR, bhs);
+                return;
+            }
+        };
+        let Some(task) = self.tasks.get_mut(&h.itt).filter(|_| !dropped) else {
+            self.reject(reject_reason::INVALID_PDU_FIELD, bhs);
+            return;
+        };
+        let len32 = u32::try_from(len).unwrap_or(u32::MAX);
+        if let Err(e) = task.collector.data_placed(&h, len32) {
+            tracing::info!(error = %e, itt = h.itt, "bad Data-Out");
+            self.reject(reject_reason::PROTOCOL_ERROR, bhs);
+            return;
+        }
+        self.info.tasks.add_done(task.slot, len as u64);
+        self.pump_write(h.itt).await;
     }
 
     async fn execute(&mut self, h: ScsiCommand, data_out: Bytes, slot: TaskSlot, start_ns: u64) {
