@@ -12,6 +12,15 @@
 //!   the QP's error state, so every outstanding work request completes with a flush.
 //! - Completions: one CQ per QP with a completion channel whose fd is read through tokio's
 //!   `AsyncFd`; `poll` drains the CQ, re-arms it, drains again, and only then sleeps.
+//! - Device removal (`RDMA_CM_EVENT_DEVICE_REMOVAL` on any of our CM ids, or
+//!   `IBV_EVENT_DEVICE_FATAL` on a context): every connection on the device flushes at once, the
+//!   listener destroys its id and binds again every second, and the device's context is never
+//!   reused, so once the layers above drop their halves nothing of it is left and the kernel can
+//!   finish the removal (rdma_rxe has no disassociate: it waits for every open context).
+//!   librdmacm holds a context of its own per device and closes a removed one only when it
+//!   re-reads its device list, which we make it do (`release_rdmacm_contexts`); up to rdma-core
+//!   44 at least it skips that while no device at all is left, so on a host whose only RDMA device
+//!   is removed the removal still waits for the process to exit.
 //! - The QP is ours (not `rdma_create_qp`'s): it moves INIT → RTR → RTS with the attributes
 //!   `rdma_init_qp_attr` gives, the RDMA READ depths set from the CM exchange.
 
@@ -27,7 +36,7 @@ use sideway::ibverbs::queue_pair::QueuePairState;
 use crate::verbs::{ConnectRequest, Listener, QpConfig, Verbs, VerbsError};
 use cm::{CmId, ConnParam, EventChannel, EventKind};
 pub use qp::{device_names, RdmaQp};
-use qp::{device_removed, Conn, Shared};
+use qp::{device_removed, release_rdmacm_contexts, Conn, Shared};
 
 /// How long address/route resolution and each step of a connection may take.
 const CM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -100,10 +109,17 @@ impl Verbs for RdmaVerbs {
     {
         let channel = EventChannel::new()?;
         let id = channel.create_id()?;
-        id.resolve_addr(addr, RESOLVE_MS)?;
+        // No device for the address (ENODEV): librdmacm may still hold a context of one that was
+        // removed while we had no CM id on it to hear of it; have it let go (see
+        // release_rdmacm_contexts), or the removal waits on this process.
+        if let Err(e) = id.resolve_addr(addr, RESOLVE_MS) {
+            release_rdmacm_contexts();
+            return Err(e.into());
+        }
         let ev = next_event(&channel, &id, addr, "resolving").await?;
         if ev.kind != EventKind::AddrResolved {
             tracing::debug!("iser rdma: resolving {addr}: {:?} ({})", ev.kind, ev.status);
+            release_rdmacm_contexts();
             return Err(VerbsError::Unreachable(addr));
         }
         id.resolve_route(RESOLVE_MS)?;

@@ -126,20 +126,26 @@ pub(crate) fn device_removed(name: Option<String>) {
     }
 }
 
-/// After a device removal: has librdmacm re-read its device list now, while our CM ids on the
-/// device still exist (it marks the device dead and closes its context with the last of them),
-/// and again a few times over the next seconds in case the kernel still listed the device the
-/// first time. Cheap, and harmless when nothing is removed.
+/// After a device removal, or a connect that found no device for its address: has librdmacm
+/// re-read its device list now (while our CM ids on a removed device still exist it marks the
+/// device dead and closes its context with the last of them; with none left, at once), and again
+/// a few times over the next seconds in case the kernel still listed the device the first time.
+/// One such round at a time; cheap, and harmless when nothing was removed.
 pub(crate) fn release_rdmacm_contexts() {
+    static RUNNING: AtomicBool = AtomicBool::new(false);
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         super::cm::sync_devices();
         return;
     };
+    if RUNNING.swap(true, Ordering::SeqCst) {
+        return;
+    }
     rt.spawn(async {
         for ms in [0u64, 200, 500, 1000, 2000, 4000] {
             tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
             let _ = tokio::task::spawn_blocking(super::cm::sync_devices).await;
         }
+        RUNNING.store(false, Ordering::SeqCst);
     });
 }
 
