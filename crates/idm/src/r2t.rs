@@ -92,6 +92,21 @@ impl WriteCollector {
         command_final: bool,
         limits: WriteLimits,
     ) -> Result<Self, DataOutError> {
+        Self::with_buffer(itt, lun, edtl, immediate, command_final, limits, None)
+    }
+
+    /// [`new`](Self::new), collecting into `spare` (emptied) when it holds
+    /// the whole transfer: a buffer of an earlier write, whose pages are
+    /// already mapped.
+    pub fn with_buffer(
+        itt: u32,
+        lun: u64,
+        edtl: u32,
+        immediate: Bytes,
+        command_final: bool,
+        limits: WriteLimits,
+        spare: Option<BytesMut>,
+    ) -> Result<Self, DataOutError> {
         let imm_len = u32::try_from(immediate.len()).unwrap_or(u32::MAX);
         if imm_len > 0 && !limits.immediate_data {
             return Err(DataOutError::ImmediateNotAllowed);
@@ -121,7 +136,13 @@ impl WriteCollector {
         }
         // Grown as data arrives (in order, normally): zero-filling the whole
         // transfer up front cost a memset and page faults per large write.
-        c.buf = BytesMut::with_capacity(edtl as usize);
+        c.buf = match spare {
+            Some(mut b) if b.capacity() >= edtl as usize => {
+                b.clear();
+                b
+            }
+            _ => BytesMut::with_capacity(edtl as usize),
+        };
         c.buf.extend_from_slice(&immediate);
         let unsolicited_end = limits.first_burst_length.min(edtl);
         if !command_final && !limits.initial_r2t && unsolicited_end > imm_len {
@@ -527,5 +548,21 @@ mod tests {
         let _ = c.next_r2ts(|| 4);
         assert!(c.data_placed(&dout(4, 0, 0, true), 8192).is_err());
         assert!(!c.is_complete());
+    }
+
+    #[test]
+    fn a_reused_buffer_shows_nothing_of_its_earlier_write() {
+        let mut spare = BytesMut::with_capacity(16384);
+        spare.extend_from_slice(&[0xee; 16384]);
+        let mut lim = limits(true);
+        lim.data_pdu_in_order = false;
+        let mut c =
+            WriteCollector::with_buffer(1, 0, 8192, Bytes::new(), true, lim, Some(spare)).unwrap();
+        let _ = c.next_r2ts(|| 3);
+        // Only the second half arrives: the first reads as zeros, not 0xee.
+        c.handle_data_out(&dout(3, 0, 4096, true), &[1; 4096])
+            .unwrap();
+        let d = c.into_data();
+        assert_eq!((d.len(), d[0], d[4095], d[4096]), (8192, 0, 0, 1));
     }
 }

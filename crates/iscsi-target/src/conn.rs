@@ -46,6 +46,31 @@ use crate::session::{ConnHandle, ConnMsg, NewSession, Session};
 /// before it sends their answers and looks at its other sources (session
 /// messages, timers).
 const STREAK_MAX: u32 = 64;
+/// Buffers of finished R2T'd writes, for the next ones to collect into: a
+/// fresh buffer costs a page fault per page every time (the allocator
+/// gives freed large blocks back to the system). Process-wide and small:
+/// at most [`WRITE_SPARES`] buffers of up to [`WRITE_SPARE_MAX`] bytes.
+static WRITE_SPARE_POOL: Mutex<Vec<BytesMut>> = Mutex::new(Vec::new());
+const WRITE_SPARES: usize = 16;
+const WRITE_SPARE_MAX: usize = 1 << 20;
+
+/// A kept buffer that holds `len` bytes, if there is one.
+fn take_write_spare(len: u64) -> Option<BytesMut> {
+    let mut pool = WRITE_SPARE_POOL.lock().ok()?;
+    let i = pool.iter().position(|b| b.capacity() as u64 >= len)?;
+    Some(pool.swap_remove(i))
+}
+
+fn keep_write_spare(b: BytesMut) {
+    if b.capacity() > WRITE_SPARE_MAX {
+        return;
+    }
+    if let Ok(mut pool) = WRITE_SPARE_POOL.lock() {
+        if pool.len() < WRITE_SPARES {
+            pool.push(b);
+        }
+    }
+}
 /// Largest write we collect for one command.
 const MAX_WRITE: u32 = 64 << 20;
 /// Write data one connection may hold while collecting it; beyond this,
@@ -1092,13 +1117,15 @@ impl Conn {
             return;
         };
         let limits = self.write_limits();
-        match WriteCollector::new(
+        let spare = take_write_spare(edtl);
+        match WriteCollector::with_buffer(
             h.itt,
             h.lun,
             h.expected_data_transfer_length,
             imm.clone(),
             h.final_,
             limits,
+            spare,
         ) {
             Ok(collector) => {
                 self.pending_write_bytes += edtl;
@@ -1310,8 +1337,13 @@ impl Conn {
         if complete {
             if let Some(t) = self.drop_write(itt) {
                 let data = t.collector.into_data();
+                let spare = data.clone();
                 self.info.tasks.set_state(t.slot, TaskState::InBackend);
                 self.execute(t.cmd, data, t.slot, t.start_ns).await;
+                // Unless an LU that may block still holds it (then it just goes).
+                if let Ok(b) = spare.try_into_mut() {
+                    keep_write_spare(b);
+                }
             }
             return;
         }
