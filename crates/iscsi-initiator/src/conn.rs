@@ -214,6 +214,10 @@ pub async fn login_over(
     let mut cfg = cfg.clone();
     if matches!(link, Link::Iser(_)) {
         cfg.policy.rdma_extensions = true;
+        // RFC 7145 MaxOutstandingUnexpectedPDUs: what we can take unasked — the receives our
+        // connections keep posted. The result is the minimum of both declarations and the
+        // session keeps its own commands within it (see `session::command_credit`).
+        cfg.policy.max_outstanding_unexpected_pdus = IserConfig::default().recv_depth;
     }
     for _ in 0..=MAX_REDIRECTS {
         let (mut rx, mut tx) = match link {

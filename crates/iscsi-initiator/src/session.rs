@@ -1193,7 +1193,12 @@ impl Inner {
     /// the next connection in turn; under the lock, so CmdSN order is the
     /// order of assignment.
     fn pump(&self, st: &mut State) {
+        let credit = command_credit(&st.params);
         while !st.recovering && st.window_open() && !st.conns.is_empty() {
+            let Some(k) = pick_connection(st, credit) else {
+                // Every connection's receive credit is in use: a response frees one.
+                break;
+            };
             let Some(itt) = st.queue.pop_front() else {
                 break;
             };
@@ -1201,8 +1206,7 @@ impl Inner {
                 continue;
             };
             let req = Arc::clone(&task.req);
-            let k = st.rr % st.conns.len();
-            st.rr = st.rr.wrapping_add(1);
+            st.rr = k.wrapping_add(1);
             let cmd_sn = st.cmd_sn;
             let Some(exp_stat_sn) = st.conns.get(k).map(|c| c.exp_stat_sn) else {
                 break;
@@ -1222,6 +1226,49 @@ impl Inner {
             }
         }
     }
+}
+
+/// iSER's MaxOutstandingUnexpectedPDUs (RFC 7145), the receive credit of each
+/// connection: how many SCSI commands one connection may have outstanding
+/// (sent, not yet answered). Two of the agreed number are left for the
+/// immediate PDUs (task management, NOP-Out, logout) a target must always be
+/// able to take (RFC 7143 §4.2.2.1; the key's minimum of 2 is for them).
+/// `None`: no limit (TCP, or 0 agreed).
+fn command_credit(p: &NegotiatedParams) -> Option<usize> {
+    if !p.rdma_extensions || p.max_outstanding_unexpected_pdus == 0 {
+        return None;
+    }
+    let n = usize::try_from(p.max_outstanding_unexpected_pdus).unwrap_or(usize::MAX);
+    Some(n.saturating_sub(2).max(1))
+}
+
+/// Unexpected PDUs outstanding on connection `conn_id`: its SCSI commands not
+/// yet answered and its immediate requests.
+fn outstanding_on(st: &State, conn_id: u64) -> usize {
+    st.pending
+        .values()
+        .filter(|p| match p {
+            Pending::Scsi(t) => t.sent.is_some_and(|(c, _)| c == conn_id),
+            other => other.immediate_on() == Some(conn_id),
+        })
+        .count()
+}
+
+/// The connection for the next command: round robin from `rr`, skipping those
+/// whose receive credit is used up; `None` when all are full.
+fn pick_connection(st: &State, credit: Option<usize>) -> Option<usize> {
+    let n = st.conns.len();
+    if n == 0 {
+        return None;
+    }
+    let Some(credit) = credit else {
+        return Some(st.rr % n);
+    };
+    (0..n).map(|i| st.rr.wrapping_add(i) % n).find(|k| {
+        st.conns
+            .get(*k)
+            .is_some_and(|c| outstanding_on(st, c.id) < credit)
+    })
 }
 
 /// The SCSI Command PDU with its immediate data, and the unsolicited
@@ -1412,7 +1459,8 @@ impl Inner {
             Header::TextResponse(h) => st.saw_stat_sn(k, h.stat_sn),
             other => return Err(format!("target sent {:?}", other.opcode())),
         }
-        if grew {
+        // With a receive credit, an answer frees room even when the window did not grow.
+        if grew || command_credit(&st.params).is_some() {
             self.pump(&mut st);
         }
         if !to_send.is_empty() {
@@ -1818,6 +1866,79 @@ mod tests {
         );
         o.login_timeout = Duration::from_secs(5);
         assert_eq!(attempt_timeout(&o, Instant::now()), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn receive_credit_is_the_agreed_unexpected_pdus_less_two_for_immediates_and_only_over_iser() {
+        let mut p = NegotiatedParams {
+            rdma_extensions: true,
+            max_outstanding_unexpected_pdus: 16,
+            ..Default::default()
+        };
+        assert_eq!(command_credit(&p), Some(14));
+        p.max_outstanding_unexpected_pdus = 2;
+        assert_eq!(command_credit(&p), Some(1));
+        p.max_outstanding_unexpected_pdus = 0;
+        assert_eq!(command_credit(&p), None);
+        p.max_outstanding_unexpected_pdus = 16;
+        p.rdma_extensions = false;
+        assert_eq!(command_credit(&p), None);
+    }
+
+    fn state_with_connections(n: u64) -> State {
+        let conns = (0..n)
+            .map(|id| Conn {
+                id,
+                cid: id as u16,
+                out: mpsc::unbounded_channel().0,
+                exp_stat_sn: 0,
+                commands: 0,
+                reader: tokio::spawn(async {}).abort_handle(),
+            })
+            .collect();
+        State {
+            cmd_sn: 1,
+            exp_cmd_sn: 1,
+            max_cmd_sn: 0,
+            next_itt: 0x10,
+            next_seq: 0,
+            pending: HashMap::new(),
+            queue: VecDeque::new(),
+            conns,
+            next_conn_id: n,
+            rr: 0,
+            tsih: 0,
+            params: NegotiatedParams::default(),
+            portal: Portal::new("127.0.0.1", 3260),
+            recovering: false,
+            reconnects: 0,
+            epoch: 0,
+            reinstating: Vec::new(),
+            conn_reinstatements: 0,
+            reissued: 0,
+            logging_out: false,
+            closed: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn commands_go_round_robin_to_connections_with_receive_credit_left_and_wait_when_none_has(
+    ) {
+        let mut st = state_with_connections(2);
+        assert_eq!(pick_connection(&st, None), Some(0));
+        st.rr = 1;
+        assert_eq!(pick_connection(&st, Some(1)), Some(1));
+        // Connection 1 has one unexpected PDU outstanding (a ping): with a credit of
+        // one, the next command goes to connection 0 instead.
+        st.pending
+            .insert(0x20, Pending::Nop(oneshot::channel().0, 1));
+        assert_eq!(pick_connection(&st, Some(1)), Some(0));
+        assert_eq!(pick_connection(&st, Some(2)), Some(1));
+        st.pending
+            .insert(0x21, Pending::Nop(oneshot::channel().0, 0));
+        assert_eq!(pick_connection(&st, Some(1)), None);
+        // Without a limit the credit plays no part.
+        assert_eq!(pick_connection(&st, None), Some(1));
     }
 
     #[test]
