@@ -192,6 +192,30 @@ impl WriteCollector {
         Ok(())
     }
 
+    /// [`handle_data_out`](Self::handle_data_out) for data the caller owns:
+    /// a Data-Out that alone carries the whole transfer is kept as it is,
+    /// not copied (an iSER RDMA READ of the whole write, or a TCP Data-Out
+    /// that arrived whole).
+    pub fn handle_data_out_bytes(
+        &mut self,
+        hdr: &DataOut,
+        data: Bytes,
+    ) -> Result<(), DataOutError> {
+        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        let alone = self.whole.is_none()
+            && self.received == 0
+            && self.buf.is_empty()
+            && hdr.buffer_offset == 0
+            && len == self.edtl;
+        if !alone {
+            return self.handle_data_out(hdr, &data);
+        }
+        self.check(hdr, len)?;
+        self.whole = Some(data);
+        self.advance(hdr, len);
+        Ok(())
+    }
+
     /// Where the `len` data bytes of this Data-Out go if they are received
     /// straight into the command's buffer (appended to the returned buffer),
     /// `done` of them already there: only for a Data-Out that passes every
@@ -564,5 +588,22 @@ mod tests {
             .unwrap();
         let d = c.into_data();
         assert_eq!((d.len(), d[0], d[4095], d[4096]), (8192, 0, 0, 1));
+    }
+
+    #[test]
+    fn a_data_out_carrying_the_whole_transfer_is_kept_not_copied() {
+        let mut c = WriteCollector::new(1, 0, 8192, Bytes::new(), true, limits(true)).unwrap();
+        let _ = c.next_r2ts(|| 6);
+        let data = Bytes::from(vec![4u8; 8192]);
+        // Checked all the same.
+        assert!(c
+            .handle_data_out_bytes(&dout(7, 0, 0, true), data.clone())
+            .is_err());
+        c.handle_data_out_bytes(&dout(6, 0, 0, true), data.clone())
+            .unwrap();
+        assert!(c.is_complete());
+        let d = c.into_data();
+        assert_eq!(d, data);
+        assert_eq!(d.as_ptr(), data.as_ptr());
     }
 }

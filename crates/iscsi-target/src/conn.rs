@@ -1377,12 +1377,13 @@ impl Conn {
             self.reject(reject_reason::INVALID_PDU_FIELD, bhs);
             return;
         };
-        if let Err(e) = task.collector.handle_data_out(h, &pdu.data) {
+        let len = pdu.data.len() as u64;
+        if let Err(e) = task.collector.handle_data_out_bytes(h, pdu.data.clone()) {
             tracing::info!(error = %e, itt = h.itt, "bad Data-Out");
             self.reject(reject_reason::PROTOCOL_ERROR, bhs);
             return;
         }
-        self.info.tasks.add_done(task.slot, pdu.data.len() as u64);
+        self.info.tasks.add_done(task.slot, len);
         let itt = h.itt;
         self.pump_write(itt).await;
     }
