@@ -890,9 +890,25 @@ impl PduTx for IserTx {
                         .write_bufs
                         .get(&d.itt)
                         .map(|(_, end)| *end);
-                    // Beyond the unsolicited part, data waits for RDMA READ.
-                    if unsolicited_end.is_none_or(|end| d.buffer_offset < end) {
-                        self.send_control(IserHeader::PLAIN, p).await?;
+                    // Only the unsolicited part of a task still open goes as
+                    // SENDs; beyond it, data waits for RDMA READ. A task we no
+                    // longer track has had its response: the completion task
+                    // drops its buffers then, and it can do so while this batch
+                    // is still going out (the target RDMA-READ the staged data
+                    // and answered right after the command's SEND). Its Data-Out
+                    // is moot, and sending the staged remainder would be one
+                    // SEND far beyond the peer's receive buffers, which breaks
+                    // its queue pair (LIO: recv failure, local QP operation error).
+                    match unsolicited_end {
+                        Some(end) if d.buffer_offset < end => {
+                            self.send_control(IserHeader::PLAIN, p).await?;
+                        }
+                        Some(_) => {}
+                        None => tracing::debug!(
+                            itt = d.itt,
+                            offset = d.buffer_offset,
+                            "Data-Out for a task already answered: not sent"
+                        ),
                     }
                 }
                 _ => self.send_control(IserHeader::PLAIN, p).await?,
@@ -1153,6 +1169,55 @@ mod tests {
         };
         assert_eq!((h.ttt, h.buffer_offset), (7, first_burst));
         assert_eq!(p.data, data.slice(first_burst as usize..));
+    }
+
+    /// The race behind LIO's "recv failure: local QP operation error": the
+    /// target RDMA-READs a write's staged data and answers before the send
+    /// half has walked past the command's Data-Out PDUs in its batch. The
+    /// response is in (the task's buffers are gone) when they come up: the
+    /// 120 KiB remainder must not go out as one SEND, which no receive
+    /// buffer of the peer can hold.
+    #[tokio::test]
+    async fn data_out_of_a_task_already_answered_is_never_sent() {
+        let (_f, ini, tgt) = pair().await;
+        let (mut irx, mut itx) = ini.into_split();
+        let (mut trx, mut ttx) = tgt.into_split();
+        itx.enable_datamover(&params());
+        ttx.enable_datamover(&params());
+        let (len, imm) = (131_072u32, 8192u32);
+        let data = Bytes::from(vec![0x3cu8; len as usize]);
+        itx.send(&[write_cmd(5, len, true, data.slice(..imm as usize))])
+            .await
+            .unwrap();
+        let cmd = trx.recv().await.unwrap().unwrap();
+        assert_eq!(cmd.itt(), 5);
+        let resp = Pdu::new(
+            Header::ScsiResponse(ScsiResponse {
+                itt: 5,
+                stat_sn: 1,
+                ..Default::default()
+            }),
+            Bytes::new(),
+        );
+        ttx.send(&[resp]).await.unwrap();
+        let got = irx.recv().await.unwrap().unwrap().parse().unwrap();
+        assert!(matches!(got.header, Header::ScsiResponse(_)));
+        // Now the rest of the batch: the staged remainder, then a NOP-Out.
+        let mut late =
+            idm::initiator_data::data_out_pdus(0, 5, pdu::RESERVED_TAG, &data, imm, len, len, 0);
+        late.push(Pdu::new(
+            Header::NopOut(NopOut {
+                itt: 6,
+                ..Default::default()
+            }),
+            Bytes::new(),
+        ));
+        itx.send(&late).await.unwrap();
+        let next = trx.recv().await.unwrap().unwrap().parse().unwrap();
+        assert!(
+            matches!(next.header, Header::NopOut(ref n) if n.itt == 6),
+            "{next:?}"
+        );
     }
 
     #[tokio::test]
