@@ -262,6 +262,15 @@ const ALWAYS_OFFERED: &[&str] = &[
     "MaxConnections",
 ];
 
+/// iSER keys an initiator offers even at their defaults once it asks for
+/// RDMAExtensions=Yes, as FreeBSD's iscsid does: LIO proposes them itself
+/// when the initiator leaves them out, logs "No response for proposed key"
+/// and holds the stage open for one more round trip to get our answers.
+const ISER_ALWAYS_OFFERED: &[&str] = &[
+    "TargetRecvDataSegmentLength",
+    "InitiatorRecvDataSegmentLength",
+];
+
 /// What to send back after reading the peer's pairs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Response {
@@ -1170,7 +1179,12 @@ impl Negotiator {
             // as open-iscsi does: a target that proposes a key we left out
             // (LIO does) expects an answer we could only give after it has
             // already ended the stage. Newer keys only when changed.
-            Role::Initiator => own != default || ALWAYS_OFFERED.contains(&def.name),
+            // The iSER ones only when RDMA is planned: `irrelevant` above.
+            Role::Initiator => {
+                own != default
+                    || ALWAYS_OFFERED.contains(&def.name)
+                    || ISER_ALWAYS_OFFERED.contains(&def.name)
+            }
             // A target only speaks up when the default would bind it to
             // something it cannot do.
             Role::Target => match def.kind {
@@ -2039,6 +2053,31 @@ mod tests {
         let offers = i.offers(Stage::Operational);
         for key in ALWAYS_OFFERED {
             assert!(get(&offers, key).is_some(), "{key} not offered: {offers:?}");
+        }
+    }
+
+    #[test]
+    fn initiator_offers_the_iser_segment_lengths_at_defaults_only_over_rdma() {
+        let policy = |rdma: bool, session_type: SessionType| Policy {
+            initiator_name: Some("iqn.2024-01.org.ironstar:init".into()),
+            target_name: (session_type == SessionType::Normal)
+                .then(|| "iqn.2024-01.org.ironstar:disk0".into()),
+            session_type,
+            rdma_extensions: rdma,
+            ..Policy::default()
+        };
+        let mut i = Negotiator::new(Role::Initiator, policy(true, SessionType::Normal), true);
+        let offers = i.offers(Stage::Operational);
+        assert_eq!(get(&offers, "RDMAExtensions"), Some("Yes"));
+        for key in ISER_ALWAYS_OFFERED {
+            assert_eq!(get(&offers, key), Some("8192"), "{key}: {offers:?}");
+        }
+        for (rdma, st) in [(false, SessionType::Normal), (true, SessionType::Discovery)] {
+            let mut i = Negotiator::new(Role::Initiator, policy(rdma, st), true);
+            let offers = i.offers(Stage::Operational);
+            for key in ISER_ALWAYS_OFFERED {
+                assert_eq!(get(&offers, key), None, "{key} offered: {offers:?}");
+            }
         }
     }
 
