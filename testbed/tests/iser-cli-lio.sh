@@ -1,7 +1,7 @@
 #!/bin/bash
 # Our iscsi CLI -> LIO's iSER target (ib_isert on Soft-RoCE, np iser = 1 via configfs):
 # discovery and ls over iSER, a verified 64 MiB round trip and a short bench, all over
-# iser:// URLs.
+# iser:// URLs; no session reinstated during the bench, no isert work-request failure in dmesg.
 . "$(dirname "$0")/lib.sh"
 LIO_IQN=iqn.2003-01.org.linux-iscsi.testbed:cli-iser
 CLI_IQN=iqn.2026-11.dev.ironstar:cli-iser
@@ -49,6 +49,16 @@ for job in "randread 4k 32" "randwrite 4k 32" "read 128k 8" "write 128k 8"; do
     out=$(cli bench "$URL" --rw "$1" --bs "$2" --qd "$3" --duration 3 2>&1) || { echo "$out"; die "bench $1 $2"; }
     line=$(grep -m1 'IOPS:' <<<"$out")
     expect_match "bench $1 $2 QD$3 over iSER: $line" "$out" "errors: 0"
+    # Retries can hide a broken connection behind "errors: 0": the session must
+    # never have been reinstated (the CLI warns "connection lost; reinstating").
+    if grep -Ei 'reinstat|connection lost' <<<"$out"; then
+        die "bench $1 $2 QD$3 over iSER: the session was reinstated (lines above)"
+    fi
     echo "cli->LIO iser bench $1 $2 QD$3: $line" >> "$RES/roundtrip.txt"
 done
+# isert logs every failed work completion (flushes aside): a SEND of ours that
+# does not fit its receive buffers shows up as "recv failure: local QP operation error".
+wc_errors=$(dmesg | grep 'isert_print_wc' || true)
+[ -z "$wc_errors" ] || { echo "$wc_errors"; die "isert reported failed work requests over this test"; }
+ok "no isert work request failed (dmesg) and no session was reinstated"
 finish
