@@ -68,7 +68,7 @@ size = "256MiB"
 auth = "none"
 EOT
 cp /tmp/iscsitd.toml "$RES/"
-start_iscsitd_iser /tmp/iscsitd.toml
+RUST_LOG=info,iser=debug start_iscsitd_iser /tmp/iscsitd.toml
 ok "iscsitd (pid $ISCSITD_PID) on $PORTAL"
 
 # From `itadm --json inspect`: the iSER gauge as "regions bytes", and what is still alive.
@@ -97,20 +97,36 @@ start_write() {
         write "$URL" --lba 0 -i "/tmp/pattern-$1" > "/tmp/write-$1.txt" 2>&1 &
     WP=$!
     wait_for 60 "4 connections in itadm inspect" bash -c "[ \$(itadm inspect | grep -c 'Connection CID') -eq 4 ]"
-    itadm --json inspect > "$RES/inspect-before-$1.json" 2>&1 || true
+    timeout 10 itadm --json inspect > "$RES/inspect-before-$1.json" 2>&1 || true
     kill -0 "$WP" 2>/dev/null || { cat "/tmp/write-$1.txt"; die "the write ended before the pull (too fast: raise MIB)"; }
+}
+# threads PID: each thread's state, wait channel, syscall and kernel stack (when a process hangs).
+threads() {
+    local t
+    echo "--- threads of pid $1 ($(cat /proc/$1/comm 2>/dev/null)):"
+    for t in /proc/$1/task/*; do
+        echo "  tid ${t##*/} $(cut -d' ' -f3 "$t/stat" 2>/dev/null) wchan=$(cat "$t/wchan" 2>/dev/null) syscall=$(cut -d' ' -f1 "$t/syscall" 2>/dev/null) | $(tr '\n' ' ' < "$t/stack" 2>/dev/null | cut -c1-300)"
+    done
+}
+# admin_ok: iscsitd's admin socket answers within 10 s; otherwise show where its threads are.
+admin_ok() {
+    timeout 10 itadm inspect >/dev/null 2>&1 && return 0
+    threads "$ISCSITD_PID"
+    [ -z "${WP:-}" ] || threads "$WP"
+    die "iscsitd's admin socket does not answer (itadm inspect hung 10 s)"
 }
 # wait_freed T0 NAME: the target holds no session, connection or task and the gauge is idle; FREED = s since T0.
 wait_freed() {
     local i g
     FREED=''
     for ((i = 0; i < 600; i++)); do
+        admin_ok
         g=$(gauge)
         if [ "$(alive)" -eq 0 ] && [ "$g" = "$IDLE" ]; then FREED=$(since "$1"); break; fi
         sleep 0.2
     done
-    itadm --json inspect > "$RES/inspect-after-$2.json" 2>&1 || true
-    itadm inspect > "$RES/inspect-after-$2.txt" 2>&1 || true
+    timeout 10 itadm --json inspect > "$RES/inspect-after-$2.json" 2>&1 || true
+    timeout 10 itadm inspect > "$RES/inspect-after-$2.txt" 2>&1 || true
     [ -n "$FREED" ] || { cat "$RES/inspect-after-$2.txt"; die "target still holds something 120 s after the pull (gauge $(gauge), idle $IDLE)"; }
 }
 # finish_write NAME T0: the interrupted write completes (within 240 s of T0); DONE = s since T0.
