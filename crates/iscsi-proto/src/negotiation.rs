@@ -1186,7 +1186,10 @@ impl Negotiator {
                     || ISER_ALWAYS_OFFERED.contains(&def.name)
             }
             // A target only speaks up when the default would bind it to
-            // something it cannot do.
+            // something it cannot do. MaxOutstandingUnexpectedPDUs it
+            // answers but never volunteers: an iSER initiator that does not
+            // offer it (ib_iser through iscsid) is never asked about it.
+            Role::Target if def.name == "MaxOutstandingUnexpectedPDUs" => false,
             Role::Target => match def.kind {
                 KeyKind::List => !own.split(',').any(|v| v == default),
                 KeyKind::NumericMin | KeyKind::NumericMax => {

@@ -288,6 +288,13 @@ impl Authority {
             header_digest: vec![Digest::None, Digest::Crc32c],
             data_digest: vec![Digest::None, Digest::Crc32c],
             rdma_extensions: self.rdma,
+            // iSER: the unsolicited PDUs the initiator may have in flight are
+            // what the receive queue holds (0, no limit, means nothing on TCP).
+            max_outstanding_unexpected_pdus: if self.rdma {
+                crate::iser_portal::recv_depth(d.queue_depth)
+            } else {
+                0
+            },
             ..Policy::default()
         }
     }

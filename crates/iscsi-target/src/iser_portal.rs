@@ -17,9 +17,15 @@ use crate::registry::Registry;
 /// unexpected PDUs (NOP-Out, task management, text, logout) beside them.
 fn iser_config(queue_depth: u32) -> IserConfig {
     IserConfig {
-        recv_depth: queue_depth.saturating_add(64).max(128),
+        recv_depth: recv_depth(queue_depth),
         ..IserConfig::default()
     }
+}
+
+/// The receives an iSER connection keeps posted, which the login also
+/// declares as MaxOutstandingUnexpectedPDUs (RFC 7145 §6.4).
+pub(crate) fn recv_depth(queue_depth: u32) -> u32 {
+    queue_depth.saturating_add(64).max(128)
 }
 
 /// A listening iSER portal over the verbs backend `V`.
