@@ -154,13 +154,35 @@ pub struct CmHeader {
 }
 
 impl CmHeader {
-    /// What this implementation supports: no ZBVA, no Send with Invalidate
-    /// (our initiator's buffers come from a pool registered once, so there is
-    /// nothing to invalidate).
-    pub const OURS: CmHeader = CmHeader {
+    /// What our initiator offers in its CM REQ: no ZBVA, no Send with
+    /// Invalidate (its buffers come from a pool registered once, so there is
+    /// nothing to invalidate: a remote invalidation would only revoke a key
+    /// the pool still hands out).
+    pub const INITIATOR: CmHeader = CmHeader {
         zbva: false,
         send_with_invalidate: false,
     };
+
+    /// What our target can do: no ZBVA (we always send the full VA), but
+    /// Send with Invalidate of the initiator's STag with the SCSI Response.
+    pub const TARGET: CmHeader = CmHeader {
+        zbva: false,
+        send_with_invalidate: true,
+    };
+
+    /// Target: what this connection uses, from the initiator's CM REQ
+    /// private data. It is also the REP's private data, which tells the
+    /// initiator whether to expect remote invalidations (Linux ib_iser treats
+    /// one it was not told about as a protocol error). As Linux isert does,
+    /// Send with Invalidate needs the initiator to have sent its header with
+    /// the "not supported" bit clear: a REQ without private data gets none.
+    pub fn target_agreement(req_private_data: &[u8]) -> CmHeader {
+        let mut agreed = CmHeader::TARGET.agree(CmHeader::decode(req_private_data));
+        if req_private_data.is_empty() {
+            agreed.send_with_invalidate = false;
+        }
+        agreed
+    }
 
     pub fn encode(&self) -> [u8; CM_HEADER_LEN] {
         let mut flags = 0;
@@ -262,11 +284,11 @@ mod tests {
 
     #[test]
     fn cm_private_data_matches_linux_iser_flags() {
-        // ib_iser's REQ when the device cannot do remote invalidation.
-        assert_eq!(CmHeader::OURS.encode(), [0xc0, 0, 0, 0]);
+        // Our initiator's REQ: as ib_iser's when it cannot do remote invalidation.
+        assert_eq!(CmHeader::INITIATOR.encode(), [0xc0, 0, 0, 0]);
         let linux = CmHeader::decode(&[0x80, 0, 0, 0]);
         assert!(!linux.zbva && linux.send_with_invalidate);
-        assert_eq!(CmHeader::OURS.agree(linux), CmHeader::OURS);
+        assert_eq!(CmHeader::INITIATOR.agree(linux), CmHeader::INITIATOR);
         // No private data at all: the RFC defaults.
         assert_eq!(
             CmHeader::decode(&[]),
@@ -274,6 +296,50 @@ mod tests {
                 zbva: true,
                 send_with_invalidate: true
             }
+        );
+    }
+
+    #[test]
+    fn target_uses_send_with_invalidate_when_linux_iser_allows_it() {
+        // ib_iser with fast registration (its default) leaves the bit clear.
+        let cm = CmHeader::target_agreement(&[0x80, 0, 0, 0]);
+        assert!(cm.send_with_invalidate && !cm.zbva);
+        // The REP says so, as isert's does: ZBVA not used, SWI used.
+        assert_eq!(cm.encode(), [0x80, 0, 0, 0]);
+        // Longer private data (padding): only the first byte counts.
+        assert!(CmHeader::target_agreement(&[0x80, 0, 0, 0, 0, 0]).send_with_invalidate);
+    }
+
+    #[test]
+    fn target_does_without_send_with_invalidate_when_the_initiator_refuses_it() {
+        for req in [
+            CmHeader::INITIATOR.encode(),
+            [0x40, 0, 0, 0],
+            [0xc0, 0xff, 0xff, 0xff],
+        ] {
+            let cm = CmHeader::target_agreement(&req);
+            assert!(!cm.send_with_invalidate, "{req:?}");
+            assert_eq!(cm.encode(), [0xc0, 0, 0, 0], "{req:?}");
+        }
+    }
+
+    #[test]
+    fn target_does_without_send_with_invalidate_when_the_req_has_no_private_data() {
+        let cm = CmHeader::target_agreement(&[]);
+        assert_eq!(cm, CmHeader::INITIATOR);
+        assert_eq!(cm.encode(), [0xc0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn initiator_never_agrees_to_send_with_invalidate_whatever_the_rep_says() {
+        for rep in [[0x80u8, 0, 0, 0], [0, 0, 0, 0], [0xc0, 0, 0, 0]] {
+            let cm = CmHeader::INITIATOR.agree(CmHeader::decode(&rep));
+            assert!(!cm.send_with_invalidate && !cm.zbva, "{rep:?}");
+        }
+        assert!(
+            !CmHeader::INITIATOR
+                .agree(CmHeader::decode(&[]))
+                .send_with_invalidate
         );
     }
 }

@@ -88,7 +88,7 @@ impl IserConfig {
 trait PostQp: Send + Sync {
     fn register(&self, len: usize, access: Access) -> Result<Arc<MemoryRegion>, VerbsError>;
     fn post_recv(&self, wr_id: u64, buf: LocalSlice) -> Result<(), VerbsError>;
-    fn post_send(&self, wr_id: u64, buf: LocalSlice) -> Result<(), VerbsError>;
+    fn post_send(&self, wr_id: u64, buf: LocalSlice, inv: Option<u32>) -> Result<(), VerbsError>;
     fn post_rdma_write(&self, wr_id: u64, l: LocalSlice, r: RemoteAddr) -> Result<(), VerbsError>;
     fn post_rdma_read(&self, wr_id: u64, l: LocalSlice, r: RemoteAddr) -> Result<(), VerbsError>;
     fn disconnect(&self);
@@ -101,8 +101,8 @@ impl<Q: QueuePair> PostQp for Q {
     fn post_recv(&self, wr_id: u64, buf: LocalSlice) -> Result<(), VerbsError> {
         QueuePair::post_recv(self, wr_id, buf)
     }
-    fn post_send(&self, wr_id: u64, buf: LocalSlice) -> Result<(), VerbsError> {
-        QueuePair::post_send(self, wr_id, buf, None)
+    fn post_send(&self, wr_id: u64, buf: LocalSlice, inv: Option<u32>) -> Result<(), VerbsError> {
+        QueuePair::post_send(self, wr_id, buf, inv)
     }
     fn post_rdma_write(&self, wr_id: u64, l: LocalSlice, r: RemoteAddr) -> Result<(), VerbsError> {
         QueuePair::post_rdma_write(self, wr_id, l, r)
@@ -224,6 +224,8 @@ struct Shared {
     datamover: std::sync::atomic::AtomicBool,
     info: TransportInfo,
     cm: CmHeader,
+    /// Target: SCSI Responses sent as SEND with Invalidate (for the log).
+    invalidating_sends: AtomicU64,
 }
 
 impl Shared {
@@ -270,13 +272,13 @@ impl IserTransport {
     ) -> Result<IserTransport, VerbsError> {
         let mut ring = None;
         let (qp, rep) = verbs
-            .connect(addr, cfg.qp_config(), &CmHeader::OURS.encode(), |qp| {
+            .connect(addr, cfg.qp_config(), &CmHeader::INITIATOR.encode(), |qp| {
                 ring = Some(post_ring(qp, &cfg)?);
                 Ok(())
             })
             .await?;
         let ring = ring.ok_or(VerbsError::Invalid("no receive ring"))?;
-        let cm = CmHeader::OURS.agree(CmHeader::decode(&rep));
+        let cm = CmHeader::INITIATOR.agree(CmHeader::decode(&rep));
         Ok(Self::start(qp, ring, cfg, Role::Initiator, cm))
     }
 
@@ -285,10 +287,18 @@ impl IserTransport {
         req: R,
         cfg: IserConfig,
     ) -> Result<IserTransport, VerbsError> {
-        let cm = CmHeader::OURS.agree(CmHeader::decode(req.private_data()));
+        let cm = CmHeader::target_agreement(req.private_data());
+        tracing::info!(
+            peer = %req.peer_addr(),
+            send_with_invalidate = cm.send_with_invalidate,
+            "iSER connect request: Send with Invalidate {}",
+            if cm.send_with_invalidate { "in use" } else { "not in use" }
+        );
         let mut ring = None;
+        // The REP carries what we use, so the initiator knows whether to
+        // expect remote invalidations.
         let qp = req
-            .accept(cfg.qp_config(), &CmHeader::OURS.encode(), |qp| {
+            .accept(cfg.qp_config(), &cm.encode(), |qp| {
                 ring = Some(post_ring(qp, &cfg)?);
                 Ok(())
             })
@@ -323,6 +333,7 @@ impl IserTransport {
             datamover: std::sync::atomic::AtomicBool::new(false),
             info,
             cm,
+            invalidating_sends: AtomicU64::new(0),
         });
         let (up, down) = mpsc::unbounded_channel();
         tokio::spawn(drive(qp, Arc::clone(&shared), ring, up));
@@ -407,6 +418,13 @@ async fn drive<Q: QueuePair>(
             }
         }
     }
+    if shared.cm.send_with_invalidate {
+        tracing::debug!(
+            peer = %shared.info.peer_addr,
+            sends = shared.invalidating_sends.load(Ordering::Relaxed),
+            "iSER connection closed: SCSI Responses sent with invalidate"
+        );
+    }
     // Whatever was still tracked is released with the connection.
     *lock(&shared.tasks) = Tasks::default();
     shared.send_credits.close();
@@ -442,6 +460,9 @@ fn received(
         .get(ISER_HEADER_LEN..ISER_HEADER_LEN + BHS_LEN)
         .and_then(|b| b.try_into().ok())
         .ok_or(TransportError::TruncatedPdu)?;
+    if let Some(rkey) = wc.invalidated_rkey {
+        remotely_invalidated(shared, rkey, pdu::itt(&bhs))?;
+    }
     let ahs_len = pdu::total_ahs_length(&bhs);
     let data_len = pdu::data_segment_length(&bhs);
     let max = shared.max_recv.load(Ordering::Relaxed);
@@ -492,6 +513,46 @@ fn received(
     }
     out.push(raw);
     Ok(out)
+}
+
+/// A SEND with Invalidate came in. Only a target may send one, only when
+/// the initiator's CM REQ allowed it, and only for a key of that task's
+/// buffers; anything else breaks the agreement and ends the connection (as
+/// Linux's ib_iser does: "unexpected remote invalidation"). Our initiator
+/// never allows it, so in practice this always refuses; were it allowed, the
+/// revoked buffer is retired from the pool, since its key no longer works.
+fn remotely_invalidated(shared: &Shared, rkey: u32, itt: u32) -> Result<(), TransportError> {
+    let refuse = |why: &'static str| {
+        tracing::info!(
+            rkey,
+            itt,
+            why,
+            "unexpected remote invalidation: disconnecting"
+        );
+        shared.qp.disconnect();
+        Err(TransportError::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("unexpected remote invalidation of rkey {rkey:#x}: {why}"),
+        )))
+    };
+    if shared.role != Role::Initiator || !shared.cm.send_with_invalidate {
+        return refuse("Send with Invalidate was not agreed");
+    }
+    let tasks = lock(&shared.tasks);
+    let region = [tasks.read_bufs.get(&itt), tasks.write_bufs.get(&itt)]
+        .into_iter()
+        .flatten()
+        .map(|(r, _)| r)
+        .find(|r| r.rkey() == rkey)
+        .cloned();
+    drop(tasks);
+    match region {
+        Some(r) => {
+            shared.data_pool.retire(&r);
+            Ok(())
+        }
+        None => refuse("not a key of that task's buffers"),
+    }
 }
 
 /// Initiator: the read data the target RDMA-wrote, as the one Data-In PDU
@@ -622,6 +683,41 @@ impl IserTx {
 
     /// SENDs one control PDU behind `iser`.
     async fn send_control(&self, iser: IserHeader, pdu: &Pdu) -> Result<(), TransportError> {
+        self.send_control_inv(iser, pdu, None).await
+    }
+
+    /// Target: the SCSI Response of task `itt` (sent next), which ends what
+    /// its command advertised. With Send with Invalidate agreed, the SEND
+    /// invalidates the initiator's STag: the read one if given, else the
+    /// write one — one key, as Linux isert does (a bidirectional task's
+    /// write buffer is the initiator's to invalidate).
+    ///
+    /// A response that overtakes an RDMA READ of its own task (the task
+    /// ended early) goes plain: the read must not meet a revoked key.
+    fn response_ends_task(&self, itt: u32) -> Option<u32> {
+        let mut tasks = lock(&self.shared.tasks);
+        let adv = tasks.advertised.remove(&itt)?;
+        if !self.shared.cm.send_with_invalidate {
+            return None;
+        }
+        if tasks.reads.values().any(|r| r.itt == itt) {
+            tracing::debug!(
+                itt,
+                "response while an RDMA READ is in flight: no invalidate"
+            );
+            return None;
+        }
+        adv.read.or(adv.write).map(|t| t.stag)
+    }
+
+    /// SENDs one control PDU behind `iser`, as a SEND with Invalidate of
+    /// the peer's `invalidate` key if given.
+    async fn send_control_inv(
+        &self,
+        iser: IserHeader,
+        pdu: &Pdu,
+        invalidate: Option<u32>,
+    ) -> Result<(), TransportError> {
         let s = &self.shared;
         let mut msg = BytesMut::with_capacity(ISER_HEADER_LEN + BHS_LEN + pdu.data.len() + 4);
         msg.put_slice(&iser.encode());
@@ -639,7 +735,12 @@ impl IserTx {
         let slice =
             LocalSlice::new(buf, 0, msg.len() as u32).ok_or(TransportError::TruncatedPdu)?;
         self.credit().await?;
-        s.qp.post_send(s.wr_id(), slice).map_err(io_err)
+        s.qp.post_send(s.wr_id(), slice, invalidate)
+            .map_err(io_err)?;
+        if invalidate.is_some() {
+            s.invalidating_sends.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Target "put data": a run of Data-In PDUs of one task becomes one RDMA
@@ -698,8 +799,9 @@ impl IserTx {
                 }),
                 Bytes::new(),
             );
-            lock(&s.tasks).advertised.remove(&last.itt);
-            self.send_control(IserHeader::PLAIN, &resp).await?;
+            let invalidate = self.response_ends_task(last.itt);
+            self.send_control_inv(IserHeader::PLAIN, &resp, invalidate)
+                .await?;
         }
         Ok(())
     }
@@ -874,8 +976,9 @@ impl PduTx for IserTx {
                 }
                 (Header::R2t(r), Role::Target) => self.get_data(r).await?,
                 (Header::ScsiResponse(r), Role::Target) => {
-                    lock(&self.shared.tasks).advertised.remove(&r.itt);
-                    self.send_control(IserHeader::PLAIN, p).await?;
+                    let invalidate = self.response_ends_task(r.itt);
+                    self.send_control_inv(IserHeader::PLAIN, p, invalidate)
+                        .await?;
                 }
                 (Header::Reject(_), Role::Target) => {
                     // A refused command gets no response: forget its buffers.
@@ -956,7 +1059,7 @@ mod tests {
                 .unwrap()
         });
         let req = l.next_request().await.unwrap();
-        assert_eq!(req.private_data(), &CmHeader::OURS.encode());
+        assert_eq!(req.private_data(), &CmHeader::INITIATOR.encode());
         let tgt = IserTransport::accept(req, IserConfig::default())
             .await
             .unwrap();
@@ -1269,23 +1372,360 @@ mod tests {
 
     /// A raw verbs peer (initiator side) facing our target transport.
     async fn raw_peer() -> (Emulation, crate::emulation::EmuQp, IserTransport) {
+        let (fab, qp, _rep, tgt) = raw_initiator(&CmHeader::INITIATOR.encode(), 0).await;
+        (fab, qp, tgt)
+    }
+
+    /// A raw verbs initiator that sends `req_private` in its CM REQ and keeps
+    /// `recvs` receives posted (wr_id = slot) into one ring of 8 KiB slots.
+    /// Returns the REP's private data too.
+    async fn raw_initiator(
+        req_private: &[u8],
+        recvs: u32,
+    ) -> (Emulation, crate::emulation::EmuQp, Vec<u8>, IserTransport) {
+        use crate::verbs::{Access, LocalSlice, QueuePair};
         let fab = Emulation::new();
         let mut l = fab.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = l.local_addr();
         let f2 = fab.clone();
+        let req_private = req_private.to_vec();
         let ini = tokio::spawn(async move {
-            f2.connect(addr, QpConfig::default(), &CmHeader::OURS.encode(), |_| {
+            f2.connect(addr, QpConfig::default(), &req_private, |qp| {
+                if recvs > 0 {
+                    let ring = QueuePair::register(qp, 8192 * recvs as usize, Access::LOCAL_WRITE)?;
+                    for i in 0..recvs {
+                        let slice =
+                            LocalSlice::new(Arc::clone(&ring), i as usize * 8192, 8192).unwrap();
+                        QueuePair::post_recv(qp, u64::from(i), slice)?;
+                    }
+                }
                 Ok(())
             })
             .await
             .unwrap()
-            .0
         });
         let req = l.next_request().await.unwrap();
         let tgt = IserTransport::accept(req, IserConfig::default())
             .await
             .unwrap();
-        (fab, ini.await.unwrap(), tgt)
+        let (qp, rep) = ini.await.unwrap();
+        (fab, qp, rep, tgt)
+    }
+
+    /// The next receive completion of a raw peer (sends' completions skipped).
+    async fn next_recv(qp: &crate::emulation::EmuQp) -> Completion {
+        use crate::verbs::QueuePair;
+        let t = std::time::Duration::from_secs(5);
+        loop {
+            let mut wcs = Vec::new();
+            tokio::time::timeout(t, QueuePair::poll(qp, &mut wcs, 16))
+                .await
+                .expect("a completion")
+                .unwrap();
+            if let Some(wc) = wcs.into_iter().find(|w| w.opcode == WcOpcode::Recv) {
+                assert_eq!(wc.status, WcStatus::Success, "{wc:?}");
+                return wc;
+            }
+        }
+    }
+
+    /// A raw initiator's command behind an iSER header with these STags.
+    fn raw_command(qp: &crate::emulation::EmuQp, cmd: &Pdu, iser: IserHeader) {
+        let mut msg = BytesMut::new();
+        msg.put_slice(&iser.encode());
+        cmd.encode(false, false, &mut msg);
+        raw_send(qp, &msg);
+    }
+
+    fn response(itt: u32, stat_sn: u32) -> Pdu {
+        Pdu::new(
+            Header::ScsiResponse(ScsiResponse {
+                itt,
+                stat_sn,
+                ..Default::default()
+            }),
+            Bytes::new(),
+        )
+    }
+
+    /// Linux's ib_iser (fast registration) leaves "Send with Invalidate not
+    /// supported" clear: the REP says we use it, a READ's Data-In goes by
+    /// RDMA WRITE and its SCSI Response invalidates the read STag.
+    #[tokio::test]
+    async fn read_response_invalidates_the_read_stag_when_the_initiator_allows_it() {
+        use crate::verbs::{Access, QueuePair};
+        let (_fab, qp, rep, tgt) = raw_initiator(&[0x80, 0, 0, 0], 4).await;
+        assert_eq!(rep, vec![0x80, 0, 0, 0]);
+        assert!(tgt.cm().send_with_invalidate);
+        let (mut trx, mut ttx) = tgt.into_split();
+        ttx.enable_datamover(&params());
+        let len = 12_000u32;
+        let buf = QueuePair::register(
+            &qp,
+            len as usize,
+            Access::LOCAL_WRITE | Access::REMOTE_WRITE,
+        )
+        .unwrap();
+        let stag = buf.rkey();
+        let read = Tagged {
+            stag,
+            va: buf.addr(),
+        };
+        raw_command(
+            &qp,
+            &read_cmd(21, len),
+            IserHeader::Control {
+                write: None,
+                read: Some(read),
+            },
+        );
+        assert_eq!(trx.recv().await.unwrap().unwrap().itt(), 21);
+        let data = Bytes::from((0..len).map(|i| (i % 233) as u8).collect::<Vec<_>>());
+        ttx.send(&[Pdu::new(
+            Header::DataIn(DataIn {
+                final_: true,
+                status_present: true,
+                itt: 21,
+                stat_sn: 3,
+                ..Default::default()
+            }),
+            data.clone(),
+        )])
+        .await
+        .unwrap();
+        let wc = next_recv(&qp).await;
+        assert_eq!(wc.invalidated_rkey, Some(stag));
+        // The data landed before the response that revoked the key.
+        assert_eq!(buf.bytes(0, len as usize).unwrap(), data);
+    }
+
+    /// A WRITE's data comes by RDMA READ of the write STag; the SCSI
+    /// Response (IDM's own PDU, not a Data-In) invalidates that STag.
+    #[tokio::test]
+    async fn write_response_invalidates_the_write_stag_when_the_initiator_allows_it() {
+        use crate::verbs::{Access, QueuePair};
+        let (_fab, qp, _rep, tgt) = raw_initiator(&[0x80, 0, 0, 0], 4).await;
+        let (mut trx, mut ttx) = tgt.into_split();
+        ttx.enable_datamover(&params());
+        let len = 16_384u32;
+        let buf = QueuePair::register(&qp, len as usize, Access::REMOTE_READ).unwrap();
+        let data: Vec<u8> = (0..len).map(|i| (i % 229) as u8).collect();
+        buf.write_at(0, &data).unwrap();
+        let stag = buf.rkey();
+        raw_command(
+            &qp,
+            &write_cmd(22, len, true, Bytes::new()),
+            IserHeader::Control {
+                write: Some(Tagged {
+                    stag,
+                    va: buf.addr(),
+                }),
+                read: None,
+            },
+        );
+        let _cmd = trx.recv().await.unwrap().unwrap();
+        ttx.send(&[r2t(22, 1, 0, len)]).await.unwrap();
+        let dout = trx.recv().await.unwrap().unwrap().parse().unwrap();
+        assert_eq!(&dout.data[..], &data[..]);
+        ttx.send(&[response(22, 4)]).await.unwrap();
+        assert_eq!(next_recv(&qp).await.invalidated_rkey, Some(stag));
+    }
+
+    /// Both STags given: one key is invalidated, the read one, as isert does.
+    #[tokio::test]
+    async fn bidirectional_response_invalidates_the_read_stag_only() {
+        use crate::verbs::{Access, QueuePair};
+        let (_fab, qp, _rep, tgt) = raw_initiator(&[0x80, 0, 0, 0], 4).await;
+        let (mut trx, mut ttx) = tgt.into_split();
+        ttx.enable_datamover(&params());
+        let rbuf = QueuePair::register(&qp, 4096, Access::REMOTE_WRITE).unwrap();
+        let wbuf = QueuePair::register(&qp, 4096, Access::REMOTE_READ).unwrap();
+        let cmd = Pdu::new(
+            Header::ScsiCommand(ScsiCommand {
+                final_: true,
+                read: true,
+                write: true,
+                itt: 23,
+                expected_data_transfer_length: 4096,
+                bidi_read_length: Some(4096),
+                ..Default::default()
+            }),
+            Bytes::new(),
+        );
+        let tag = |b: &Arc<MemoryRegion>| Tagged {
+            stag: b.rkey(),
+            va: b.addr(),
+        };
+        raw_command(
+            &qp,
+            &cmd,
+            IserHeader::Control {
+                write: Some(tag(&wbuf)),
+                read: Some(tag(&rbuf)),
+            },
+        );
+        let _cmd = trx.recv().await.unwrap().unwrap();
+        ttx.send(&[response(23, 5)]).await.unwrap();
+        assert_eq!(next_recv(&qp).await.invalidated_rkey, Some(rbuf.rkey()));
+    }
+
+    /// Responses of tasks that advertised nothing, and every other PDU, go
+    /// as plain SENDs even with Send with Invalidate agreed.
+    #[tokio::test]
+    async fn no_invalidate_without_a_stag_or_for_other_pdus() {
+        let (_fab, qp, _rep, tgt) = raw_initiator(&[0x80, 0, 0, 0], 4).await;
+        let (mut trx, mut ttx) = tgt.into_split();
+        ttx.enable_datamover(&params());
+        // TEST UNIT READY: no data, no STag.
+        raw_command(
+            &qp,
+            &Pdu::new(
+                Header::ScsiCommand(ScsiCommand {
+                    final_: true,
+                    itt: 24,
+                    ..Default::default()
+                }),
+                Bytes::new(),
+            ),
+            IserHeader::PLAIN,
+        );
+        let _cmd = trx.recv().await.unwrap().unwrap();
+        ttx.send(&[response(24, 6)]).await.unwrap();
+        assert_eq!(next_recv(&qp).await.invalidated_rkey, None);
+        let nop = Pdu::new(
+            Header::NopIn(pdu::NopIn {
+                itt: 0xffff_ffff,
+                ttt: 9,
+                ..Default::default()
+            }),
+            Bytes::new(),
+        );
+        ttx.send(&[nop]).await.unwrap();
+        assert_eq!(next_recv(&qp).await.invalidated_rkey, None);
+    }
+
+    /// An initiator that sets "Send with Invalidate not supported" gets a
+    /// REP that says we do without, and plain SENDs for READ and WRITE.
+    #[tokio::test]
+    async fn plain_sends_when_the_initiator_disallows_send_with_invalidate() {
+        use crate::verbs::{Access, QueuePair};
+        let (_fab, qp, rep, tgt) = raw_initiator(&[0xc0, 0, 0, 0], 4).await;
+        assert_eq!(rep, vec![0xc0, 0, 0, 0]);
+        assert!(!tgt.cm().send_with_invalidate);
+        let (mut trx, mut ttx) = tgt.into_split();
+        ttx.enable_datamover(&params());
+        let rbuf = QueuePair::register(&qp, 4096, Access::REMOTE_WRITE).unwrap();
+        raw_command(
+            &qp,
+            &read_cmd(31, 4096),
+            IserHeader::Control {
+                write: None,
+                read: Some(Tagged {
+                    stag: rbuf.rkey(),
+                    va: rbuf.addr(),
+                }),
+            },
+        );
+        let _cmd = trx.recv().await.unwrap().unwrap();
+        ttx.send(&[Pdu::new(
+            Header::DataIn(DataIn {
+                final_: true,
+                status_present: true,
+                itt: 31,
+                ..Default::default()
+            }),
+            Bytes::from(vec![7u8; 4096]),
+        )])
+        .await
+        .unwrap();
+        assert_eq!(next_recv(&qp).await.invalidated_rkey, None);
+        let wbuf = QueuePair::register(&qp, 4096, Access::REMOTE_READ).unwrap();
+        raw_command(
+            &qp,
+            &write_cmd(32, 4096, true, Bytes::new()),
+            IserHeader::Control {
+                write: Some(Tagged {
+                    stag: wbuf.rkey(),
+                    va: wbuf.addr(),
+                }),
+                read: None,
+            },
+        );
+        let _cmd = trx.recv().await.unwrap().unwrap();
+        ttx.send(&[r2t(32, 1, 0, 4096)]).await.unwrap();
+        let _dout = trx.recv().await.unwrap().unwrap();
+        ttx.send(&[response(32, 2)]).await.unwrap();
+        assert_eq!(next_recv(&qp).await.invalidated_rkey, None);
+    }
+
+    /// Our own initiator declines Send with Invalidate, so our target never
+    /// uses it against it.
+    #[tokio::test]
+    async fn our_target_never_invalidates_towards_our_initiator() {
+        let (_f, ini, tgt) = pair().await;
+        assert!(!ini.cm().send_with_invalidate);
+        assert!(!tgt.cm().send_with_invalidate);
+    }
+
+    /// A target that claims Send with Invalidate in its REP and invalidates
+    /// our read buffer's key anyway: our initiator never agreed, so it ends
+    /// the connection instead of reusing a revoked buffer.
+    #[tokio::test]
+    async fn initiator_refuses_a_remote_invalidation_it_never_agreed_to() {
+        use crate::verbs::{Access, LocalSlice, QueuePair};
+        let fab = Emulation::new();
+        let mut l = fab.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = l.local_addr();
+        let f2 = fab.clone();
+        let ini =
+            tokio::spawn(
+                async move { IserTransport::connect(&f2, addr, IserConfig::default()).await },
+            );
+        let req = l.next_request().await.unwrap();
+        assert_eq!(req.private_data(), &[0xc0, 0, 0, 0]);
+        let ring = std::sync::Mutex::new(None);
+        let tqp = req
+            .accept(QpConfig::default(), &[0x80, 0, 0, 0], |qp| {
+                let r = QueuePair::register(qp, 16_384, Access::LOCAL_WRITE)?;
+                QueuePair::post_recv(qp, 0, LocalSlice::new(Arc::clone(&r), 0, 16_384).unwrap())?;
+                *ring.lock().unwrap() = Some(r);
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let ring = ring.into_inner().unwrap().unwrap();
+        let ini = ini.await.unwrap().unwrap();
+        assert!(!ini.cm().send_with_invalidate);
+        let (mut irx, mut itx) = ini.into_split();
+        itx.enable_datamover(&params());
+        itx.send(&[read_cmd(41, 4096)]).await.unwrap();
+        let wc = next_recv(&tqp).await;
+        let mut msg = vec![0u8; wc.byte_len as usize];
+        ring.read_at(0, &mut msg).unwrap();
+        let IserHeader::Control {
+            read: Some(read), ..
+        } = IserHeader::decode(&msg).unwrap()
+        else {
+            panic!("no read STag")
+        };
+        let mut resp = BytesMut::new();
+        resp.put_slice(&IserHeader::PLAIN.encode());
+        response(41, 1).encode(false, false, &mut resp);
+        let tx = QueuePair::register(&tqp, resp.len(), Access::LOCAL_WRITE).unwrap();
+        tx.write_at(0, &resp).unwrap();
+        QueuePair::post_send(
+            &tqp,
+            1,
+            LocalSlice::new(tx, 0, resp.len() as u32).unwrap(),
+            Some(read.stag),
+        )
+        .unwrap();
+        let t = std::time::Duration::from_secs(5);
+        assert!(tokio::time::timeout(t, irx.recv()).await.unwrap().is_err());
+        // The connection is torn down, not carried on.
+        let ended =
+            tokio::time::timeout(t, async { while let Ok(Some(_)) = irx.recv().await {} }).await;
+        assert!(ended.is_ok());
     }
 
     fn raw_send(qp: &crate::emulation::EmuQp, msg: &[u8]) {
