@@ -79,6 +79,10 @@ fi
 ok "no session, connection or task left after the initiator died"
 kill -0 "$ISCSITD_PID" || die "iscsitd died"
 if grep -q -i panick "$RES/iscsitd.log"; then die "iscsitd panicked"; fi
+# Our initiator declines Send with Invalidate in its CM REQ: the target never uses it here.
+if grep -q 'Send with Invalidate in use' "$RES/iscsitd.log"; then die "Send with Invalidate used with our initiator"; fi
+grep -q 'Send with Invalidate not in use' "$RES/iscsitd.log" || die "no iSER connect request logged"
+ok "Send with Invalidate not in use with our initiator (it declines it)"
 
 step "the daemon killed in the middle of reads, then started again"
 iscsi --initiator-name "$CLI_IQN" --connections 4 bench "$URL" --rw randread --bs 4k --qd 16 --duration 30 --replacement-timeout 120 \
