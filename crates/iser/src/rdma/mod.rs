@@ -201,12 +201,26 @@ impl Listener for RdmaListener {
         loop {
             let Some(id) = &self.id else {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                match listen_id(self.local) {
-                    Ok(id) => {
+                // On a blocking thread, bounded: librdmacm's calls take its global lock, which
+                // its device-list re-read after a removal holds, and a stuck bind must neither
+                // stall a runtime worker nor end the retries.
+                let local = self.local;
+                let attempt = tokio::task::spawn_blocking(move || listen_id(local));
+                match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+                    Ok(Ok(Ok(id))) => {
                         tracing::info!("iser rdma: listening again on {}", self.local);
                         self.id = Some(id);
                     }
-                    Err(e) => tracing::debug!("iser rdma: listening again on {}: {e}", self.local),
+                    Ok(Ok(Err(e))) => {
+                        tracing::debug!("iser rdma: listening again on {}: {e}", self.local)
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!("iser rdma: listening again on {}: {e}", self.local)
+                    }
+                    Err(_) => tracing::warn!(
+                        "iser rdma: listening again on {}: the bind did not return within 5 s",
+                        self.local
+                    ),
                 }
                 continue;
             };
@@ -232,7 +246,8 @@ impl Listener for RdmaListener {
                     let name = id.device_name();
                     // Destroy the id now: the removal cannot finish while it lives.
                     self.id = None;
-                    device_removed(name);
+                    // librdmacm and verbs calls that may wait: off the runtime's workers.
+                    tokio::task::spawn_blocking(move || device_removed(name));
                 }
                 (kind, _) => tracing::debug!("iser rdma: listener event {kind:?}"),
             }
