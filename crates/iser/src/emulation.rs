@@ -80,13 +80,18 @@ impl Emulation {
     pub fn set_link(&self, up: bool) {
         self.shared.link_down.store(!up, Ordering::SeqCst);
         if !up {
-            let qps: Vec<Arc<QpShared>> = lock(&self.shared.qps)
-                .iter()
-                .filter_map(Weak::upgrade)
-                .collect();
-            for qp in qps {
-                qp.to_error();
-            }
+            self.break_every_qp();
+        }
+    }
+
+    /// Every live queue pair to the error state (each flushes what it has posted).
+    fn break_every_qp(&self) {
+        let qps: Vec<Arc<QpShared>> = lock(&self.shared.qps)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for qp in qps {
+            qp.to_error();
         }
     }
 
@@ -95,13 +100,7 @@ impl Emulation {
     /// until [`Emulation::add_device`].
     pub fn remove_device(&self) {
         self.shared.device_gone.store(true, Ordering::SeqCst);
-        let qps: Vec<Arc<QpShared>> = lock(&self.shared.qps)
-            .iter()
-            .filter_map(Weak::upgrade)
-            .collect();
-        for qp in qps {
-            qp.to_error();
-        }
+        self.break_every_qp();
     }
 
     /// Brings the device (back): new connections work again.
