@@ -239,7 +239,9 @@ async fn killed_connection_mid_write_is_recovered() {
         .output()
         .unwrap();
     assert!(killed.status.success(), "ss -K failed: {killed:?}");
-    writer.await.unwrap().unwrap();
+    let (outcome, passes) = writer.finish().await;
+    outcome.unwrap();
+    eprintln!("passes written: {passes}");
     assert!(s.reconnects() >= 1, "no reconnect happened");
     let back = lun.read(0, (len / 512) as u32).await.unwrap();
     assert!(back == data, "data read back differs after the reconnect");

@@ -7,7 +7,7 @@
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -289,26 +289,59 @@ pub fn checksum(data: &[u8]) -> u64 {
     })
 }
 
+/// A write that goes on, pass after pass of the same data, until it is told
+/// to finish: a connection broken while it runs always breaks it mid-write,
+/// however fast the machine (a single pass could end before the break).
+pub struct BackgroundWrite {
+    stop: Arc<AtomicBool>,
+    passes: Arc<AtomicUsize>,
+    task: JoinHandle<Result<(), Error>>,
+}
+
+impl BackgroundWrite {
+    /// Lets the pass in progress complete, then returns the write's outcome
+    /// and the number of passes written; the LU then holds `data` exactly.
+    pub async fn finish(self) -> (Result<(), Error>, usize) {
+        self.stop.store(true, Ordering::SeqCst);
+        let outcome = self.task.await.expect("the writer task panicked");
+        (outcome, self.passes.load(Ordering::SeqCst))
+    }
+
+    /// Whether the writer stopped by itself (only an error can do that).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
 /// Writes `data` to `lun` from LBA 0 in 1 MiB commands on a task of its
-/// own, and returns once a quarter of it is written, so that the caller can
-/// break a connection mid-write. The task ends with the write's outcome.
-pub async fn write_in_background(lun: &Lun, data: Bytes) -> JoinHandle<Result<(), Error>> {
+/// own, over and over until [`BackgroundWrite::finish`], and returns once a
+/// quarter of the first pass is written, so that the caller can break a
+/// connection mid-write.
+pub async fn write_in_background(lun: &Lun, data: Bytes) -> BackgroundWrite {
     let len = data.len();
     let progress = Arc::new(AtomicUsize::new(0));
-    let writer = {
+    let stop = Arc::new(AtomicBool::new(false));
+    let passes = Arc::new(AtomicUsize::new(0));
+    let task = {
         let (lun, progress) = (lun.clone(), Arc::clone(&progress));
+        let (stop, passes) = (Arc::clone(&stop), Arc::clone(&passes));
         tokio::spawn(async move {
             let step = 1usize << 20;
-            for at in (0..len).step_by(step) {
-                lun.write((at / 512) as u64, data.slice(at..at + step))
-                    .await?;
-                progress.store(at + step, Ordering::SeqCst);
+            loop {
+                for at in (0..len).step_by(step) {
+                    lun.write((at / 512) as u64, data.slice(at..at + step))
+                        .await?;
+                    progress.fetch_add(step, Ordering::SeqCst);
+                }
+                passes.fetch_add(1, Ordering::SeqCst);
+                if stop.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
             }
-            Ok(())
         })
     };
-    while progress.load(Ordering::SeqCst) < len / 4 {
+    while progress.load(Ordering::SeqCst) < len / 4 && !task.is_finished() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    writer
+    BackgroundWrite { stop, passes, task }
 }
