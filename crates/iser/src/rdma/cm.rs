@@ -4,11 +4,13 @@
 //! private data (its `ConnectionParameter` has no setter and its events no getter), and iSER
 //! needs it both ways (`iser_cm_hdr`), so this small layer replaces it.
 use rdma_mummy_sys as sys;
+use std::collections::HashMap;
+use std::ffi::CStr;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::io::unix::AsyncFd;
 
 struct Fd(RawFd);
@@ -185,19 +187,137 @@ impl EventChannel {
     }
 }
 
-/// Makes librdmacm re-read the device list (`rdma_get_devices` + `rdma_free_devices`). librdmacm
-/// keeps a verbs context of every device it has used open on its own, and the kernel cannot
-/// finish removing a device without disassociate support (rdma_rxe) while any context of it is
-/// open: after this call it marks a vanished device dead and closes its context as soon as the
-/// last CM id on it is destroyed (or at once when none is left).
-pub(crate) fn sync_devices() {
-    let mut n = 0;
-    // SAFETY: out-pointer to a local; the list is handed back to rdma_free_devices unchanged.
+/// Our references on librdmacm's devices, one `rdma_get_devices` reference per live device, by
+/// device name (the context pointers are librdmacm's, kept as addresses).
+///
+/// Why: rdma-core 44's librdmacm deadlocks on itself when its own device list is empty while
+/// the verbs device list is not. `ucma_init` then takes librdmacm's global lock, re-reads the
+/// list, and through `ucma_set_af_ib_support` → `rdma_create_id` calls itself, which finds the
+/// list still empty and waits for the lock it holds; every later librdmacm call (a listener's
+/// re-bind included) then waits on that lock too. A re-read made while a device is being
+/// removed can drop every entry nobody holds a reference on (seen in the test bed under
+/// `rdma link delete`: the re-read lists 0 devices and the next call hangs, with gdb showing
+/// the recursion). An entry with a reference is only marked dead, never dropped, so holding one
+/// on every live device keeps the list non-empty while any other device is present. The
+/// reference on a device being removed is let go first, so librdmacm can close its context of
+/// it and the kernel can finish the removal.
+static PINNED: Mutex<Option<HashMap<String, usize>>> = Mutex::new(None);
+
+fn lock_pinned() -> MutexGuard<'static, Option<HashMap<String, usize>>> {
+    PINNED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Gives references taken by `rdma_get_devices` back (`rdma_free_devices`, which frees the
+/// array it is given with `free`, so the array is made with `malloc`).
+fn release(contexts: &[usize]) {
+    if contexts.is_empty() {
+        return;
+    }
+    let slot = std::mem::size_of::<*mut sys::ibv_context>();
+    // SAFETY: a fresh malloc'd array of len + 1 pointers, filled and NULL-terminated before use;
+    // every pointer is one rdma_get_devices returned and was not given back yet.
     unsafe {
-        let list = sys::rdma_get_devices(&mut n);
-        if !list.is_null() {
-            sys::rdma_free_devices(list);
+        let array = libc::malloc(slot * (contexts.len() + 1)).cast::<*mut sys::ibv_context>();
+        if array.is_null() {
+            // Out of memory: the references stay held, which only keeps contexts open.
+            return;
         }
+        for (i, &c) in contexts.iter().enumerate() {
+            *array.add(i) = c as *mut sys::ibv_context;
+        }
+        *array.add(contexts.len()) = std::ptr::null_mut();
+        sys::rdma_free_devices(array);
+    }
+}
+
+/// Has librdmacm re-read its device list (`rdma_get_devices`) and holds one reference on each
+/// live device it lists, giving back the ones held on devices that are gone from the verbs
+/// device list. librdmacm keeps a verbs context of every device it has used open on its own, and the
+/// kernel cannot finish removing a device without disassociate support (rdma_rxe) while any
+/// context of it is open: a re-read marks a vanished device dead, and librdmacm closes its
+/// context once no CM id and no reference holds it. When the re-read fails or lists no live
+/// device (both seen while a device is being removed) the references held are kept.
+pub(crate) fn pin_devices() {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    let mut n = 0;
+    // SAFETY: out-pointer to a local.
+    let list = unsafe { sys::rdma_get_devices(&mut n) };
+    if list.is_null() {
+        tracing::debug!(tid, "iser rdma: librdmacm lists no device; references kept");
+        return;
+    }
+    let mut fresh: HashMap<String, usize> = HashMap::new();
+    let mut give_back = Vec::new();
+    // SAFETY: a NULL-terminated array of live contexts, each with its device, whose name is a
+    // NUL-terminated string; the array (not the references) is ours to free.
+    unsafe {
+        let mut i = 0;
+        while let Some(ctx) = NonNull::new(*list.add(i)) {
+            i += 1;
+            let name = (*ctx.as_ptr()).device.as_ref().map(|d| {
+                CStr::from_ptr(d.name.as_ptr())
+                    .to_string_lossy()
+                    .into_owned()
+            });
+            let addr = ctx.as_ptr() as usize;
+            match name {
+                Some(name) if !fresh.contains_key(&name) => {
+                    fresh.insert(name, addr);
+                }
+                _ => give_back.push(addr),
+            }
+        }
+        libc::free(list.cast());
+    }
+    if fresh.is_empty() {
+        // Seen in the middle of a removal: librdmacm took every entry for dead, the other
+        // devices included. Letting go now could empty its list: keep what is held.
+        release(&give_back);
+        tracing::debug!(
+            tid,
+            "iser rdma: librdmacm lists no live device; references kept"
+        );
+        return;
+    }
+    // Verbs' own list (libibverbs), to tell a device really gone from one librdmacm only calls
+    // dead: the reference on the latter is kept.
+    let present = super::qp::device_names();
+    let mut held = lock_pinned();
+    let old = held.take().unwrap_or_default();
+    for (name, addr) in old {
+        if fresh.contains_key(&name) || !present.contains(&name) {
+            // Held twice now (a fresh reference replaces it), or the device is gone.
+            give_back.push(addr);
+        } else {
+            fresh.insert(name, addr);
+        }
+    }
+    let names: Vec<String> = fresh.keys().cloned().collect();
+    *held = Some(fresh);
+    drop(held);
+    release(&give_back);
+    tracing::debug!(
+        tid,
+        ?names,
+        "iser rdma: librdmacm lists {n} devices; one reference held on each"
+    );
+}
+
+/// Takes the first references ([`pin_devices`]) unless some are held already.
+pub(crate) fn pin_devices_once() {
+    if lock_pinned().is_none() {
+        pin_devices();
+    }
+}
+
+/// Gives back our reference on `name` (removed or failed), so librdmacm can close its context
+/// of it at its next re-read.
+pub(crate) fn unpin_device(name: &str) {
+    let held = lock_pinned().as_mut().and_then(|m| m.remove(name));
+    if let Some(addr) = held {
+        release(&[addr]);
+        tracing::debug!("iser rdma: reference on {name} given back to librdmacm");
     }
 }
 
@@ -222,8 +342,12 @@ unsafe impl Sync for CmId {}
 
 impl Drop for CmId {
     fn drop(&mut self) {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        tracing::debug!(tid, device = ?self.device_name(), "iser rdma: destroying a cm id");
         // SAFETY: we own the id; all its events were acknowledged when read.
         unsafe { sys::rdma_destroy_id(self.id.as_ptr()) };
+        tracing::debug!(tid, "iser rdma: cm id destroyed");
     }
 }
 

@@ -21,6 +21,10 @@
 //!   re-reads its device list, which we make it do (`release_rdmacm_contexts`); up to rdma-core
 //!   44 at least it skips that while no device at all is left, so on a host whose only RDMA device
 //!   is removed the removal still waits for the process to exit.
+//! - We hold one librdmacm reference on every live device (`cm::pin_devices`) and give back the
+//!   one on a device being removed: rdma-core 44's librdmacm deadlocks on its own lock if its
+//!   device list ever becomes empty while devices exist, and a re-read during a removal could
+//!   empty it (see `cm::PINNED`).
 //! - The QP is ours (not `rdma_create_qp`'s): it moves INIT → RTR → RTS with the attributes
 //!   `rdma_init_qp_attr` gives, the RDMA READ depths set from the CM exchange.
 
@@ -107,6 +111,7 @@ impl Verbs for RdmaVerbs {
     where
         F: FnOnce(&RdmaQp) -> Result<(), VerbsError> + Send,
     {
+        cm::pin_devices_once();
         let channel = EventChannel::new()?;
         let id = channel.create_id()?;
         // No device for the address (ENODEV): librdmacm may still hold a context of one that was
@@ -182,9 +187,19 @@ pub struct RdmaListener {
 }
 
 fn listen_id(addr: SocketAddr) -> Result<CmId, VerbsError> {
+    // The thread id lets a stuck call be matched with /proc/PID/task/TID.
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    cm::pin_devices_once();
+    tracing::debug!(
+        tid,
+        "iser rdma: listen on {addr}: creating the event channel and id"
+    );
     let channel = EventChannel::new()?;
     let id = channel.create_id()?;
+    tracing::debug!(tid, "iser rdma: listen on {addr}: binding");
     id.bind(addr)?;
+    tracing::debug!(tid, "iser rdma: listen on {addr}: listening");
     id.listen(128)?;
     Ok(id)
 }
@@ -210,6 +225,8 @@ impl Listener for RdmaListener {
                     Ok(Ok(Ok(id))) => {
                         tracing::info!("iser rdma: listening again on {}", self.local);
                         self.id = Some(id);
+                        // Hold a reference on the device that came back too.
+                        tokio::task::spawn_blocking(cm::pin_devices);
                     }
                     Ok(Ok(Err(e))) => {
                         tracing::debug!("iser rdma: listening again on {}: {e}", self.local)

@@ -87,6 +87,7 @@ impl Device {
                 self.name
             );
             forget_device(&self.name);
+            super::cm::unpin_device(&self.name);
             release_rdmacm_contexts();
         }
         let conns: Vec<Arc<Shared>> = lock(&self.conns).iter().filter_map(Weak::upgrade).collect();
@@ -115,6 +116,9 @@ fn forget_device(name: &str) {
 /// RDMA_CM_EVENT_DEVICE_REMOVAL seen on some CM id bound to `name` (a listener, or a connection
 /// still being set up): kills our context of that device, if open, and releases librdmacm's.
 pub(crate) fn device_removed(name: Option<String>) {
+    if let Some(n) = &name {
+        super::cm::unpin_device(n);
+    }
     let dev = name.and_then(|n| {
         lock(&DEVICES)
             .as_ref()
@@ -134,7 +138,7 @@ pub(crate) fn device_removed(name: Option<String>) {
 pub(crate) fn release_rdmacm_contexts() {
     static RUNNING: AtomicBool = AtomicBool::new(false);
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
-        super::cm::sync_devices();
+        super::cm::pin_devices();
         return;
     };
     if RUNNING.swap(true, Ordering::SeqCst) {
@@ -143,7 +147,7 @@ pub(crate) fn release_rdmacm_contexts() {
     rt.spawn(async {
         for ms in [0u64, 200, 500, 1000, 2000, 4000] {
             tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-            let _ = tokio::task::spawn_blocking(super::cm::sync_devices).await;
+            let _ = tokio::task::spawn_blocking(super::cm::pin_devices).await;
         }
         RUNNING.store(false, Ordering::SeqCst);
     });
