@@ -928,6 +928,13 @@ impl Backend for RbdBackend {
         }
     }
 
+    /// librbd takes any whole 512-byte sector, and this path has no page
+    /// cache that would read-modify-write a larger unit: like the kernel's
+    /// rbd driver and tgt's rbd store, report physical blocks of 512.
+    fn physical_block_size(&self) -> u32 {
+        512
+    }
+
     /// Grows the image (a shrink is refused: it would destroy data another
     /// gateway may be serving), or re-reads its size.
     fn set_size(&self, new_size: Option<u64>) -> io::Result<u64> {
@@ -1142,6 +1149,7 @@ mod tests {
             eprintln!("skipped: IRONSTAR_TEST_RBD not set");
             return;
         };
+        assert_eq!(b.physical_block_size(), 512);
         let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
         b.write_at(4096, &data).unwrap();
         let mut back = vec![0u8; data.len()];

@@ -726,6 +726,45 @@ mod tests {
         assert_eq!(r.data_in[13] & 0x0F, 0);
     }
 
+    /// A memory store whose physical blocks are 512 bytes, as an RBD image's are.
+    struct SectorStore(crate::MemoryBackend);
+
+    impl crate::Backend for SectorStore {
+        fn size_bytes(&self) -> u64 {
+            self.0.size_bytes()
+        }
+        fn read_at(&self, o: u64, b: &mut [u8]) -> std::io::Result<()> {
+            self.0.read_at(o, b)
+        }
+        fn write_at(&self, o: u64, d: &[u8]) -> std::io::Result<()> {
+            self.0.write_at(o, d)
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn unmap(&self, o: u64, l: u64) -> std::io::Result<()> {
+            self.0.unmap(o, l)
+        }
+        fn caps(&self) -> crate::BackendCaps {
+            self.0.caps()
+        }
+        fn physical_block_size(&self) -> u32 {
+            512
+        }
+    }
+
+    #[test]
+    fn a_store_with_512_byte_physical_blocks_reports_one_block_per_physical_block() {
+        let store = SectorStore(crate::MemoryBackend::new(MIB));
+        let lu = crate::LogicalUnit::new(LuConfig::default(), Box::new(store)).unwrap();
+        let n = ready_nexus(&lu, 1);
+        let r = exec(&lu, &n, &cdb16(0x9E, 0, 32).map_with_sa(0x10), &[]);
+        assert_eq!(r.data_in[13] & 0x0F, 0, "LBPPBE");
+        let d = exec(&lu, &n, &[0x12, 1, 0xB0, 0, 255, 0], &[]).data_in;
+        assert_eq!(&d[6..8], &[0, 1], "optimal transfer length granularity");
+        assert_eq!(&d[28..32], &[0, 0, 0, 1], "optimal unmap granularity");
+    }
+
     #[test]
     fn read_capacity_16_truncates_to_allocation_length() {
         let (lu, n) = setup();
