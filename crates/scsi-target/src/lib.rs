@@ -10,7 +10,8 @@
 //! threads ([`LogicalUnit::spawn_io`]).
 //!
 //! One file per command family: [`spc`] (primary commands), `vpd` (INQUIRY
-//! pages), `mode` (MODE SENSE/SELECT), `sbc` (block commands), `opcodes`
+//! pages), `mode` (MODE SENSE/SELECT), `sbc` (block commands), `sanitize`
+//! (SANITIZE, an operation of the LU that outlives its command), `opcodes`
 //! (REPORT SUPPORTED OPERATION CODES), `reservation` (RESERVE/RELEASE and
 //! persistent reservations), [`sense`] (sense data); [`backend`] and
 //! [`rbd`] (Ceph RBD images, loaded at run time) are the stores.
@@ -27,7 +28,9 @@
 //!   residuals; for writes [`LunMap::expected_data_out_len`] gives the
 //!   transfer length the CDB asks for;
 //! - runs `execute` through [`LogicalUnit::spawn_io`] when
-//!   [`LogicalUnit::may_block`].
+//!   [`LogicalUnit::may_block`], and on a thread where a long wait holds
+//!   up nothing when [`LogicalUnit::waits_long`] (SANITIZE without IMMED
+//!   returns when the sanitize ends).
 //!
 //! No input from the wire can make this crate panic: CDB bytes are read
 //! through [`cdb::Cdb`], which answers zero past the end, and parameter lists
@@ -44,6 +47,7 @@ mod mode;
 mod opcodes;
 pub mod rbd;
 mod reservation;
+mod sanitize;
 mod sbc;
 pub mod sense;
 pub mod spc;

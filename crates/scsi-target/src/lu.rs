@@ -4,14 +4,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use crate::backend::{Backend, BackendCaps};
 use crate::cdb::{op, sa, Cdb};
 use crate::reservation::ResState;
 use crate::sense::{self, Sense, SenseCode};
 use crate::{
-    mode, opcodes, reservation, sbc, spc, status, vpd, CmdResult, Fail, Nexus, NexusId,
+    mode, opcodes, reservation, sanitize, sbc, spc, status, vpd, CmdResult, Fail, Nexus, NexusId,
     ScsiResponse, ScsiTask,
 };
 
@@ -183,6 +183,10 @@ pub struct LogicalUnit {
     /// The threads that run this LU's commands when its store may block;
     /// made on first use.
     io_pool: OnceLock<crate::iopool::IoPool>,
+    /// A sanitize running, or failed (SBC-4 §4.11).
+    pub(crate) sanitize: sanitize::SanitizeState,
+    /// This LU, for work that outlives the command that started it.
+    me: Weak<LogicalUnit>,
 }
 
 impl std::fmt::Debug for LogicalUnit {
@@ -222,7 +226,7 @@ impl LogicalUnit {
             });
         }
         let caps = backend.caps();
-        Ok(Arc::new(LogicalUnit {
+        Ok(Arc::new_cyclic(|me| LogicalUnit {
             wce: AtomicBool::new(config.write_cache),
             swp: AtomicBool::new(false),
             config,
@@ -238,7 +242,14 @@ impl LogicalUnit {
             counters: Counters::default(),
             alua: RwLock::new(Arc::from(Vec::new())),
             io_pool: OnceLock::new(),
+            sanitize: sanitize::SanitizeState::default(),
+            me: me.clone(),
         }))
+    }
+
+    /// This LU as an `Arc` (every LU is made in one).
+    pub(crate) fn arc(&self) -> Option<Arc<LogicalUnit>> {
+        self.me.upgrade()
     }
 
     pub fn config(&self) -> &LuConfig {
@@ -257,6 +268,14 @@ impl LogicalUnit {
     /// True when the port must run `execute` on a blocking thread.
     pub fn may_block(&self) -> bool {
         self.caps.may_block
+    }
+
+    /// True when `execute` of this CDB waits for an operation of the LU
+    /// that may last minutes (SANITIZE without IMMED returns when the
+    /// sanitize ends): the port runs it where waiting holds up nothing,
+    /// neither the connection nor the LU's I/O threads.
+    pub fn waits_long(&self, cdb: &[u8]) -> bool {
+        sanitize::waits_for_operation(cdb)
     }
 
     /// Runs `job` (typically [`execute`](Self::execute) and sending its
@@ -540,6 +559,7 @@ impl LogicalUnit {
         if self.res_active.load(Ordering::Acquire) {
             reservation::check_conflict(self, task.nexus, &cdb)?;
         }
+        sanitize::gate(self, cdb)?;
         self.dispatch(task, cdb)
     }
 
@@ -583,7 +603,7 @@ impl LogicalUnit {
             op::ORWRITE_16 => sbc::orwrite(self, t, cdb),
             op::WRITE_ATOMIC_16 => return sbc::write(self, t, cdb),
             op::READ_DEFECT_DATA_10 | op::READ_DEFECT_DATA_12 => sbc::read_defect_data(cdb),
-            op::SANITIZE => sbc::sanitize(self, t, cdb),
+            op::SANITIZE => sanitize::sanitize(self, t, cdb),
             op::RESERVE_6 => reservation::reserve6(self, t.nexus, cdb),
             op::RELEASE_6 => reservation::release6(self, t.nexus, cdb),
             op::PERSISTENT_RESERVE_IN => reservation::pr_in(self, t, cdb),

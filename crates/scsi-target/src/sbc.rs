@@ -1,6 +1,7 @@
 //! Block commands (SBC-3/4): READ CAPACITY, READ, WRITE, WRITE AND VERIFY,
 //! VERIFY, PRE-FETCH, SYNCHRONIZE CACHE, WRITE SAME, UNMAP, COMPARE AND
-//! WRITE, ORWRITE, WRITE ATOMIC, GET LBA STATUS, READ DEFECT DATA, SANITIZE.
+//! WRITE, ORWRITE, WRITE ATOMIC, GET LBA STATUS, READ DEFECT DATA (SANITIZE
+//! is in `sanitize`).
 //!
 //! Every range is checked against the capacity before the backend is
 //! touched. Writes take `write_order` for reading; COMPARE AND WRITE,
@@ -589,76 +590,6 @@ pub(crate) fn read_defect_data(cdb: Cdb<'_>) -> CmdResult {
         let v = vec![0, cdb.byte(1) & 0x1F, 0, 0, 0, 0, 0, 0];
         Ok(ScsiResponse::good(alloc_trunc(v, alloc)))
     }
-}
-
-/// SANITIZE service actions.
-mod sanitize_sa {
-    pub const OVERWRITE: u8 = 0x01;
-    pub const BLOCK_ERASE: u8 = 0x02;
-    pub const EXIT_FAILURE_MODE: u8 = 0x1F;
-}
-
-/// SANITIZE: block erase unmaps the whole medium, overwrite writes the
-/// pattern from the parameter list over it. Both finish before status, so
-/// no "sanitize in progress" state is ever visible.
-pub(crate) fn sanitize(lu: &LogicalUnit, t: &ScsiTask<'_>, cdb: Cdb<'_>) -> CmdResult {
-    let action = cdb.service_action();
-    let plen = usize::from(cdb.u16(7));
-    if cdb.bit(1, 6) {
-        // ZNR only means something on zoned devices; we are not one.
-        return Err(Sense::invalid_cdb(1, Some(6)).into());
-    }
-    if let Some(at) = (2..=6u16).find(|&i| cdb.byte(usize::from(i)) != 0) {
-        return Err(Sense::invalid_cdb(at, None).into());
-    }
-    match action {
-        sanitize_sa::BLOCK_ERASE | sanitize_sa::EXIT_FAILURE_MODE => {
-            if plen != 0 {
-                return Err(Sense::invalid_cdb(7, None).into());
-            }
-        }
-        sanitize_sa::OVERWRITE => {}
-        _ => return Err(Sense::invalid_cdb(1, Some(4)).into()),
-    }
-    if action == sanitize_sa::EXIT_FAILURE_MODE {
-        return Ok(ScsiResponse::good_empty());
-    }
-    lu.check_writable()?;
-    let blocks = lu.num_blocks();
-    let _x = lu.write_order.write().unwrap_or_else(|e| e.into_inner());
-    if action == sanitize_sa::BLOCK_ERASE {
-        unmap_blocks(lu, 0, blocks)?;
-    } else {
-        let bs = lu.config.block_size as usize;
-        if plen < 5 {
-            return Err(Sense::invalid_cdb(7, None).into());
-        }
-        let data = t
-            .data_out
-            .get(..plen)
-            .ok_or(Fail::from(sense::PARAMETER_LIST_LENGTH_ERROR))?;
-        let invert = data[0] & 0x80 != 0;
-        if data[0] & 0x1F == 0 {
-            // OVERWRITE COUNT 0 is reserved.
-            return Err(Sense::invalid_param(0, Some(4)).into());
-        }
-        let pat_len = be_at(data, 2, 2) as usize;
-        if pat_len == 0 || pat_len > bs {
-            return Err(Sense::invalid_param(2, None).into());
-        }
-        if plen != 4 + pat_len {
-            return Err(Sense::invalid_cdb(7, None).into());
-        }
-        let pat = &data[4..4 + pat_len];
-        let mut block: Vec<u8> = pat.iter().copied().cycle().take(bs).collect();
-        if invert {
-            // With INVERT the last pass writes the complement: one pass here.
-            block.iter_mut().for_each(|b| *b = !*b);
-        }
-        write_pattern(lu, 0, blocks, &block)?;
-    }
-    lu.flush_backend()?;
-    Ok(ScsiResponse::good_empty())
 }
 
 #[cfg(test)]
@@ -1523,72 +1454,6 @@ mod tests {
         assert_eq!(&r.data_in[..], &[0, 0x0D, 0, 0]);
         let r = exec(&lu, &n, &[0xB7, 0x0D, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[]);
         assert_eq!(r.data_in.len(), 8);
-    }
-
-    #[test]
-    fn sanitize_block_erase_unmaps_everything() {
-        let (lu, n) = setup();
-        assert_good(&exec(&lu, &n, &cdb10(0x2A, 0, 4), &[7u8; 4 * BS]));
-        assert_good(&exec(&lu, &n, &[0x48, 0x02, 0, 0, 0, 0, 0, 0, 0, 0], &[]));
-        assert!(exec(&lu, &n, &cdb10(0x28, 0, 4), &[])
-            .data_in
-            .iter()
-            .all(|&b| b == 0));
-    }
-
-    #[test]
-    fn sanitize_overwrite_writes_pattern() {
-        let (lu, n) = setup();
-        let p = [0x01, 0, 0, 2, 0xAB, 0xCD];
-        assert_good(&exec(&lu, &n, &[0x48, 0x01, 0, 0, 0, 0, 0, 0, 6, 0], &p));
-        let d = exec(&lu, &n, &cdb10(0x28, BLOCKS as u32 - 1, 1), &[]).data_in;
-        assert_eq!(&d[..4], &[0xAB, 0xCD, 0xAB, 0xCD]);
-    }
-
-    #[test]
-    fn sanitize_bad_parameters_are_invalid_field() {
-        let (lu, n) = setup();
-        assert_check(
-            &exec(&lu, &n, &[0x48, 0x02, 0, 0, 0, 0, 0, 0, 4, 0], &[0; 4]),
-            sense::INVALID_FIELD_IN_CDB,
-        );
-        assert_check(
-            &exec(&lu, &n, &[0x48, 0x03, 0, 0, 0, 0, 0, 0, 0, 0], &[]),
-            sense::INVALID_FIELD_IN_CDB,
-        );
-        let p = [0x01, 0, 0, 0];
-        assert_check(
-            &exec(&lu, &n, &[0x48, 0x01, 0, 0, 0, 0, 0, 0, 4, 0], &p),
-            sense::INVALID_FIELD_IN_CDB,
-        );
-    }
-
-    #[test]
-    fn sanitize_reserved_cdb_bits_and_bytes_are_invalid_field() {
-        let (lu, n) = setup();
-        let mut c = [0x48, 0x42, 0, 0, 0, 0, 0, 0, 0, 0];
-        let r = exec(&lu, &n, &c, &[]);
-        assert_check(&r, sense::INVALID_FIELD_IN_CDB);
-        assert_eq!(field_pointer(&r), Some((1, true)));
-        for i in 2..=6 {
-            c = [0x48, 0x02, 0, 0, 0, 0, 0, 0, 0, 0];
-            c[i] = 1;
-            let r = exec(&lu, &n, &c, &[]);
-            assert_check(&r, sense::INVALID_FIELD_IN_CDB);
-            assert_eq!(field_pointer(&r), Some((i as u16, true)));
-        }
-        // IMMED and AUSE are not reserved.
-        assert_good(&exec(&lu, &n, &[0x48, 0xA2, 0, 0, 0, 0, 0, 0, 0, 0], &[]));
-    }
-
-    #[test]
-    fn sanitize_overwrite_count_zero_is_invalid_parameter() {
-        let (lu, n) = setup();
-        let p = [0x00, 0, 0, 2, 0xAB, 0xCD];
-        assert_check(
-            &exec(&lu, &n, &[0x48, 0x01, 0, 0, 0, 0, 0, 0, 6, 0], &p),
-            sense::INVALID_FIELD_IN_PARAMETER_LIST,
-        );
     }
 
     #[test]

@@ -37,6 +37,7 @@ pub const NO_ADDITIONAL_SENSE: SenseCode = code(key::NO_SENSE, 0x00, 0x00);
 pub const LU_NOT_READY_SANITIZE_IN_PROGRESS: SenseCode = code(key::NOT_READY, 0x04, 0x1B);
 pub const LU_NOT_READY_FORMAT_IN_PROGRESS: SenseCode = code(key::NOT_READY, 0x04, 0x04);
 pub const MEDIUM_FORMAT_CORRUPTED: SenseCode = code(key::MEDIUM_ERROR, 0x31, 0x00);
+pub const SANITIZE_COMMAND_FAILED: SenseCode = code(key::MEDIUM_ERROR, 0x31, 0x03);
 pub const UNRECOVERED_READ_ERROR: SenseCode = code(key::MEDIUM_ERROR, 0x11, 0x00);
 pub const WRITE_ERROR: SenseCode = code(key::MEDIUM_ERROR, 0x0C, 0x00);
 pub const INTERNAL_TARGET_FAILURE: SenseCode = code(key::HARDWARE_ERROR, 0x44, 0x00);
@@ -74,12 +75,16 @@ pub struct FieldPointer {
     pub bit: Option<u8>,
 }
 
-/// One sense report: a code plus the optional INFORMATION and field pointer.
+/// One sense report: a code plus the optional INFORMATION and, in the
+/// sense-key specific bytes, a field pointer or a progress indication.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sense {
     pub code: SenseCode,
     pub information: Option<u64>,
     pub field: Option<FieldPointer>,
+    /// PROGRESS INDICATION: the fraction done of an operation in progress,
+    /// in 65536ths (SPC-4 §4.5.2.4.4); ignored when `field` is set.
+    pub progress: Option<u16>,
 }
 
 /// Length of the fixed-format sense data we build (18 bytes, additional length 10).
@@ -91,6 +96,7 @@ impl Sense {
             code,
             information: None,
             field: None,
+            progress: None,
         }
     }
 
@@ -104,6 +110,7 @@ impl Sense {
                 byte,
                 bit,
             }),
+            progress: None,
         }
     }
 
@@ -117,11 +124,17 @@ impl Sense {
                 byte,
                 bit,
             }),
+            progress: None,
         }
     }
 
     pub const fn with_information(mut self, info: u64) -> Self {
         self.information = Some(info);
+        self
+    }
+
+    pub const fn with_progress(mut self, fraction: u16) -> Self {
+        self.progress = Some(fraction);
         self
     }
 
@@ -151,6 +164,9 @@ impl Sense {
             }
             b[15] = v;
             b[16..18].copy_from_slice(&f.byte.to_be_bytes());
+        } else if let Some(p) = self.progress {
+            b[15] = 0x80; // SKSV
+            b[16..18].copy_from_slice(&p.to_be_bytes());
         }
         b
     }
@@ -205,5 +221,15 @@ mod tests {
         let p = Sense::invalid_param(300, None).to_fixed();
         assert_eq!(p[15], 0x80);
         assert_eq!(&p[16..18], &[1, 0x2C]);
+    }
+
+    #[test]
+    fn progress_indication_sets_sksv_and_the_fraction() {
+        let b = Sense::new(LU_NOT_READY_SANITIZE_IN_PROGRESS)
+            .with_progress(0x8000)
+            .to_fixed();
+        assert_eq!((b[2], b[12], b[13]), (0x02, 0x04, 0x1B));
+        assert_eq!(b[15], 0x80);
+        assert_eq!(&b[16..18], &[0x80, 0x00]);
     }
 }

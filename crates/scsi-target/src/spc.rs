@@ -12,14 +12,15 @@ pub(crate) fn test_unit_ready(_lu: &LogicalUnit, _cdb: Cdb<'_>) -> CmdResult {
     Ok(ScsiResponse::good_empty())
 }
 
-/// REQUEST SENSE returns (and clears) the oldest pending unit attention, or
-/// NO SENSE. Only fixed format is produced; SPC-4 lets a device server that
+/// REQUEST SENSE returns (and clears) the oldest pending unit attention,
+/// else a sanitize in progress (with its progress) or failed, else NO
+/// SENSE. Only fixed format is produced; SPC-4 lets a device server that
 /// lacks descriptor format answer DESC=1 with fixed format.
 pub(crate) fn request_sense(lu: &LogicalUnit, t: &ScsiTask<'_>, cdb: Cdb<'_>) -> CmdResult {
     let alloc = u64::from(cdb.byte(4));
     let s = match lu.take_ua(t.nexus) {
         Some(code) => Sense::new(code),
-        None => Sense::new(sense::NO_ADDITIONAL_SENSE),
+        None => crate::sanitize::condition(lu).unwrap_or(Sense::new(sense::NO_ADDITIONAL_SENSE)),
     };
     Ok(ScsiResponse::good(alloc_trunc(
         s.to_fixed().to_vec(),
