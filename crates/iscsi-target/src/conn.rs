@@ -1436,6 +1436,10 @@ impl Conn {
         };
         let the_lu = target.luns.get(lun);
         let blocking = the_lu.as_ref().is_some_and(|lu| lu.may_block());
+        // SANITIZE without IMMED answers when the sanitize ends, minutes
+        // later: it waits on the runtime's blocking pool, holding up neither
+        // this connection nor one of the LU's I/O threads.
+        let waits = the_lu.as_ref().is_some_and(|lu| lu.waits_long(&h.cdb));
         let lu_io = the_lu.map(|lu| self.lu_io(&lu));
         let run = move || {
             let cdb = h.full_cdb();
@@ -1510,7 +1514,7 @@ impl Conn {
                 finished,
             )
         };
-        if blocking {
+        if blocking || waits {
             let writer = self.writer.clone();
             // The runtime stays at hand, as on tokio's own blocking threads.
             let rt = tokio::runtime::Handle::current();
@@ -1521,8 +1525,8 @@ impl Conn {
             };
             // The LU's own I/O threads, as many as its device serves at once.
             match self.session.target.as_ref().and_then(|t| t.luns.get(lun)) {
-                Some(lu) => lu.spawn_io(job),
-                None => drop(tokio::task::spawn_blocking(job)),
+                Some(lu) if !waits => lu.spawn_io(job),
+                _ => drop(tokio::task::spawn_blocking(job)),
             }
         } else {
             let (pdus, f) = run();

@@ -465,3 +465,68 @@ async fn malformed_text_request_is_rejected_and_the_connection_goes_on() {
     assert_eq!(h.reason, reject_reason::PROTOCOL_ERROR);
     c.ping().await;
 }
+
+#[tokio::test]
+/// SANITIZE without IMMED answers only when the sanitize ends; the connection
+/// meanwhile goes on, and the LU answers NOT READY, SANITIZE IN PROGRESS
+/// (SBC-4 §4.11). Before, the sanitize ran on the connection's own task and
+/// its GOOD came before the answer to anything sent after it.
+async fn sanitize_without_immed_leaves_the_connection_free_and_the_lu_not_ready() {
+    // 256 MiB of pattern to write: long enough for TEST UNIT READYs to land
+    // during it (a zero pattern would only deallocate, in no time).
+    let t = start_toml(&basic_toml("").replace("size = \"64MiB\"", "size = \"256MiB\"")).await;
+    let mut c = Client::login_to(t.addr, LoginOpts::normal(14)).await;
+    c.clear_ua().await;
+    let param = [0x01, 0, 0, 2, 0xA5, 0x5A]; // one pass, pattern A55A
+    let cdb = [0x48, 0x01, 0, 0, 0, 0, 0, 0, param.len() as u8, 0];
+    let imm = if c.param("ImmediateData", "Yes") == "Yes" {
+        Bytes::copy_from_slice(&param)
+    } else {
+        Bytes::new()
+    };
+    let (sanitize, pdu) = c.command(&cdb, param.len() as u32, false, true, true, imm);
+    c.send(&pdu).await;
+    // TEST UNIT READY, one at a time, until the sanitize answers. The first
+    // ones may come before its thread has started (simple tasks, any order).
+    let mut turs = Vec::new();
+    let mut tur = None;
+    loop {
+        if tur.is_none() {
+            let (itt, pdu) = c.command(&[0; 6], 0, false, false, true, Bytes::new());
+            c.send(&pdu).await;
+            tur = Some(itt);
+        }
+        let p = c
+            .recv_within(Duration::from_secs(60))
+            .await
+            .expect("a response");
+        match p.header {
+            Header::R2t(h) if h.itt == sanitize => c.answer_r2t(&h, &param).await,
+            Header::ScsiResponse(h) if h.itt == sanitize => {
+                assert_eq!(h.status, 0, "SANITIZE GOOD at its end");
+                break;
+            }
+            Header::ScsiResponse(h) if Some(h.itt) == tur => {
+                let s = p.data.get(2..).map(<[u8]>::to_vec).unwrap_or_default();
+                let code = (
+                    s.get(2).map(|k| k & 0x0F),
+                    s.get(12).copied(),
+                    s.get(13).copied(),
+                );
+                turs.push((h.status, code));
+                tur = None;
+            }
+            other => panic!("unexpected PDU {other:?}"),
+        }
+    }
+    assert!(
+        turs.contains(&(2, (Some(0x02), Some(0x04), Some(0x1B)))),
+        "no NOT READY, SANITIZE IN PROGRESS before the sanitize's own status: {turs:?}"
+    );
+    if let Some(t) = tur {
+        c.finish(t, None).await;
+    }
+    assert_eq!(c.tur().await.status, 0);
+    let r = c.read10(0, 1).await;
+    assert_eq!(&r.data[..4], &[0xA5, 0x5A, 0xA5, 0x5A]);
+}
