@@ -1425,6 +1425,7 @@ impl Conn {
             return;
         };
         let lun = pdu::lun_from_wire(h.lun);
+        let (itt, wire_lun) = (h.itt, h.lun);
         let nexus = self.session.nexus.clone();
         let limits = self.data_in_limits();
         let attr = match h.attr {
@@ -1518,10 +1519,17 @@ impl Conn {
             let writer = self.writer.clone();
             // The runtime stays at hand, as on tokio's own blocking threads.
             let rt = tokio::runtime::Handle::current();
+            let session = self.session.clone();
+            let token = session.running_started(itt, wire_lun);
             let job = move || {
                 let _rt = rt.enter();
                 let (pdus, f) = run();
-                finish(&writer, lu_io.as_deref(), slot, start_ns, pdus, f);
+                if session.running_finished(itt, token) {
+                    finish(&writer, lu_io.as_deref(), slot, start_ns, pdus, f);
+                } else {
+                    // Aborted while it ran: no response (RFC 7143 §11.5.1).
+                    writer.info.tasks.release(slot);
+                }
             };
             // The LU's own I/O threads, as many as its device serves at once.
             match self.session.target.as_ref().and_then(|t| t.luns.get(lun)) {
@@ -1563,10 +1571,13 @@ impl Conn {
                     .session
                     .abort_pending(|p| p.header.itt() == Some(reference))
                     > 0;
-                if found_pending {
+                // Running: its work goes on (a SANITIZE still completes),
+                // but it answers no more.
+                let found_running = self.session.abort_running(|itt, _| itt == reference) > 0;
+                if found_pending || found_running {
                     self.count_aborts(1, h.lun);
                 }
-                if found_here || found_pending {
+                if found_here || found_pending || found_running {
                     tmf::FUNCTION_COMPLETE
                 } else if idm::sn::sn_le(self.session.exp_cmd_sn(), h.ref_cmd_sn)
                     && idm::sn::sn_lt(h.ref_cmd_sn, h.cmd_sn)
@@ -1591,7 +1602,7 @@ impl Conn {
                 self.drop_writes(|t| t.cmd.lun == h.lun);
                 let n = self.session.abort_pending(
                     |p| matches!(&p.header, Header::ScsiCommand(c) if c.lun == h.lun),
-                );
+                ) + self.session.abort_running(|_, lun| lun == h.lun);
                 self.count_aborts(n as u64, h.lun);
                 tmf::FUNCTION_COMPLETE
             }
@@ -1600,12 +1611,15 @@ impl Conn {
                     return tmf::LUN_DOES_NOT_EXIST;
                 };
                 self.drop_writes(|t| t.cmd.lun == h.lun);
+                let n = self.session.abort_running(|_, lun| lun == h.lun);
+                self.count_aborts(n as u64, h.lun);
                 // SAM-5 §6.3: the UA goes to every I_T nexus, ours included.
                 lu.reset(None);
                 tmf::FUNCTION_COMPLETE
             }
             tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
                 self.drop_writes(|_| true);
+                self.session.abort_running(|_, _| true);
                 target.luns.reset_all(None);
                 tmf::FUNCTION_COMPLETE
             }
@@ -1615,6 +1629,7 @@ impl Conn {
                     || self
                         .session
                         .has_pending(|p| p.header.itt() == Some(reference))
+                    || self.session.has_running(|itt, _| itt == reference)
                 {
                     tmf::FUNCTION_SUCCEEDED
                 } else {
@@ -1625,7 +1640,9 @@ impl Conn {
                 if !lun_exists {
                     return tmf::LUN_DOES_NOT_EXIST;
                 }
-                if self.tasks.values().any(|t| t.cmd.lun == h.lun) {
+                if self.tasks.values().any(|t| t.cmd.lun == h.lun)
+                    || self.session.has_running(|_, lun| lun == h.lun)
+                {
                     tmf::FUNCTION_SUCCEEDED
                 } else {
                     tmf::FUNCTION_COMPLETE
@@ -1633,6 +1650,7 @@ impl Conn {
             }
             tmf::I_T_NEXUS_RESET => {
                 self.drop_writes(|_| true);
+                self.session.abort_running(|_, _| true);
                 tmf::FUNCTION_COMPLETE
             }
             tmf::CLEAR_ACA | tmf::QUERY_ASYNC_EVENT => {

@@ -66,6 +66,12 @@ pub struct HeldCommand {
     pub command: &'static str,
 }
 
+#[derive(Default)]
+struct Running {
+    tasks: HashMap<u32, (u64, u64)>,
+    next_token: u64,
+}
+
 struct Ordering_ {
     window: CmdWindow,
     /// Commands that arrived ahead of ExpCmdSN, with the connection they
@@ -87,6 +93,10 @@ pub struct Session {
     exp_cmd_sn: AtomicU32,
     max_cmd_sn: AtomicU32,
     conns: Mutex<HashMap<u16, ConnHandle>>,
+    /// Commands executing off their connection's task, by ITT: (LUN in
+    /// wire form, a token of this execution). Task management takes them
+    /// out to abort them; a command no longer here sends no response.
+    running: Mutex<Running>,
     closed: AtomicBool,
     state: Mutex<StateLog<SessionState>>,
     pub created_unix_ms: u64,
@@ -251,6 +261,44 @@ impl Session {
             }
         }
         n
+    }
+
+    /// A command starts executing off its connection's task; the token
+    /// names this execution (an aborted ITT may come back for a new one).
+    pub fn running_started(&self, itt: u32, lun: u64) -> u64 {
+        let mut r = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        r.next_token = r.next_token.wrapping_add(1);
+        let token = r.next_token;
+        r.tasks.insert(itt, (lun, token));
+        token
+    }
+
+    /// The command finished: true when it was not aborted meanwhile, so
+    /// its response goes out.
+    pub fn running_finished(&self, itt: u32, token: u64) -> bool {
+        let mut r = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        match r.tasks.get(&itt) {
+            Some(&(_, t)) if t == token => {
+                r.tasks.remove(&itt);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Aborts executing commands for which `matches(itt, lun)`: their work
+    /// goes on to its end, but they send no response. How many.
+    pub fn abort_running(&self, mut matches: impl FnMut(u32, u64) -> bool) -> usize {
+        let mut r = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let before = r.tasks.len();
+        r.tasks.retain(|itt, (lun, _)| !matches(*itt, *lun));
+        before - r.tasks.len()
+    }
+
+    /// Whether an executing command matches.
+    pub fn has_running(&self, mut matches: impl FnMut(u32, u64) -> bool) -> bool {
+        let r = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        r.tasks.iter().any(|(itt, (lun, _))| matches(*itt, *lun))
     }
 
     pub fn has_pending(&self, mut matches: impl FnMut(&Pdu) -> bool) -> bool {
@@ -470,6 +518,7 @@ impl SessionTable {
                 pending: BTreeMap::new(),
             }),
             conns: Mutex::new(HashMap::new()),
+            running: Mutex::new(Running::default()),
             closed: AtomicBool::new(false),
             state: Mutex::new(StateLog::new(SessionState::Free)),
             created_unix_ms: unix_ms(),

@@ -466,67 +466,130 @@ async fn malformed_text_request_is_rejected_and_the_connection_goes_on() {
     c.ping().await;
 }
 
+/// SANITIZE OVERWRITE, one pass of pattern A55A.
+const SANITIZE_PARAM: [u8; 6] = [0x01, 0, 0, 2, 0xA5, 0x5A];
+
+/// A target whose LUN 0 is a 256 MiB memory LU: overwriting it takes long
+/// enough for commands to land during the sanitize (a zero pattern would
+/// only deallocate, in no time).
+async fn sanitize_target() -> TestTarget {
+    start_toml(&basic_toml("").replace("size = \"64MiB\"", "size = \"256MiB\"")).await
+}
+
+/// Sends SANITIZE OVERWRITE with IMMED clear; its ITT and CmdSN.
+async fn send_sanitize(c: &mut Client) -> (u32, u32) {
+    let cdb = [0x48, 0x01, 0, 0, 0, 0, 0, 0, SANITIZE_PARAM.len() as u8, 0];
+    let imm = if c.param("ImmediateData", "Yes") == "Yes" {
+        Bytes::copy_from_slice(&SANITIZE_PARAM)
+    } else {
+        Bytes::new()
+    };
+    let cmd_sn = c.cmd_sn;
+    let (itt, pdu) = c.command(&cdb, SANITIZE_PARAM.len() as u32, false, true, true, imm);
+    c.send(&pdu).await;
+    (itt, cmd_sn)
+}
+
+/// What a TEST UNIT READY answered: status and (key, ASC, ASCQ).
+type TurAnswer = (u8, Option<(u8, u8, u8)>);
+
+/// TEST UNIT READY, one at a time, until one answers `want`, or the
+/// SANITIZE `sanitize` answers (its status is returned then). The first
+/// ones may come before the sanitize's thread has started (simple tasks
+/// run in any order).
+async fn tur_until(c: &mut Client, sanitize: u32, want: TurAnswer) -> (Vec<TurAnswer>, Option<u8>) {
+    let mut turs = Vec::new();
+    loop {
+        let (tur, pdu) = c.command(&[0; 6], 0, false, false, true, Bytes::new());
+        c.send(&pdu).await;
+        loop {
+            let p = c
+                .recv_within(Duration::from_secs(60))
+                .await
+                .expect("a response");
+            match p.header {
+                Header::R2t(h) if h.itt == sanitize => c.answer_r2t(&h, &SANITIZE_PARAM).await,
+                Header::ScsiResponse(h) if h.itt == sanitize => {
+                    c.finish(tur, None).await;
+                    return (turs, Some(h.status));
+                }
+                Header::ScsiResponse(h) if h.itt == tur => {
+                    let s = p.data.get(2..).unwrap_or_default();
+                    let code = match (s.get(2), s.get(12), s.get(13)) {
+                        (Some(k), Some(a), Some(q)) => Some((k & 0x0F, *a, *q)),
+                        _ => None,
+                    };
+                    turs.push((h.status, code));
+                    if (h.status, code) == want {
+                        return (turs, None);
+                    }
+                    break;
+                }
+                other => panic!("unexpected PDU {other:?}"),
+            }
+        }
+    }
+}
+
+const SANITIZE_IN_PROGRESS: TurAnswer = (2, Some((0x02, 0x04, 0x1B)));
+
 #[tokio::test]
 /// SANITIZE without IMMED answers only when the sanitize ends; the connection
 /// meanwhile goes on, and the LU answers NOT READY, SANITIZE IN PROGRESS
 /// (SBC-4 §4.11). Before, the sanitize ran on the connection's own task and
 /// its GOOD came before the answer to anything sent after it.
 async fn sanitize_without_immed_leaves_the_connection_free_and_the_lu_not_ready() {
-    // 256 MiB of pattern to write: long enough for TEST UNIT READYs to land
-    // during it (a zero pattern would only deallocate, in no time).
-    let t = start_toml(&basic_toml("").replace("size = \"64MiB\"", "size = \"256MiB\"")).await;
+    let t = sanitize_target().await;
     let mut c = Client::login_to(t.addr, LoginOpts::normal(14)).await;
     c.clear_ua().await;
-    let param = [0x01, 0, 0, 2, 0xA5, 0x5A]; // one pass, pattern A55A
-    let cdb = [0x48, 0x01, 0, 0, 0, 0, 0, 0, param.len() as u8, 0];
-    let imm = if c.param("ImmediateData", "Yes") == "Yes" {
-        Bytes::copy_from_slice(&param)
-    } else {
-        Bytes::new()
-    };
-    let (sanitize, pdu) = c.command(&cdb, param.len() as u32, false, true, true, imm);
-    c.send(&pdu).await;
-    // TEST UNIT READY, one at a time, until the sanitize answers. The first
-    // ones may come before its thread has started (simple tasks, any order).
-    let mut turs = Vec::new();
-    let mut tur = None;
-    loop {
-        if tur.is_none() {
-            let (itt, pdu) = c.command(&[0; 6], 0, false, false, true, Bytes::new());
-            c.send(&pdu).await;
-            tur = Some(itt);
-        }
-        let p = c
-            .recv_within(Duration::from_secs(60))
-            .await
-            .expect("a response");
-        match p.header {
-            Header::R2t(h) if h.itt == sanitize => c.answer_r2t(&h, &param).await,
-            Header::ScsiResponse(h) if h.itt == sanitize => {
-                assert_eq!(h.status, 0, "SANITIZE GOOD at its end");
-                break;
-            }
-            Header::ScsiResponse(h) if Some(h.itt) == tur => {
-                let s = p.data.get(2..).map(<[u8]>::to_vec).unwrap_or_default();
-                let code = (
-                    s.get(2).map(|k| k & 0x0F),
-                    s.get(12).copied(),
-                    s.get(13).copied(),
-                );
-                turs.push((h.status, code));
-                tur = None;
-            }
-            other => panic!("unexpected PDU {other:?}"),
-        }
-    }
-    assert!(
-        turs.contains(&(2, (Some(0x02), Some(0x04), Some(0x1B)))),
-        "no NOT READY, SANITIZE IN PROGRESS before the sanitize's own status: {turs:?}"
+    let (sanitize, _) = send_sanitize(&mut c).await;
+    let (turs, end) = tur_until(&mut c, sanitize, SANITIZE_IN_PROGRESS).await;
+    assert_eq!(
+        end, None,
+        "the sanitize answered before any NOT READY: {turs:?}"
     );
-    if let Some(t) = tur {
-        c.finish(t, None).await;
-    }
+    let (_, end) = tur_until(&mut c, sanitize, (0xFF, None)).await;
+    assert_eq!(end, Some(0), "SANITIZE GOOD at its end");
     assert_eq!(c.tur().await.status, 0);
     let r = c.read10(0, 1).await;
     assert_eq!(&r.data[..4], &[0xA5, 0x5A, 0xA5, 0x5A]);
+}
+
+#[tokio::test]
+/// ABORT TASK of a SANITIZE that is running: FUNCTION COMPLETE, no response
+/// for it ever, and the sanitize itself goes on to its end (SBC-4: task
+/// management does not stop a sanitize). Before, a command executing off
+/// the connection's task was not found ("task does not exist") and answered
+/// later anyway.
+async fn abort_task_of_a_running_sanitize_ends_the_task_not_the_sanitize() {
+    let t = sanitize_target().await;
+    let mut c = Client::login_to(t.addr, LoginOpts::normal(15)).await;
+    c.clear_ua().await;
+    let (sanitize, cmd_sn) = send_sanitize(&mut c).await;
+    let (turs, end) = tur_until(&mut c, sanitize, SANITIZE_IN_PROGRESS).await;
+    assert_eq!(
+        end, None,
+        "the sanitize answered before any NOT READY: {turs:?}"
+    );
+    assert_eq!(
+        c.tmf(tmf::ABORT_TASK, 0, sanitize, cmd_sn).await,
+        tmf::FUNCTION_COMPLETE
+    );
+    assert_eq!(
+        c.tmf(tmf::QUERY_TASK, 0, sanitize, cmd_sn).await,
+        tmf::FUNCTION_COMPLETE,
+        "the aborted task is gone"
+    );
+    // Still in progress after the abort, then ready, and never an answer
+    // for the aborted SANITIZE (tur_until would return it).
+    let (turs, end) = tur_until(&mut c, sanitize, (0, None)).await;
+    assert_eq!(end, None, "a response for the aborted SANITIZE");
+    assert!(turs.contains(&SANITIZE_IN_PROGRESS), "{turs:?}");
+    let r = c.read10(0, 1).await;
+    assert_eq!(
+        &r.data[..4],
+        &[0xA5, 0x5A, 0xA5, 0x5A],
+        "the sanitize completed"
+    );
+    c.expect_silence(Duration::from_millis(200)).await;
 }
