@@ -366,6 +366,13 @@ fn overwrite_pattern(lu: &LogicalUnit, t: &ScsiTask<'_>, plen: usize) -> Result<
 /// The operation itself, on its own thread; true when it succeeded. The
 /// LU leaves `Running` here and nowhere else.
 fn run(lu: &LogicalUnit, method: &Method, ause: bool) -> bool {
+    let started = std::time::Instant::now();
+    let what = match method {
+        Method::BlockErase => "block erase",
+        Method::Overwrite(_) => "overwrite",
+    };
+    let bytes = lu.sanitize.total.load(Ordering::Relaxed);
+    tracing::info!(serial = %lu.config.serial, method = what, bytes, "sanitize started");
     let r = {
         // Writes already past the gate finish first; later ones are refused.
         let _x = lu.write_order.write().unwrap_or_else(|e| e.into_inner());
@@ -376,8 +383,14 @@ fn run(lu: &LogicalUnit, method: &Method, ause: bool) -> bool {
             Ok(())
         })
     };
-    if let Err(e) = &r {
-        tracing::warn!(error = %e, "sanitize failed");
+    let took_ms = started.elapsed().as_millis();
+    match &r {
+        Ok(()) => {
+            tracing::info!(serial = %lu.config.serial, method = what, bytes, took_ms, "sanitize done")
+        }
+        Err(e) => {
+            tracing::warn!(serial = %lu.config.serial, method = what, took_ms, error = %e, "sanitize failed")
+        }
     }
     let ok = r.is_ok();
     let s = &lu.sanitize;
