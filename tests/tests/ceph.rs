@@ -234,16 +234,23 @@ fn capacity(url: &str) -> u64 {
 
 /// Failures iscsi-test-cu may report against an RBD LU, each with its reason.
 const KNOWN_GAPS: &[&str] = &[
-    // As in compliance.rs: libiscsi's own expectation with 4 KiB physical blocks.
-    "GetLBAStatus.UnmapSingle",
-    // As in compliance.rs: our SANITIZE finishes before status.
+    // SANITIZE runs in the background with SANITIZE IN PROGRESS (as in compliance.rs), but
+    // the test's pattern is all zeros, which a thin RBD LU (LBPRZ) writes by deallocating
+    // (write-zeroes). Measured on this single-node cluster: 2 ms for an empty 1 GiB image
+    // (MemStore), 0.19 s for a full 1 GiB and 0.9 s for a full 4 GiB one (BlueStore). The
+    // test wants it still running about 5 s after it starts: tens of GiB written first (a
+    // non-zero pass ran at 250-350 MB/s, 11-17 s for 4 GiB, and Sanitize.Overwrite makes
+    // three), far beyond an honest test image and the CI's time.
     "Sanitize.Reset",
 ];
 
 fn compliance(a: &Gateway, b: &Gateway) {
+    // IRONSTAR_CU_TESTS=FAMILY[.SUITE[.TEST]] runs fewer, as in compliance.rs.
+    let tests = std::env::var("IRONSTAR_CU_TESTS").unwrap_or_else(|_| "ALL".to_string());
     let o = run(
         Command::new("iscsi-test-cu")
-            .args(["--dataloss", "--allow-sanitize", "--test=ALL"])
+            .args(["--dataloss", "--allow-sanitize"])
+            .arg(format!("--test={tests}"))
             .args(["-i", INITIATOR_IQN, "-I", INITIATOR2_IQN])
             .arg(a.url(1))
             .arg(a.url(1)),
@@ -253,7 +260,14 @@ fn compliance(a: &Gateway, b: &Gateway) {
     let table = report.table();
     println!("{table}");
     assert!(!o.timed_out, "iscsi-test-cu timed out:\n{table}");
-    assert!(report.counts().total() > 200, "too few tests ran:\n{o}");
+    if tests == "ALL" {
+        assert!(report.counts().total() > 200, "too few tests ran:\n{o}");
+        for gap in KNOWN_GAPS {
+            if !report.failures().iter().any(|f| f == gap) {
+                println!("note: KNOWN_GAPS entry {gap} did not fail: remove it");
+            }
+        }
+    }
     let unexpected: Vec<String> = report
         .failures()
         .into_iter()
