@@ -193,6 +193,7 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
         logout_session: false,
         info: live,
         lu_io: HashMap::new(),
+        aborted_work: Vec::new(),
     };
     conn.run(rx, inbox).await;
     // Leave the session table before the socket closes, so an initiator
@@ -538,6 +539,17 @@ struct Slot<Tx> {
 
 /// A send that makes no progress for this long ends the connection.
 const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a task management response waits for aborted commands' work already running on
+/// I/O threads (a store that hangs must not hang task management with it).
+const ABORT_WAIT: Duration = Duration::from_secs(30);
+
+/// Resolves once every receiver's sender is gone (each command's work is over).
+async fn wait_all_closed(pending: Vec<tokio::sync::watch::Receiver<()>>) {
+    for mut rx in pending {
+        // Nothing is ever sent: changed() returns only when the sender drops.
+        while rx.changed().await.is_ok() {}
+    }
+}
 
 fn wire_len(pdus: &[OutPdu]) -> usize {
     pdus.iter().map(|p| BHS_LEN + p.pdu.data.len()).sum()
@@ -791,6 +803,9 @@ struct Conn {
     info: Arc<ConnInfo>,
     /// The LUs' counters, by NAA id, taken once per LU.
     lu_io: HashMap<u64, Arc<IoStats>>,
+    /// Work of commands the task management function being answered has
+    /// aborted, still running on I/O threads: its response waits for it.
+    aborted_work: Vec<tokio::sync::watch::Receiver<()>>,
 }
 
 /// [`queue_finished`] off the reader's task, which flushes only once it
@@ -1180,7 +1195,7 @@ impl Conn {
         match pdu.header {
             Header::ScsiCommand(h) => self.scsi_command(h, pdu.data).await,
             Header::NopOut(h) => self.nop_out(h, pdu.data),
-            Header::TaskMgmtRequest(h) => self.task_management(h),
+            Header::TaskMgmtRequest(h) => self.task_management(h).await,
             Header::TextRequest(h) => self.text(h, pdu.data),
             Header::LogoutRequest(h) => self.logout(h),
             _ => {}
@@ -1520,8 +1535,12 @@ impl Conn {
             // The runtime stays at hand, as on tokio's own blocking threads.
             let rt = tokio::runtime::Handle::current();
             let session = self.session.clone();
-            let token = session.running_started(itt, wire_lun);
+            // Closed when the job is over (its sender drops): what an abort waits for. Not for
+            // a SANITIZE waiting on its operation, which task management does not stop.
+            let (done_tx, done_rx) = tokio::sync::watch::channel(());
+            let token = session.running_started(itt, wire_lun, (!waits).then_some(done_rx));
             let job = move || {
+                let _done = done_tx;
                 let _rt = rt.enter();
                 let (pdus, f) = run();
                 if session.running_finished(itt, token) {
@@ -1542,8 +1561,26 @@ impl Conn {
         }
     }
 
-    fn task_management(&mut self, h: TaskMgmtRequest) {
+    /// [`Session::abort_running`], keeping the work to wait for before the response.
+    fn abort_running(&mut self, matches: impl FnMut(u32, u64) -> bool) -> usize {
+        let (n, pending) = self.session.abort_running(matches);
+        self.aborted_work.extend(pending);
+        n
+    }
+
+    async fn task_management(&mut self, h: TaskMgmtRequest) {
         let response = self.tmf_response(&h);
+        // SAM-5: aborted commands are over before the function completes; work already running
+        // on an I/O thread cannot be stopped, so wait for it (bounded, in case a store hangs).
+        let pending = std::mem::take(&mut self.aborted_work);
+        if !pending.is_empty() {
+            let all = wait_all_closed(pending);
+            if tokio::time::timeout(ABORT_WAIT, all).await.is_err() {
+                tracing::warn!(
+                    "task management: aborted commands still running after {ABORT_WAIT:?}; answering anyway"
+                );
+            }
+        }
         self.send(vec![status_pdu(Pdu::new(
             Header::TaskMgmtResponse(TaskMgmtResponse {
                 response,
@@ -1573,7 +1610,7 @@ impl Conn {
                     > 0;
                 // Running: its work goes on (a SANITIZE still completes),
                 // but it answers no more.
-                let found_running = self.session.abort_running(|itt, _| itt == reference) > 0;
+                let found_running = self.abort_running(|itt, _| itt == reference) > 0;
                 if found_pending || found_running {
                     self.count_aborts(1, h.lun);
                 }
@@ -1602,7 +1639,7 @@ impl Conn {
                 self.drop_writes(|t| t.cmd.lun == h.lun);
                 let n = self.session.abort_pending(
                     |p| matches!(&p.header, Header::ScsiCommand(c) if c.lun == h.lun),
-                ) + self.session.abort_running(|_, lun| lun == h.lun);
+                ) + self.abort_running(|_, lun| lun == h.lun);
                 self.count_aborts(n as u64, h.lun);
                 tmf::FUNCTION_COMPLETE
             }
@@ -1611,7 +1648,7 @@ impl Conn {
                     return tmf::LUN_DOES_NOT_EXIST;
                 };
                 self.drop_writes(|t| t.cmd.lun == h.lun);
-                let n = self.session.abort_running(|_, lun| lun == h.lun);
+                let n = self.abort_running(|_, lun| lun == h.lun);
                 self.count_aborts(n as u64, h.lun);
                 // SAM-5 §6.3: the UA goes to every I_T nexus, ours included.
                 lu.reset(None);
@@ -1619,7 +1656,7 @@ impl Conn {
             }
             tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
                 self.drop_writes(|_| true);
-                self.session.abort_running(|_, _| true);
+                self.abort_running(|_, _| true);
                 target.luns.reset_all(None);
                 tmf::FUNCTION_COMPLETE
             }
@@ -1650,7 +1687,7 @@ impl Conn {
             }
             tmf::I_T_NEXUS_RESET => {
                 self.drop_writes(|_| true);
-                self.session.abort_running(|_, _| true);
+                self.abort_running(|_, _| true);
                 tmf::FUNCTION_COMPLETE
             }
             tmf::CLEAR_ACA | tmf::QUERY_ASYNC_EVENT => {

@@ -18,7 +18,7 @@ use idm::state::{SessionEvent, SessionState};
 use iscsi_proto::negotiation::{NegotiatedParams, SessionType};
 use iscsi_proto::pdu::{Header, Pdu};
 use scsi_target::Nexus;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::inspect::{session_state_name, unix_ms, ConnInfo, StateLog};
 use crate::metrics::{IoStats, Metrics};
@@ -66,9 +66,20 @@ pub struct HeldCommand {
     pub command: &'static str,
 }
 
+/// A command executing off its connection's task.
+struct RunningTask {
+    /// LUN in wire form.
+    lun: u64,
+    /// Names this execution (an aborted ITT may come back for a new command).
+    token: u64,
+    /// Closes when the command's work is over; `None` for work that task management does not
+    /// wait for (a SANITIZE command waiting on its LU's sanitize operation, which goes on).
+    done: Option<watch::Receiver<()>>,
+}
+
 #[derive(Default)]
 struct Running {
-    tasks: HashMap<u32, (u64, u64)>,
+    tasks: HashMap<u32, RunningTask>,
     next_token: u64,
 }
 
@@ -265,11 +276,12 @@ impl Session {
 
     /// A command starts executing off its connection's task; the token
     /// names this execution (an aborted ITT may come back for a new one).
-    pub fn running_started(&self, itt: u32, lun: u64) -> u64 {
+    /// `done` closes when its work is over (see [`Self::abort_running`]).
+    pub fn running_started(&self, itt: u32, lun: u64, done: Option<watch::Receiver<()>>) -> u64 {
         let mut r = self.running.lock().unwrap_or_else(|e| e.into_inner());
         r.next_token = r.next_token.wrapping_add(1);
         let token = r.next_token;
-        r.tasks.insert(itt, (lun, token));
+        r.tasks.insert(itt, RunningTask { lun, token, done });
         token
     }
 
@@ -278,7 +290,7 @@ impl Session {
     pub fn running_finished(&self, itt: u32, token: u64) -> bool {
         let mut r = self.running.lock().unwrap_or_else(|e| e.into_inner());
         match r.tasks.get(&itt) {
-            Some(&(_, t)) if t == token => {
+            Some(t) if t.token == token => {
                 r.tasks.remove(&itt);
                 true
             }
@@ -286,19 +298,33 @@ impl Session {
         }
     }
 
-    /// Aborts executing commands for which `matches(itt, lun)`: their work
-    /// goes on to its end, but they send no response. How many.
-    pub fn abort_running(&self, mut matches: impl FnMut(u32, u64) -> bool) -> usize {
+    /// Aborts executing commands for which `matches(itt, lun)`: they send
+    /// no response. Their work cannot be stopped mid-call, so the task
+    /// management response must wait for the returned signals (each closes
+    /// when one command's work is over): an aborted write must not land after
+    /// the initiator was told it is gone. How many were aborted, and those.
+    pub fn abort_running(
+        &self,
+        mut matches: impl FnMut(u32, u64) -> bool,
+    ) -> (usize, Vec<watch::Receiver<()>>) {
         let mut r = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        let before = r.tasks.len();
-        r.tasks.retain(|itt, (lun, _)| !matches(*itt, *lun));
-        before - r.tasks.len()
+        let mut aborted = 0;
+        let mut pending = Vec::new();
+        r.tasks.retain(|itt, t| {
+            if !matches(*itt, t.lun) {
+                return true;
+            }
+            aborted += 1;
+            pending.extend(t.done.take());
+            false
+        });
+        (aborted, pending)
     }
 
     /// Whether an executing command matches.
     pub fn has_running(&self, mut matches: impl FnMut(u32, u64) -> bool) -> bool {
         let r = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        r.tasks.iter().any(|(itt, (lun, _))| matches(*itt, *lun))
+        r.tasks.iter().any(|(itt, t)| matches(*itt, t.lun))
     }
 
     pub fn has_pending(&self, mut matches: impl FnMut(&Pdu) -> bool) -> bool {
