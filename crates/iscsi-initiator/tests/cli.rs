@@ -340,6 +340,36 @@ fn bench_for_ten_seconds_at_queue_depth_32() {
 }
 
 #[test]
+fn bench_runs_four_sessions_from_one_process() {
+    let t = two_lun_targets();
+    let url = format!("iscsi://{}/{IQN}/1", t.portal());
+    let (out, _) = ok_env(&[
+        "bench",
+        &url,
+        "--sessions",
+        "4",
+        "--qd",
+        "2",
+        "--duration",
+        "2",
+        "--chap-user",
+        "cli-user",
+    ]);
+    eprintln!("{out}");
+    assert!(out.contains(" qd=2 sessions=4 "), "{out}");
+    assert!(out.contains("errors: 0"), "{out}");
+    let iops: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("IOPS: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no IOPS line in {out}"));
+    assert!(iops > 0.0, "{out}");
+    let bad = iscsi_env(&["bench", &url, "--sessions", "0", "--chap-user", "cli-user"]);
+    assert!(!bad.status.success());
+}
+
+#[test]
 fn nbd_export_round_trips_64_mib_through_qemu_img() {
     let t = two_lun_targets();
     let url = format!("iscsi://{}/{IQN}/2", t.portal());

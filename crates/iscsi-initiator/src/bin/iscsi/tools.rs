@@ -277,9 +277,13 @@ pub struct BenchArgs {
     /// Bytes per command.
     #[arg(long, default_value = "4k")]
     bs: String,
-    /// Commands in flight.
+    /// Commands in flight (per session with --sessions).
     #[arg(long, alias = "iodepth", default_value_t = 32)]
     qd: usize,
+    /// Sessions to log in, each with --qd commands in flight: many sessions
+    /// from one process (fio runs a process per session).
+    #[arg(long, default_value_t = 1)]
+    sessions: usize,
     /// Seconds to run.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
@@ -297,7 +301,19 @@ pub async fn bench(c: &Common, a: BenchArgs) -> Result<()> {
         other => bail!("--rw {other:?}: expected read, write, randread or randwrite"),
     };
     let bs = parse_size(&a.bs)?;
-    let (s, lun) = open_lun(c, &a.url).await?;
+    if a.sessions == 0 || a.sessions > 1024 {
+        bail!("--sessions {}: expected 1 to 1024", a.sessions);
+    }
+    let mut opened = Vec::with_capacity(a.sessions);
+    for _ in 0..a.sessions {
+        let (s, lun) = open_lun(c, &a.url).await?;
+        // A new I_T nexus starts with a unit attention: take it here, not in the timed loop.
+        lun.read_capacity().await.context("READ CAPACITY")?;
+        opened.push((s, lun));
+    }
+    let Some((s, lun)) = opened.first() else {
+        bail!("no session");
+    };
     let cap = lun.read_capacity().await.context("READ CAPACITY")?;
     let block = u64::from(cap.block_size);
     if bs == 0 || bs % block != 0 || bs > 16 << 20 {
@@ -324,7 +340,11 @@ pub async fn bench(c: &Common, a: BenchArgs) -> Result<()> {
     let started = Instant::now();
     let deadline = started + duration;
     let mut set = tokio::task::JoinSet::new();
-    for w in 0..qd {
+    let workers = opened
+        .iter()
+        .flat_map(|(_, lun)| std::iter::repeat_n(lun, qd))
+        .enumerate();
+    for (w, lun) in workers {
         let (lun, seq, errors, payload) = (
             lun.clone(),
             Arc::clone(&seq),
@@ -385,10 +405,11 @@ pub async fn bench(c: &Common, a: BenchArgs) -> Result<()> {
     };
     let p = s.params();
     println!(
-        "bench: {} bs={} qd={} connections={} duration={:.1} s span={}",
+        "bench: {} bs={} qd={} sessions={} connections={} duration={:.1} s span={}",
         a.rw,
         bs,
         qd,
+        opened.len(),
         s.connection_commands().len(),
         secs,
         human(span)
@@ -412,7 +433,9 @@ pub async fn bench(c: &Common, a: BenchArgs) -> Result<()> {
         lat.last().copied().unwrap_or(0)
     );
     println!("errors: {}", errors.load(Ordering::Relaxed));
-    let _ = s.logout().await;
+    for (s, _) in &opened {
+        let _ = s.logout().await;
+    }
     if lat.is_empty() {
         bail!("no command completed");
     }
