@@ -8,6 +8,7 @@
 #   JOBS=64 QD=1 bench/profile.sh        # 64 sessions (fio jobs, one libiscsi session each) at QD1
 #   REV=HEAD bench/profile.sh            # build a commit (git archive), not the working tree
 #   ISCSITD=/path/to/iscsitd bench/profile.sh   # profile that binary, build nothing
+#   FIO_EXTRA=--thread JOBS=64 QD=1 bench/profile.sh   # extra fio options (--thread: jobs as threads)
 #
 # Prints the summary (markdown) on stdout; perf.data is left in $OUT (default /tmp/ironstar-profile).
 # Needs linux-perf, and fio with the libiscsi engine (bench/build-fio.sh builds it).
@@ -78,13 +79,14 @@ log "touching the LU"
 
 # fio runs 2 s longer than perf on each side so the samples see only the steady state.
 log "fio 4k randread, $JOBS session(s) x QD$QD for $((SECS + 4)) s; perf record for $SECS s in the middle"
+# shellcheck disable=SC2086 # FIO_EXTRA is a list of options
 "$FIO" --name=profile "${fio_args[@]}" --rw=randread --bs=4k --iodepth="$QD" --numjobs="$JOBS" \
-    --group_reporting --time_based --runtime=$((SECS + 4)) >"$OUT/fio.json" &
+    --group_reporting --time_based --runtime=$((SECS + 4)) ${FIO_EXTRA:-} >"$OUT/fio.json" &
 FIO_PID=$!
 sleep 2
 t0=$(awk '{print $14 + $15}' "/proc/$PID/stat")
 # Syscalls and context switches per I/O, counted over the same window as the samples.
-events=raw_syscalls:sys_enter,context-switches
+events=raw_syscalls:sys_enter,context-switches,cpu-migrations,sched:sched_wakeup
 for sc in writev recvfrom read epoll_wait futex; do events+=,syscalls:sys_enter_$sc; done
 perf stat -x, -e "$events" -p "$PID" -o "$OUT/perf-stat.csv" -- sleep "$SECS" &
 STAT_PID=$!
