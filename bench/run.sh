@@ -82,6 +82,7 @@ log "cargo build --release --bins in $SRC"
 (cd "$SRC" && cargo build --release --bins >&2)
 BIN=${CARGO_TARGET_DIR:-$SRC/target}/release
 gcc -O2 -Wall -o "$TMP/pingpong" "$ROOT/bench/pingpong.c"
+gcc -O2 -Wall -pthread -o "$TMP/mconn" "$ROOT/bench/mconn.c"
 
 # ---------------------------------------------------------------- machine facts
 dirty=""
@@ -128,6 +129,26 @@ echo "- TCP round trip (bench/pingpong.c, blocking sockets, TCP_NODELAY, ${ROUND
 echo "  - 48-byte request, 48-byte response, server on CPU 0, client on CPU $CLIENT_CPU: p50 ${PP_P50} µs, p99 ${PP_P99} µs"
 echo "  - 48-byte request, 4144-byte response (a 4 KiB read's shape), CPUs 0 / $CLIENT_CPU: p50 ${PP4_P50} µs, p99 ${PP4_P99} µs"
 echo "  - 48-byte request, 48-byte response, both on CPU 0: p50 ${PPS_P50} µs, p99 ${PPS_P99} µs"
+# The sessions rows' shape without iSCSI: bench/mconn.c's single-threaded epoll server and its
+# threaded client, S connections x Q in flight (48-byte requests, 4144-byte answers).
+log "reference limits: bare epoll server, 1 x 64 and 64 x 1 connections"
+mconn() { # mconn S Q: prints "round-trips/s server-µs/rt client-µs/rt"
+    local port=$((ECHO_PORT + 1)) srv t0 t1 rate
+    "$TMP/mconn" server "$port" 48 4144 &
+    srv=$!
+    sleep 0.2
+    t0=$(awk '{print $14 + $15}' "/proc/$srv/stat")
+    rate=$(/usr/bin/time -f "%U %S" -o "$TMP/mconn.time" "$TMP/mconn" client "$port" 48 4144 "$1" "$2" "$DUR")
+    t1=$(awk '{print $14 + $15}' "/proc/$srv/stat")
+    kill "$srv"
+    wait "$srv" 2>/dev/null || true
+    awk -v r="$rate" -v a="$t0" -v b="$t1" -v hz="$HZ" -v d="$DUR" '{ n = r * d; printf "%d %.1f %.1f\n", r, (b - a) / hz * 1e6 / n, ($1 + $2) * 1e6 / n }' "$TMP/mconn.time"
+}
+read -r MC1_RATE MC1_SRV MC1_CLI < <(mconn 1 64)
+read -r MC64_RATE MC64_SRV MC64_CLI < <(mconn 64 1)
+echo "- Bare epoll server, no iSCSI (bench/mconn.c: one thread, 48-byte requests, 4144-byte answers, a threaded client), ${DUR} s each:"
+echo "  - 1 connection x 64 in flight: ${MC1_RATE} round trips/s, server ${MC1_SRV} µs CPU per round trip, client ${MC1_CLI}"
+echo "  - 64 connections x 1 in flight: ${MC64_RATE} round trips/s, server ${MC64_SRV} µs CPU per round trip, client ${MC64_CLI}"
 echo
 
 # ---------------------------------------------------------------- targets
@@ -227,8 +248,9 @@ RUNLOG=$TMP/runs.txt
 : >"$RUNLOG"
 PIN=0 # 1: the client runs on CLIENT_CPU and the target's threads on CPU 0 (QD1 latency section)
 
-# run_one TARGET CLIENT ARGS... ; sets R_IOPS R_CPU R_LAT (R_LAT "p50/p99" µs or "-")
-# IOPS and latency from the client's own report; CPU from the target's /proc/PID/stat.
+# run_one TARGET CLIENT ARGS... ; sets R_IOPS R_CPU R_LAT (R_LAT "p50/p99" µs or "-") R_CCPU
+# IOPS and latency from the client's own report; CPU from the target's /proc/PID/stat; the
+# client's own CPU per I/O (R_CCPU: user + system of all its processes) from /usr/bin/time.
 run_one() {
     local t=$1 client=$2; shift 2
     local pid url
@@ -244,28 +266,30 @@ run_one() {
         taskset -a -p -c 0 "$pid" >/dev/null
     fi
     R_LAT="-"
+    local tm=(/usr/bin/time -f "%U %S" -o "$TMP/client.time")
+    : >"$TMP/client.time"
     t0=$(ticks "$pid")
     case $client in
         iscsi-perf)
-            timeout $((DUR + 30)) "${pin[@]}" iscsi-perf "$@" -t "$DUR" "$url" 2>&1 | tr '\r' '\n' >"$out" || true
+            timeout $((DUR + 30)) "${tm[@]}" "${pin[@]}" iscsi-perf "$@" -t "$DUR" "$url" 2>&1 | tr '\r' '\n' >"$out" || true
             R_IOPS=$(grep -a '^iops average' "$out" | tail -1 | awk '{print $3}' || true)
             n=$(awk -v i="${R_IOPS:-0}" -v d="$DUR" 'BEGIN{print i*d}')
             ;;
         qemu-img)
-            timeout 120 "${pin[@]}" qemu-img bench -f raw -t none "$@" "$url" >"$out" 2>&1 || true
+            timeout 120 "${tm[@]}" "${pin[@]}" qemu-img bench -f raw -t none "$@" "$url" >"$out" 2>&1 || true
             local secs
             secs=$(grep -a 'Run completed in' "$out" | awk '{print $4}' || true)
             n=$(grep -a '^Sending' "$out" | awk '{print $2}' || true)
             R_IOPS=$(awk -v c="${n:-0}" -v s="${secs:-0}" 'BEGIN{ if (s > 0) printf "%d", c/s; else print 0 }')
             ;;
         iscsi-bench)
-            timeout $((DUR + 30)) "${pin[@]}" "$BIN/iscsi" bench "$@" --duration "$DUR" "$url" >"$out" 2>&1 || true
+            timeout $((DUR + 30)) "${tm[@]}" "${pin[@]}" "$BIN/iscsi" bench "$@" --duration "$DUR" "$url" >"$out" 2>&1 || true
             R_IOPS=$(python3 "$ROOT/bench/parse_iscsi_bench.py" iops <"$out" || true)
             R_LAT=$(python3 "$ROOT/bench/parse_iscsi_bench.py" lat <"$out" || true)
             n=$(awk -v i="${R_IOPS:-0}" -v d="$DUR" 'BEGIN{print i*d}')
             ;;
         fio)
-            timeout $((DUR + 60)) "${pin[@]}" "$FIO" --name=bench "${FIO_COMMON[@]}" --filename="$(fio_file "$url")" \
+            timeout $((DUR + 60)) "${tm[@]}" "${pin[@]}" "$FIO" --name=bench "${FIO_COMMON[@]}" --filename="$(fio_file "$url")" \
                 --time_based --runtime="$DUR" "$@" >"$out" 2>"$out.err" || true
             read -r R_IOPS n R_LAT < <(python3 "$ROOT/bench/parse_fio.py" <"$out")
             ;;
@@ -273,11 +297,12 @@ run_one() {
     t1=$(ticks "$pid")
     [[ $PIN == 1 ]] && taskset -a -p -c "0-$((NCPU - 1))" "$pid" >/dev/null
     if [[ -z ${R_IOPS:-} || ${R_IOPS} == 0 || -z ${n:-} || ${n} == 0 ]]; then
-        log "run failed ($t $client $*):"; tail -5 "$out" "$out.err" >&2 2>/dev/null; R_IOPS=0; R_CPU=0; R_LAT="-"; return 0
+        log "run failed ($t $client $*):"; tail -5 "$out" "$out.err" >&2 2>/dev/null; R_IOPS=0; R_CPU=0; R_LAT="-"; R_CCPU="-"; return 0
     fi
     R_CPU=$(awk -v a="$t0" -v b="$t1" -v hz="$HZ" -v n="$n" 'BEGIN{printf "%.1f", (b-a)/hz*1e6/n}')
-    log "  $t $client $*: ${R_IOPS} IOPS, ${R_CPU} µs CPU/IO, lat ${R_LAT}"
-    echo "$t $client $*: ${R_IOPS} IOPS, ${R_CPU} µs CPU/IO, lat p50/p99 ${R_LAT} µs" >>"$RUNLOG"
+    R_CCPU=$(awk -v n="$n" 'NF == 2 { printf "%.1f", ($1 + $2) * 1e6 / n; ok = 1 } END { if (!ok) print "-" }' "$TMP/client.time")
+    log "  $t $client $*: ${R_IOPS} IOPS, ${R_CPU} µs CPU/IO (client ${R_CCPU}), lat ${R_LAT}"
+    echo "$t $client $*: ${R_IOPS} IOPS, ${R_CPU} µs CPU/IO (client ${R_CCPU}), lat p50/p99 ${R_LAT} µs" >>"$RUNLOG"
 }
 
 TARGETS=(A B)
@@ -295,13 +320,13 @@ row() {
     for _ in $(seq "$REPS"); do
         for t in "${TARGETS[@]}"; do
             run_one "$t" "$client" "$@"
-            echo "$t $R_IOPS $R_CPU ${R_LAT/\// }" >>"$samples"
+            echo "$t $R_IOPS $R_CPU ${R_LAT/\// } $R_CCPU" >>"$samples"
         done
     done
     local line="$wl|$client|$bs"
     for t in "${TARGETS[@]}"; do
-        line+="|$(awk -v t="$t" '$1 == t { n++; i += $2; c += $3; if ($4 != "-") { l++; p += $4; q += $5 } }
-            END { printf "%s %.0f %.1f %s %s", t, i / n, c / n, (l ? sprintf("%.0f", p / l) : "-"), (l ? sprintf("%.0f", q / l) : "-") }' "$samples")"
+        line+="|$(awk -v t="$t" '$1 == t { n++; i += $2; c += $3; if ($4 != "-") { l++; p += $4; q += $5 } if ($6 != "-") { m++; k += $6 } }
+            END { printf "%s %.0f %.1f %s %s %s", t, i / n, c / n, (l ? sprintf("%.0f", p / l) : "-"), (l ? sprintf("%.0f", q / l) : "-"), (m ? sprintf("%.1f", k / m) : "-") }' "$samples")"
     done
     echo "$line" >>"$ROWS"
 }
@@ -335,6 +360,11 @@ workloads() {
     row "4k rand write QD32"        iscsi-bench 4096   --rw randwrite --bs 4k --qd 32
     row "128k seq read QD8"         iscsi-bench 131072 --rw read --bs 128k --qd 8
     row "128k seq write QD8"        iscsi-bench 131072 --rw write --bs 128k --qd 8
+    # the sessions rows again with a lighter client: every session in one process
+    for s in 1 4 16 64; do
+        row "4k rand read, $s session(s) x QD$((SESSION_QD / s))" iscsi-bench 4096 --rw randread --bs 4k \
+            --sessions "$s" --qd $((SESSION_QD / s))
+    done
 }
 
 log "timed runs: ${TARGETS[*]} alternating"
@@ -395,23 +425,28 @@ echo
 
 # Sessions: does IOPS hold when the same total queue depth is spread over more sessions?
 if grep -q 'session' "$ROWS"; then
-    echo "# Sessions at the same total queue depth (QD$SESSION_QD, fio 4k random reads)"
+    echo "# Sessions at the same total queue depth (QD$SESSION_QD, 4k random reads)"
+    echo "fio: one process per session; iscsi-bench: \`iscsi bench --sessions S\`, every session in one process."
+    echo "CPU µs/IO: the target's, then the client's own (all its processes)."
+    echo "Bare epoll server, same shapes, no iSCSI (reference limits above): 1 x 64 ${MC1_SRV} µs server / ${MC1_CLI} µs client per round trip, 64 x 1 ${MC64_SRV} / ${MC64_CLI}."
     python3 - "$ROWS" <<'EOF'
 import re, sys
 rows = [l.rstrip("\n").split("|") for l in open(sys.argv[1]) if "session" in l]
 names = {"A": "iscsitd", "B": "tgtd", "C": "tgtd tuned"}
-by_target = {}
-for wl, _client, _bs, *targets in rows:
+series = {}
+for wl, client, _bs, *targets in rows:
     s = int(re.search(r"(\d+) session", wl).group(1))
     for t in targets:
         c = t.split()
-        by_target.setdefault(c[0], []).append((s, float(c[1])))
-for t, pts in by_target.items():
+        ccpu = c[5] if len(c) > 5 else "-"
+        series.setdefault((client, c[0]), []).append((s, float(c[1]), c[2], ccpu))
+for (client, t), pts in series.items():
     first = pts[0][1]
     worst = min(p[1] for p in pts)
-    shown = ", ".join("%d: %d" % p for p in pts)
+    shown = ", ".join("%d: %d (%s · %s µs)" % p for p in pts)
     verdict = "holds" if worst >= 0.9 * first else "falls"
-    print("- %s: IOPS by sessions %s; lowest / 1-session = %.2f (%s)" % (names[t], shown, worst / first if first else 0, verdict))
+    print("- %s, %s: IOPS (CPU µs/IO target · client) by sessions %s; lowest / 1-session = %.2f (%s)"
+          % (client, names[t], shown, worst / first if first else 0, verdict))
 EOF
     echo
 fi
