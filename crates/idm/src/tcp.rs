@@ -74,6 +74,7 @@ impl Transport for TcpTransport {
                 data_digest: false,
                 scratch: BytesMut::with_capacity(16 * 1024),
                 unsent: VecDeque::new(),
+                pieces: Vec::new(),
             },
         )
     }
@@ -287,6 +288,8 @@ pub struct TcpTx {
     /// the encoded headers and of the PDUs' own data (no copy). It goes out
     /// first on the next send.
     unsent: VecDeque<Bytes>,
+    /// [`TcpTx::encode`]'s list of pieces, kept for its allocation.
+    pieces: Vec<Piece>,
 }
 
 enum Piece {
@@ -303,7 +306,8 @@ impl TcpTx {
     /// pieces are views of it), large data segments are referenced as they are.
     fn encode(&mut self, pdus: &[Pdu], out: &mut VecDeque<Bytes>) {
         self.scratch.clear();
-        let mut pieces: Vec<Piece> = Vec::with_capacity(pdus.len() * 2 + 1);
+        let mut pieces = std::mem::take(&mut self.pieces);
+        pieces.clear();
         let mut start = 0;
         for pdu in pdus {
             pdu.encode_header(self.header_digest, &mut self.scratch);
@@ -323,7 +327,7 @@ impl TcpTx {
         pieces.push(Piece::Scratch(start, self.scratch.len()));
         // Once every view is dropped, the next `clear`/`reserve` reuses the allocation.
         let head = self.scratch.split().freeze();
-        for p in pieces {
+        for p in pieces.drain(..) {
             let b = match p {
                 Piece::Scratch(a, b) if a < b && b <= head.len() => head.slice(a..b),
                 Piece::Scratch(..) => continue,
@@ -333,7 +337,24 @@ impl TcpTx {
                 out.push_back(b);
             }
         }
+        self.pieces = pieces;
     }
+}
+
+/// Buffers per `writev` gathered on the stack (a batch of responses rarely has more).
+const STACK_IOVECS: usize = 64;
+
+/// Calls `f` with the next `writev`'s buffers (the front of `q`), without
+/// allocating when there are few.
+fn with_iovecs<R>(q: &VecDeque<Bytes>, f: impl FnOnce(&[IoSlice<'_>]) -> R) -> R {
+    if q.len() > STACK_IOVECS {
+        return f(&iovecs(q));
+    }
+    let mut slices = [IoSlice::new(&[]); STACK_IOVECS];
+    for (s, b) in slices.iter_mut().zip(q) {
+        *s = IoSlice::new(b);
+    }
+    f(slices.get(..q.len()).unwrap_or(&[]))
 }
 
 /// The next `writev`'s buffers: the front of `q`.
@@ -385,10 +406,7 @@ impl PduTx for TcpTx {
             if q.is_empty() {
                 break Ok(true);
             }
-            let r = {
-                let slices = iovecs(&q);
-                self.sock.try_write_vectored(&slices)
-            };
+            let r = with_iovecs(&q, |slices| self.sock.try_write_vectored(slices));
             match r {
                 Ok(0) => {
                     break Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());

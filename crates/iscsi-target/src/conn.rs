@@ -194,6 +194,7 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
         info: live,
         lu_io: HashMap::new(),
         aborted_work: Vec::new(),
+        admitted: Vec::new(),
     };
     conn.run(rx, inbox).await;
     // Leave the session table before the socket closes, so an initiator
@@ -533,6 +534,8 @@ struct Slot<Tx> {
     /// Stamped and in order, for the writer task: the transport took
     /// nothing of them, or still had bytes of an earlier batch to send.
     stamped: Vec<Pdu>,
+    /// An empty batch kept for its allocation (one flush per command at QD1).
+    spare: Vec<Pdu>,
     stat_sn: u32,
     closing: bool,
 }
@@ -565,6 +568,9 @@ impl<Tx: PduTx> Shared<Tx> {
         let mut batch = std::mem::take(&mut s.stamped);
         if s.queue.is_empty() {
             return batch;
+        }
+        if batch.is_empty() {
+            batch = std::mem::take(&mut s.spare);
         }
         let exp = self.session.exp_cmd_sn();
         let max = self.session.max_cmd_sn();
@@ -605,7 +611,7 @@ impl<Tx: PduTx> SendQueue for Shared<Tx> {
         if s.queue.is_empty() && s.stamped.is_empty() {
             return;
         }
-        let batch = self.stamp(&mut s);
+        let mut batch = self.stamp(&mut s);
         let Some(tx) = s.tx.as_mut() else {
             // The writer task is sending; it takes these before it stops.
             s.stamped = batch;
@@ -620,8 +626,11 @@ impl<Tx: PduTx> SendQueue for Shared<Tx> {
         match tx.try_send(&batch) {
             Ok(true) => {
                 let unsent = tx.has_unsent();
+                let bytes = batch_len(&batch);
+                batch.clear();
+                s.spare = batch;
                 drop(s);
-                self.common.sent(batch_len(&batch));
+                self.common.sent(bytes);
                 if unsent {
                     self.common.wake.notify_one();
                 }
@@ -689,6 +698,7 @@ impl Outbox {
                 tx: Some(tx),
                 queue: Vec::new(),
                 stamped: Vec::new(),
+                spare: Vec::new(),
                 stat_sn,
                 closing: false,
             }),
@@ -806,6 +816,8 @@ struct Conn {
     /// Work of commands the task management function being answered has
     /// aborted, still running on I/O threads: its response waits for it.
     aborted_work: Vec<tokio::sync::watch::Receiver<()>>,
+    /// [`Session::admit_into`]'s output, kept for its allocation.
+    admitted: Vec<(u16, Pdu)>,
 }
 
 /// [`queue_finished`] off the reader's task, which flushes only once it
@@ -1104,13 +1116,17 @@ impl Conn {
             self.dispatch(pdu).await;
             return;
         }
-        for (cid, ready) in self.session.admit(self.cid, cmd_sn, pdu) {
+        let mut admitted = std::mem::take(&mut self.admitted);
+        self.session
+            .admit_into(self.cid, cmd_sn, pdu, &mut admitted);
+        for (cid, ready) in admitted.drain(..) {
             if cid == self.cid {
                 self.dispatch(ready).await;
             } else if let Some(other) = self.session.connection(cid) {
                 let _ = other.inbox.send(ConnMsg::Deliver(ready));
             }
         }
+        self.admitted = admitted;
     }
 
     /// A SCSI command arrived: writes needing more data start collecting now,

@@ -200,27 +200,33 @@ impl Session {
     /// the window is dropped, as RFC 7143 §3.2.2.1 says.
     pub fn admit(&self, cid: u16, cmd_sn: u32, pdu: Pdu) -> Vec<(u16, Pdu)> {
         let mut out = Vec::new();
+        self.admit_into(cid, cmd_sn, pdu, &mut out);
+        out
+    }
+
+    /// [`admit`](Self::admit), appending to `out`: a connection passes the
+    /// same vector each time, so admitting a command allocates nothing.
+    pub fn admit_into(&self, cid: u16, cmd_sn: u32, pdu: Pdu, out: &mut Vec<(u16, Pdu)>) {
         let Ok(mut o) = self.ordering.lock() else {
-            return out;
+            return;
         };
         match o.window.check(cmd_sn) {
             CmdSnCheck::OutOfWindow => {
                 tracing::debug!(cmd_sn, exp = o.window.exp_cmd_sn(), "CmdSN outside window");
-                return out;
+                return;
             }
             CmdSnCheck::Ahead => {
                 // A tombstone here means the command was aborted first.
                 o.pending.entry(cmd_sn).or_insert(Some((cid, pdu)));
-                return out;
+                return;
             }
             CmdSnCheck::InOrder => {
                 o.window.advance();
                 out.push((cid, pdu));
             }
         }
-        Self::drain(&mut o, &mut out);
+        Self::drain(&mut o, out);
         self.publish(&o.window);
-        out
     }
 
     /// Delivers every held command whose turn has come, skipping tombstones.
