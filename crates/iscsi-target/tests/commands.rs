@@ -8,8 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use iscsi_proto::pdu::{
-    reject_reason, tmf, DataOut, Header, LoginRequest, NopOut, Pdu, SnackRequest, BHS_LEN,
-    RESERVED_TAG,
+    reject_reason, tmf, DataOut, Header, LoginRequest, NopOut, Pdu, SnackRequest, TaskMgmtRequest,
+    BHS_LEN, RESERVED_TAG,
 };
 
 #[tokio::test]
@@ -592,4 +592,72 @@ async fn abort_task_of_a_running_sanitize_ends_the_task_not_the_sanitize() {
         "the sanitize completed"
     );
     c.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+/// ABORT TASK of a WRITE SAME running on a file LU's I/O threads: FUNCTION
+/// COMPLETE comes only once its work is over (SAM-5: the aborted task has
+/// ended when the function completes), so a read sent after it, on another
+/// of the LU's threads, sees every block written. Before, the response went
+/// out while the pwrite calls went on, and such a read could see old data.
+async fn abort_of_a_write_running_on_a_file_lu_answers_after_its_work() {
+    const BLOCKS: u64 = (256 << 20) / 512;
+    let path = std::env::temp_dir().join(format!("ironstar-abort-{}.img", std::process::id()));
+    let file = std::fs::File::create(&path).expect("scratch file");
+    file.set_len(BLOCKS * 512).expect("scratch file size");
+    drop(file);
+    let toml = basic_toml("").replace(
+        "backend = \"memory\"\nsize = \"64MiB\"",
+        &format!("backend = \"file\"\npath = {:?}\nio_threads = 4", path),
+    );
+    let t = start_toml(&toml).await;
+    let mut c = Client::login_to(t.addr, LoginOpts::normal(16)).await;
+    c.clear_ua().await;
+    // WRITE SAME(16) of the whole LU with one block of 0xA5.
+    let mut cdb = [0u8; 16];
+    cdb[0] = 0x93;
+    cdb[10..14].copy_from_slice(&(BLOCKS as u32).to_be_bytes());
+    let pattern = vec![0xA5u8; 512];
+    let cmd_sn = c.cmd_sn;
+    let (ws, pdu) = c.command(&cdb, 512, false, true, true, Bytes::from(pattern.clone()));
+    c.send(&pdu).await;
+    // Let it start on an I/O thread (256 MiB of pwrite takes far longer).
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let tmf_itt = c.itt();
+    let abort = Pdu::new(
+        Header::TaskMgmtRequest(TaskMgmtRequest {
+            immediate: true,
+            function: tmf::ABORT_TASK,
+            lun: 0,
+            itt: tmf_itt,
+            referenced_task_tag: ws,
+            cmd_sn: c.cmd_sn,
+            exp_stat_sn: c.exp_stat_sn,
+            ref_cmd_sn: cmd_sn,
+            exp_data_sn: 0,
+        }),
+        Bytes::new(),
+    );
+    c.send(&abort).await;
+    // The WRITE SAME may also have ended first: then its response comes and
+    // the abort finds nothing. Either way the data is all there afterwards.
+    loop {
+        let p = c
+            .recv_within(Duration::from_secs(60))
+            .await
+            .expect("a response");
+        match p.header {
+            Header::TaskMgmtResponse(h) if h.itt == tmf_itt => break,
+            Header::ScsiResponse(h) if h.itt == ws => assert_eq!(h.status, 0),
+            other => panic!("unexpected PDU {other:?}"),
+        }
+    }
+    let last = (BLOCKS - 1) as u32;
+    let r = c.read10(last, 1).await;
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(r.status, 0);
+    assert_eq!(
+        r.data, pattern,
+        "the last block read after the abort's answer"
+    );
 }
