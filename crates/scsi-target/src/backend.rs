@@ -88,9 +88,10 @@ pub trait Backend: Send + Sync {
     fn io_threads(&self) -> usize {
         DEFAULT_IO_THREADS
     }
-    /// Where persistent reservations live when the store is shared by
-    /// several gateways (`None`: in this process only).
-    fn pr_store(&self) -> Option<&dyn PrStore> {
+    /// The LU state every gateway must see alike (persistent reservations,
+    /// resets, mode parameters) when the store is shared by several
+    /// gateways (`None`: in this process only).
+    fn shared_state(&self) -> Option<&dyn SharedState> {
         None
     }
 }
@@ -99,10 +100,11 @@ pub trait Backend: Send + Sync {
 /// requests wait on the network rather than on a local queue).
 pub const DEFAULT_IO_THREADS: usize = 64;
 
-/// Persistent reservation state kept beside a shared store, so that every
-/// gateway serving the LU enforces the same registrations and reservation
-/// and they survive a gateway's restart.
-pub trait PrStore: Send + Sync {
+/// Logical unit state kept beside a shared store, so that every gateway
+/// serving the LU enforces the same registrations and reservation, hears of
+/// each other's resets and applies the same mode parameters, and all of it
+/// survives a gateway's restart.
+pub trait SharedState: Send + Sync {
     /// The stored state (an opaque encoding of the core's).
     fn load(&self) -> io::Result<Vec<u8>>;
     /// Replaces the state if it still is `expected`; `Ok(false)` when
@@ -117,6 +119,23 @@ pub trait PrStore: Send + Sync {
     fn announce_reset(&self) {}
     /// Whether another gateway reset the LU since the last call (cheap).
     fn take_reset(&self) -> bool {
+        false
+    }
+    /// A mode parameter (by the core's name for it) as last stored by any
+    /// gateway; `None` when none has stored it.
+    fn load_mode_param(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
+        let _ = name;
+        Ok(None)
+    }
+    /// Stores these mode parameters in one step; the other gateways learn
+    /// of it before this returns.
+    fn store_mode_params(&self, params: &[(&str, &[u8])]) -> io::Result<()> {
+        let _ = params;
+        Ok(())
+    }
+    /// True (once) when another gateway may have changed mode parameters
+    /// since the last call; called on every command, so it must be cheap.
+    fn take_mode_changed(&self) -> bool {
         false
     }
 }

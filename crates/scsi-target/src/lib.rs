@@ -60,7 +60,7 @@ use bytes::Bytes;
 pub use alua::{AluaGroup, AluaState};
 pub use backend::{
     Backend, BackendCaps, CompareAndWrite, FileBackend, FileOptions, MemoryBackend, NullBackend,
-    PrStore,
+    SharedState,
 };
 pub use lu::{DataDirection, LogicalUnit, LuConfig, LuError, LuStats};
 pub use lunmap::LunMap;

@@ -226,7 +226,7 @@ impl LogicalUnit {
             });
         }
         let caps = backend.caps();
-        Ok(Arc::new_cyclic(|me| LogicalUnit {
+        let lu = Arc::new_cyclic(|me| LogicalUnit {
             wce: AtomicBool::new(config.write_cache),
             swp: AtomicBool::new(false),
             config,
@@ -244,7 +244,12 @@ impl LogicalUnit {
             io_pool: OnceLock::new(),
             sanitize: sanitize::SanitizeState::default(),
             me: me.clone(),
-        }))
+        });
+        if let Some(shared) = lu.backend.shared_state() {
+            // What the LU's other gateways run under, not this config's defaults.
+            crate::mode::load_shared(&lu, shared, false);
+        }
+        Ok(lu)
     }
 
     /// This LU as an `Arc` (every LU is made in one).
@@ -362,7 +367,7 @@ impl LogicalUnit {
     pub fn reset(&self, by: Option<NexusId>) {
         self.queue_ua_others(by, sense::BUS_DEVICE_RESET_FUNCTION_OCCURRED);
         reservation::reset(self);
-        if let Some(shared) = self.backend.pr_store() {
+        if let Some(shared) = self.backend.shared_state() {
             shared.announce_reset();
         }
         // Mode parameters return to their defaults only on power on; a reset

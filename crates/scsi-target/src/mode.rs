@@ -6,12 +6,12 @@
 //! one source of truth (the atomics on the LU) and no page image to keep in
 //! step with it.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::cdb::{op, Cdb};
 use crate::lu::LogicalUnit;
 use crate::sense::{self, Sense};
-use crate::{alloc_trunc, CmdResult, ScsiResponse, ScsiTask};
+use crate::{alloc_trunc, CmdResult, Fail, ScsiResponse, ScsiTask, SharedState};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Pc {
@@ -219,17 +219,71 @@ pub(crate) fn mode_select(lu: &LogicalUnit, t: &ScsiTask<'_>, cdb: Cdb<'_>) -> C
         at += cur.len();
     }
 
-    let mut changed = false;
-    if let Some(w) = changes.wce {
-        changed |= lu.wce.swap(w, Ordering::Relaxed) != w;
+    // Only what differs is stored, so two gateways' MODE SELECTs of
+    // different parameters do not undo each other.
+    let mut updates: Vec<(&str, &[u8])> = Vec::new();
+    let mut apply: Vec<(&AtomicBool, bool)> = Vec::new();
+    for ((name, flag), want) in shared_params(lu)
+        .into_iter()
+        .zip([changes.wce, changes.swp])
+    {
+        match want {
+            Some(w) if flag.load(Ordering::Relaxed) != w => {
+                updates.push((name, if w { b"1" } else { b"0" }));
+                apply.push((flag, w));
+            }
+            _ => {}
+        }
     }
-    if let Some(s) = changes.swp {
-        changed |= lu.swp.swap(s, Ordering::Relaxed) != s;
+    if apply.is_empty() {
+        return Ok(ScsiResponse::good_empty());
     }
-    if changed {
-        lu.queue_ua_others(Some(t.nexus.id), sense::MODE_PARAMETERS_CHANGED);
+    if let Some(store) = lu.backend.shared_state() {
+        // Stored (and the other gateways told) before it takes effect here,
+        // so no gateway runs a command under parameters the others lack.
+        store.store_mode_params(&updates).map_err(|e| {
+            tracing::warn!(error = %e, "shared mode parameters unavailable");
+            Fail::from(sense::INTERNAL_TARGET_FAILURE)
+        })?;
     }
+    for (flag, w) in apply {
+        flag.store(w, Ordering::Relaxed);
+    }
+    lu.queue_ua_others(Some(t.nexus.id), sense::MODE_PARAMETERS_CHANGED);
     Ok(ScsiResponse::good_empty())
+}
+
+/// The mode parameters every gateway of a shared LU applies alike, by the
+/// name the shared state keeps each under.
+fn shared_params(lu: &LogicalUnit) -> [(&'static str, &AtomicBool); 2] {
+    [("wce", &lu.wce), ("swp", &lu.swp)]
+}
+
+/// Takes in the mode parameters stored by any gateway. With `announce`,
+/// this gateway's nexuses hear of a change as the other gateway's did
+/// (MODE PARAMETERS CHANGED); an LU being opened has no nexus to tell.
+pub(crate) fn load_shared(lu: &LogicalUnit, store: &dyn SharedState, announce: bool) {
+    let _g = lu.mode_lock.lock().unwrap_or_else(|e| e.into_inner());
+    let mut changed = false;
+    for (name, flag) in shared_params(lu) {
+        let on = match store.load_mode_param(name) {
+            Ok(None) => continue,
+            Ok(Some(v)) if v == b"1" => true,
+            Ok(Some(v)) if v == b"0" => false,
+            Ok(Some(_)) => {
+                tracing::warn!(serial = %lu.config.serial, name, "unreadable shared mode parameter ignored");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(serial = %lu.config.serial, name, error = %e, "cannot read a shared mode parameter");
+                continue;
+            }
+        };
+        changed |= flag.swap(on, Ordering::Relaxed) != on;
+    }
+    if changed && announce {
+        lu.queue_ua_others(None, sense::MODE_PARAMETERS_CHANGED);
+    }
 }
 
 #[cfg(test)]

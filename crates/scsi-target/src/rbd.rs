@@ -48,7 +48,7 @@ use std::ptr::null_mut;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use crate::backend::{Backend, BackendCaps, CompareAndWrite, PrStore};
+use crate::backend::{Backend, BackendCaps, CompareAndWrite, SharedState};
 
 type RadosT = *mut c_void;
 type IoCtxT = *mut c_void;
@@ -576,7 +576,9 @@ fn run_at(extents: &[(u64, u64)], offset: u64, end: u64) -> (bool, u64) {
 /// [`PR_XATTR`] of the object `ironstar.pr.<image>` in the image's pool,
 /// replaced by one OSD operation that compares the old value and sets the
 /// new one (so concurrent changes from two gateways cannot both win). Every
-/// gateway watches the object and is notified after each change.
+/// gateway watches the object and is notified after each change. The LU's
+/// mode parameters live beside it, one xattr each (`ironstar.mode.<name>`),
+/// announced the same way.
 struct PrObject {
     api: &'static Api,
     io: IoCtxT,
@@ -599,6 +601,8 @@ struct PrWatch {
     changed: AtomicBool,
     /// Another gateway reset the LU.
     reset: AtomicBool,
+    /// Another gateway stored mode parameters.
+    mode_changed: AtomicBool,
     /// This gateway's instance, to ignore its own reset announcements.
     me: u64,
     /// The watch failed: every command re-reads the state from then on.
@@ -639,6 +643,8 @@ unsafe extern "C" fn on_pr_notify(
         w.changed.store(true, Ordering::Release);
     } else if payload.starts_with(b"reset:") && payload != reset_event(w.me).as_slice() {
         w.reset.store(true, Ordering::Release);
+    } else if payload.starts_with(b"mode:") && payload != mode_event(w.me).as_slice() {
+        w.mode_changed.store(true, Ordering::Release);
     }
     // SAFETY: acknowledging with the ids librados gave us; no payload.
     unsafe {
@@ -686,6 +692,8 @@ impl PrObject {
             // Read the state on the first command.
             changed: AtomicBool::new(true),
             reset: AtomicBool::new(false),
+            // LogicalUnit::new reads them when it opens the LU.
+            mode_changed: AtomicBool::new(false),
             me: instance_id(),
             broken: AtomicBool::new(false),
         });
@@ -718,8 +726,30 @@ impl PrObject {
         c"ironstar.pr"
     }
 
+    /// One xattr of the object; `None` when it was never set.
+    fn getxattr(&self, name: &std::ffi::CStr) -> io::Result<Option<Vec<u8>>> {
+        let mut buf = vec![0u8; 64 * 1024];
+        // SAFETY: `buf` is valid for writes of its length.
+        let rc = unsafe {
+            (self.api.rados_getxattr)(
+                self.io,
+                self.oid.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if rc == -libc::ENOENT || rc == -libc::ENODATA {
+            return Ok(None);
+        }
+        let n = usize::try_from(rc).map_err(|_| errno(i64::from(rc)))?;
+        buf.truncate(n.min(buf.len()));
+        Ok(Some(buf))
+    }
+
     /// Tells every watching gateway (this one included): an empty payload
-    /// means "re-read the state", `reset:<instance>` a LUN reset.
+    /// means "re-read the state", `reset:<instance>` a LUN reset,
+    /// `mode:<instance>` new mode parameters.
     fn notify(&self, payload: &[u8], timeout_ms: u64) {
         let mut reply: *mut c_char = null_mut();
         let mut len = 0usize;
@@ -748,25 +778,11 @@ impl PrObject {
     }
 }
 
-impl PrStore for PrObject {
+impl SharedState for PrObject {
     fn load(&self) -> io::Result<Vec<u8>> {
-        let mut buf = vec![0u8; 64 * 1024];
-        // SAFETY: `buf` is valid for writes of its length.
-        let rc = unsafe {
-            (self.api.rados_getxattr)(
-                self.io,
-                self.oid.as_ptr(),
-                Self::xattr_name().as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
-        if rc == -libc::ENOENT || rc == -libc::ENODATA {
-            return Ok(EMPTY_PR_STATE.to_vec());
-        }
-        let n = usize::try_from(rc).map_err(|_| errno(i64::from(rc)))?;
-        buf.truncate(n.min(buf.len()));
-        Ok(buf)
+        Ok(self
+            .getxattr(Self::xattr_name())?
+            .unwrap_or_else(|| EMPTY_PR_STATE.to_vec()))
     }
 
     fn replace(&self, expected: &[u8], new: &[u8]) -> io::Result<bool> {
@@ -814,6 +830,57 @@ impl PrStore for PrObject {
     fn take_reset(&self) -> bool {
         self.ctx.reset.swap(false, Ordering::AcqRel)
     }
+
+    fn load_mode_param(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
+        self.getxattr(&mode_xattr(name)?)
+    }
+
+    fn store_mode_params(&self, params: &[(&str, &[u8])]) -> io::Result<()> {
+        let names = params
+            .iter()
+            .map(|(n, _)| mode_xattr(n))
+            .collect::<io::Result<Vec<CString>>>()?;
+        // SAFETY: a fresh op whose names and values all outlive the
+        // synchronous operate call; released afterwards. One op: the
+        // parameters change together or not at all.
+        let rc = unsafe {
+            let op = (self.api.rados_create_write_op)();
+            if op.is_null() {
+                return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+            }
+            for (name, (_, value)) in names.iter().zip(params) {
+                (self.api.rados_write_op_setxattr)(
+                    op,
+                    name.as_ptr(),
+                    value.as_ptr().cast(),
+                    value.len(),
+                );
+            }
+            let rc =
+                (self.api.rados_write_op_operate)(op, self.io, self.oid.as_ptr(), null_mut(), 0);
+            (self.api.rados_release_write_op)(op);
+            rc
+        };
+        if rc < 0 {
+            return Err(errno(i64::from(rc)));
+        }
+        self.notify(&mode_event(self.ctx.me), PR_NOTIFY_TIMEOUT_MS);
+        Ok(())
+    }
+
+    fn take_mode_changed(&self) -> bool {
+        self.ctx.broken.load(Ordering::Acquire)
+            || self.ctx.mode_changed.swap(false, Ordering::AcqRel)
+    }
+}
+
+fn mode_event(instance: u64) -> Vec<u8> {
+    format!("mode:{instance:016x}").into_bytes()
+}
+
+fn mode_xattr(name: &str) -> io::Result<CString> {
+    CString::new(format!("ironstar.mode.{name}"))
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
 fn reset_event(instance: u64) -> Vec<u8> {
@@ -981,8 +1048,8 @@ impl Backend for RbdBackend {
         Some((mapped, n.max(1)))
     }
 
-    fn pr_store(&self) -> Option<&dyn PrStore> {
-        self.pr.as_ref().map(|p| p as &dyn PrStore)
+    fn shared_state(&self) -> Option<&dyn SharedState> {
+        self.pr.as_ref().map(|p| p as &dyn SharedState)
     }
 
     fn write_same(&self, offset: u64, len: u64, pattern: &[u8]) -> io::Result<()> {
@@ -1127,114 +1194,6 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         assert!(took < std::time::Duration::from_secs(20), "took {took:?}");
         assert!(err.to_string().contains("connecting"), "{err}");
-    }
-
-    /// Against a real image when `IRONSTAR_TEST_RBD=CONF:POOL/IMAGE` names
-    /// one (tests/tests/ceph.rs sets it up; the image is overwritten).
-    fn real_image() -> Option<RbdBackend> {
-        let spec = std::env::var("IRONSTAR_TEST_RBD").ok()?;
-        let (conf, rest) = spec.split_once(':')?;
-        let (pool, image) = rest.split_once('/')?;
-        let cfg = RbdConfig {
-            conf: Some(conf.to_string()),
-            timeout_secs: 20,
-            ..RbdConfig::new(pool, image)
-        };
-        Some(RbdBackend::open(&cfg).unwrap())
-    }
-
-    #[test]
-    fn real_image_round_trips_and_zeroes_and_compares() {
-        let Some(b) = real_image() else {
-            eprintln!("skipped: IRONSTAR_TEST_RBD not set");
-            return;
-        };
-        assert_eq!(b.physical_block_size(), 512);
-        let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
-        b.write_at(4096, &data).unwrap();
-        let mut back = vec![0u8; data.len()];
-        b.read_at(4096, &mut back).unwrap();
-        assert_eq!(back, data);
-        b.flush().unwrap();
-        b.unmap(4096 + 512, 1024).unwrap();
-        b.read_at(4096, &mut back).unwrap();
-        assert!(back[512..1536].iter().all(|&x| x == 0));
-        assert_eq!(back[1536..], data[1536..]);
-        b.write_same(1 << 20, 8 * 512, &[0xA5; 512]).unwrap();
-        let mut ws = vec![0u8; 8 * 512];
-        b.read_at(1 << 20, &mut ws).unwrap();
-        assert!(ws.iter().all(|&x| x == 0xA5));
-        // Equal: written. Different at byte 300: nothing written, offset 300.
-        let cur = ws[..512].to_vec();
-        let new = vec![0x5A; 512];
-        assert_eq!(
-            b.compare_and_write(1 << 20, &cur, &new).unwrap(),
-            CompareAndWrite::Written
-        );
-        let mut wrong = new.clone();
-        wrong[300] ^= 1;
-        assert_eq!(
-            b.compare_and_write(1 << 20, &wrong, &cur).unwrap(),
-            CompareAndWrite::Miscompare(300)
-        );
-        b.read_at(1 << 20, &mut ws[..1024]).unwrap();
-        assert!(ws[..512].iter().all(|&x| x == 0x5A));
-        // Beyond what this librbd compares atomically: the core falls back.
-        let two = ws[..1024].to_vec();
-        match b.compare_and_write(1 << 20, &two, &two) {
-            Ok(CompareAndWrite::Written) => {}
-            Err(e) => assert_eq!(e.kind(), io::ErrorKind::Unsupported),
-            other => panic!("{other:?}"),
-        }
-        // A zero pattern leaves zeros, in part of an object too.
-        b.write_same(1 << 20, 4 * 512, &[0u8; 512]).unwrap();
-        b.read_at(1 << 20, &mut ws[..2048]).unwrap();
-        assert!(ws[..2048].iter().all(|&x| x == 0));
-        // A whole object written, then unmapped: deallocated.
-        b.write_at(4 << 20, &[1u8; 4096]).unwrap();
-        assert_eq!(b.map_status(4 << 20, 4 << 20).map(|m| m.0), Some(true));
-        b.unmap(4 << 20, 4 << 20).unwrap();
-        assert_eq!(b.map_status(4 << 20, 4 << 20), Some((false, 4 << 20)));
-        assert!(b.read_at(b.size_bytes() - 512, &mut [0u8; 1024]).is_err());
-    }
-
-    #[test]
-    fn real_image_zeroes_seen_after_the_lock_moves() {
-        let (Some(a), Some(b)) = (real_image(), real_image()) else {
-            return;
-        };
-        for round in 0..4u8 {
-            b.write_at(8 << 20, &[round + 1; 4096]).unwrap();
-            let mut buf = [9u8; 4096];
-            a.read_at(8 << 20, &mut buf).unwrap();
-            assert!(buf.iter().all(|&x| x == round + 1), "round {round}: read");
-            a.unmap(8 << 20, 128 * 1024).unwrap();
-            a.read_at(8 << 20, &mut buf).unwrap();
-            assert!(buf.iter().all(|&x| x == 0), "round {round}: unmap via a");
-            b.read_at(8 << 20, &mut buf).unwrap();
-            assert!(
-                buf.iter().all(|&x| x == 0),
-                "round {round}: unmap seen by b"
-            );
-        }
-    }
-
-    #[test]
-    fn real_image_reservation_state_is_swapped_and_announced() {
-        let (Some(a), Some(b)) = (real_image(), real_image()) else {
-            return;
-        };
-        let (pa, pb) = (a.pr_store().unwrap(), b.pr_store().unwrap());
-        let old = pa.load().unwrap();
-        let new = format!("ironstar-pr 1\ngen {}\n", old.len() + 1).into_bytes();
-        let _ = pb.take_changed();
-        assert!(pa.replace(&old, &new).unwrap());
-        // The notify is acknowledged before replace returns.
-        assert!(pb.take_changed());
-        assert_eq!(pb.load().unwrap(), new);
-        // A swap from a stale state loses.
-        assert!(!pb.replace(&old, b"ironstar-pr 1\ngen 99\n").unwrap());
-        assert!(pa.replace(&new, &old).unwrap());
     }
 
     #[test]

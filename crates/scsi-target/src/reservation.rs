@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use std::sync::Arc;
 
-use crate::backend::PrStore;
+use crate::backend::SharedState;
 use crate::cdb::{be_at, op, Cdb};
 use crate::lu::LogicalUnit;
 use crate::sense::{self, Sense};
@@ -324,7 +324,11 @@ fn store_failed(e: impl std::fmt::Display) -> Fail {
 /// Loads the shared state into `st`; returns the bytes it was read from.
 /// What another gateway did to this gateway's registrants reaches their
 /// nexuses here as the unit attention they would have got from it.
-fn load_shared(lu: &LogicalUnit, store: &dyn PrStore, st: &mut ResState) -> Result<Vec<u8>, Fail> {
+fn load_shared(
+    lu: &LogicalUnit,
+    store: &dyn SharedState,
+    st: &mut ResState,
+) -> Result<Vec<u8>, Fail> {
     let data = store.load().map_err(store_failed)?;
     let before = st.shared_part();
     decode_shared(&data, st).map_err(store_failed)?;
@@ -367,12 +371,15 @@ fn announce_remote_change(lu: &LogicalUnit, before: &SharedPart, now: &ResState)
 
 /// Before each command: take in what another gateway changed.
 pub(crate) fn refresh_shared(lu: &LogicalUnit) {
-    let Some(store) = lu.backend.pr_store() else {
+    let Some(store) = lu.backend.shared_state() else {
         return;
     };
     if store.take_reset() {
         // Another gateway reset the LU: as for a reset here, every nexus hears of it.
         lu.queue_ua_others(None, sense::BUS_DEVICE_RESET_FUNCTION_OCCURRED);
+    }
+    if store.take_mode_changed() {
+        crate::mode::load_shared(lu, store, true);
     }
     if store.take_changed() {
         let mut st = lock(lu);
@@ -539,7 +546,7 @@ fn transport_id(initiator: &str) -> Vec<u8> {
 pub(crate) fn pr_in(lu: &LogicalUnit, _t: &ScsiTask<'_>, cdb: Cdb<'_>) -> CmdResult {
     let alloc = u64::from(cdb.u16(7));
     let mut st = lock(lu);
-    if let Some(store) = lu.backend.pr_store() {
+    if let Some(store) = lu.backend.shared_state() {
         load_shared(lu, store, &mut st)?;
         publish(lu, &st);
     }
@@ -568,7 +575,7 @@ pub(crate) fn pr_in(lu: &LogicalUnit, _t: &ScsiTask<'_>, cdb: Cdb<'_>) -> CmdRes
             }
         }
         pri::REPORT_CAPABILITIES => {
-            let ptpl_c = lu.backend.pr_store().is_some();
+            let ptpl_c = lu.backend.shared_state().is_some();
             v.extend_from_slice(&8u16.to_be_bytes());
             // CRH: RESERVE(6)/RELEASE(6) conflict with PRs; ATP_C: ALL_TG_PT;
             // PTPL_C where the state lives in a cluster, not in this process.
@@ -628,7 +635,7 @@ fn parse_pro_params(lu: &LogicalUnit, cdb: &Cdb<'_>, data: &[u8]) -> Result<ProP
         return Err(Sense::invalid_param(20, Some(3)).into());
     }
     let aptpl = flags & 0x01 != 0;
-    if aptpl && lu.backend.pr_store().is_none() {
+    if aptpl && lu.backend.shared_state().is_none() {
         // Kept in this process only: not through power loss (PTPL_C=0).
         return Err(Sense::invalid_param(20, Some(0)).into());
     }
@@ -653,7 +660,7 @@ pub(crate) fn pr_out(lu: &LogicalUnit, t: &ScsiTask<'_>, cdb: Cdb<'_>) -> CmdRes
     if st.reserve6.is_some_and(|h| h != t.nexus.id) {
         return Err(conflict());
     }
-    let Some(store) = lu.backend.pr_store() else {
+    let Some(store) = lu.backend.shared_state() else {
         return pr_out_apply(lu, &mut st, t, &me, &p, action, scope, ptype);
     };
     // Read, apply, compare-and-swap; another gateway's change in between
@@ -989,6 +996,15 @@ mod tests {
         data: std::sync::Mutex<(u64, Vec<u8>)>,
         /// Resets announced so far, by gateway id.
         resets: std::sync::Mutex<Vec<usize>>,
+        mode: std::sync::Mutex<ModeParams>,
+    }
+
+    /// Mode parameters by name, who stored them last, and how often.
+    #[derive(Default)]
+    struct ModeParams {
+        values: Vec<(String, Vec<u8>)>,
+        by: Option<usize>,
+        version: u64,
     }
 
     struct Gateway {
@@ -997,9 +1013,10 @@ mod tests {
         seen: std::sync::atomic::AtomicU64,
         id: usize,
         resets_seen: std::sync::atomic::AtomicUsize,
+        mode_seen: std::sync::atomic::AtomicU64,
     }
 
-    impl super::PrStore for Gateway {
+    impl super::SharedState for Gateway {
         fn load(&self) -> std::io::Result<Vec<u8>> {
             let d = self.shared.data.lock().unwrap();
             self.seen.store(d.0, std::sync::atomic::Ordering::SeqCst);
@@ -1039,6 +1056,30 @@ mod tests {
             r.get(from..)
                 .is_some_and(|new| new.iter().any(|&g| g != self.id))
         }
+        fn load_mode_param(&self, name: &str) -> std::io::Result<Option<Vec<u8>>> {
+            let m = self.shared.mode.lock().unwrap();
+            Ok(m.values
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone()))
+        }
+        fn store_mode_params(&self, params: &[(&str, &[u8])]) -> std::io::Result<()> {
+            let mut m = self.shared.mode.lock().unwrap();
+            for (name, value) in params {
+                m.values.retain(|(n, _)| n != name);
+                m.values.push((name.to_string(), value.to_vec()));
+            }
+            m.by = Some(self.id);
+            m.version += 1;
+            Ok(())
+        }
+        fn take_mode_changed(&self) -> bool {
+            let m = self.shared.mode.lock().unwrap();
+            let was = self
+                .mode_seen
+                .swap(m.version, std::sync::atomic::Ordering::SeqCst);
+            was != m.version && m.by != Some(self.id)
+        }
     }
 
     impl crate::Backend for Gateway {
@@ -1060,7 +1101,7 @@ mod tests {
         fn caps(&self) -> crate::BackendCaps {
             self.mem.caps()
         }
-        fn pr_store(&self) -> Option<&dyn super::PrStore> {
+        fn shared_state(&self) -> Option<&dyn super::SharedState> {
             Some(self)
         }
     }
@@ -1075,6 +1116,7 @@ mod tests {
                 seen: Default::default(),
                 id: NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
                 resets_seen: Default::default(),
+                mode_seen: Default::default(),
             }),
         )
         .unwrap()
@@ -1093,6 +1135,49 @@ mod tests {
             sense::BUS_DEVICE_RESET_FUNCTION_OCCURRED,
         );
         assert_good(&exec(&b, &y, &TUR, &[]));
+    }
+
+    /// MODE SELECT(6) of the control page with SWP as given.
+    fn set_swp(lu: &LogicalUnit, n: &Nexus, on: bool) -> crate::ScsiResponse {
+        let mut data = vec![0u8; 4 + 12];
+        data[4] = 0x0A;
+        data[5] = 10;
+        data[8] = if on { 0x08 } else { 0 };
+        data[9] = 0x40; // TAS, as the current page has it
+        data[12..14].copy_from_slice(&0xFFFFu16.to_be_bytes());
+        exec(lu, n, &[0x15, 0x10, 0, 0, data.len() as u8, 0], &data)
+    }
+
+    #[test]
+    fn mode_parameters_set_through_one_gateway_apply_on_all_and_outlive_a_restart() {
+        let cluster = std::sync::Arc::new(Shared::default());
+        let (a, b) = (gateway(&cluster), gateway(&cluster));
+        let x = ready_nexus(&a, 1);
+        let y = ready_nexus(&b, 2);
+        assert!(can_write(&b, &y));
+        assert_good(&set_swp(&a, &x, true));
+        // B's nexus hears of it, then finds the LU write protected.
+        assert_check(&exec(&b, &y, &TUR, &[]), sense::MODE_PARAMETERS_CHANGED);
+        assert_check(
+            &exec(&b, &y, &WRITE, &[0u8; 512]),
+            sense::SOFTWARE_WRITE_PROTECTED,
+        );
+        assert!(can_read(&b, &y));
+        // A gateway started now applies it from the start.
+        let c = gateway(&cluster);
+        let z = ready_nexus(&c, 3);
+        assert_check(
+            &exec(&c, &z, &WRITE, &[0u8; 512]),
+            sense::SOFTWARE_WRITE_PROTECTED,
+        );
+        // Cleared through B: A and C write again, and A's own nexus heard of it.
+        assert_good(&set_swp(&b, &y, false));
+        assert_check(&exec(&a, &x, &TUR, &[]), sense::MODE_PARAMETERS_CHANGED);
+        assert!(can_write(&a, &x));
+        assert_check(&exec(&c, &z, &TUR, &[]), sense::MODE_PARAMETERS_CHANGED);
+        assert!(can_write(&c, &z));
+        // B's own nexus is not told of its own change.
+        assert!(can_write(&b, &y));
     }
 
     /// The same initiator port through another gateway's target port.
