@@ -293,16 +293,7 @@ fn compliance(a: &Gateway, b: &Gateway) {
     // them presumes a sanitize slower than an RBD LU's (KNOWN_GAPS).
     if tests == "ALL" || tests.contains("Sanitize") {
         let report = compliance_run(a, &["--dataloss", "--allow-sanitize"], "SCSI.Sanitize");
-        for gap in KNOWN_GAPS {
-            if !report.failures().iter().any(|f| f == gap) {
-                println!("note: KNOWN_GAPS entry {gap} did not fail: remove it");
-            }
-        }
-        let unexpected: Vec<String> = report
-            .failures()
-            .into_iter()
-            .filter(|f| !KNOWN_GAPS.contains(&f.as_str()))
-            .collect();
+        let unexpected = report.unexpected_failures(KNOWN_GAPS);
         assert!(
             unexpected.is_empty() && report.counts().total() >= 11,
             "iscsi-test-cu's SANITIZE suite on an RBD LU: unexpected failures {unexpected:?}\n{}",
