@@ -5,6 +5,12 @@
 # limit. Both targets are driven by our `iscsi bench`; they run one after the other, so the
 # image's exclusive lock never bounces between them. Not part of CI: run it by hand.
 #
+# iscsitd opens images with the librbd cache off (an acknowledged write is on the OSDs, so a
+# gateway's death loses nothing that multipath failover would hide). librbd's default is a
+# write-back cache, which `rbd bench` and tgt-rbd use unless told otherwise: both run twice,
+# with the cache (their default) and without it (iscsitd's footing), and the table gives
+# iscsitd's ratio to tgt-rbd on the same footing.
+#
 #   bench/ceph.sh               # builds in release mode, prints a markdown table
 #   DUR=10 bench/ceph.sh        # seconds per run (default 5)
 #   OBJECTSTORE=memstore bench/ceph.sh   # an OSD in RAM instead of bluestore on a file
@@ -76,15 +82,21 @@ WORKLOADS=(
     "128k seq write QD8|--io-type write --io-size 128K --io-threads 8 --io-pattern seq|--rw write --bs 128k --qd 8"
 )
 
+# The same cluster without the librbd cache, for rbd bench and tgt-rbd's second runs.
+NOCACHE_CONF=$TMP/ceph-nocache.conf
+{ cat "$CEPH_CONF"; printf '\n[client.admin]\nrbd cache = false\n'; } >"$NOCACHE_CONF"
+
 declare -A R
 # rbd bench runs a fixed amount: about DUR seconds' worth at the rates seen here.
-for w in "${WORKLOADS[@]}"; do
-    IFS='|' read -r name rargs _ <<<"$w"
-    total=$([[ $name == 4k* ]] && echo 64M || echo 1G)
-    # shellcheck disable=SC2086
-    out=$(rbd bench $rargs --io-total "$total" rbd/bench 2>&1 | tail -1)
-    R["rbd|$name"]=$(awk '{for (i=1;i<=NF;i++) if ($i=="ops/sec:") print int($(i+1))}' <<<"$out")
-    log "rbd bench $name: ${R["rbd|$name"]} IOPS"
+for conf in cache:"$CEPH_CONF" nocache:"$NOCACHE_CONF"; do
+    for w in "${WORKLOADS[@]}"; do
+        IFS='|' read -r name rargs _ <<<"$w"
+        total=$([[ $name == 4k* ]] && echo 64M || echo 1G)
+        # shellcheck disable=SC2086
+        out=$(CEPH_CONF=${conf#*:} rbd bench $rargs --io-total "$total" rbd/bench 2>&1 | tail -1)
+        R["rbd-${conf%%:*}|$name"]=$(awk '{for (i=1;i<=NF;i++) if ($i=="ops/sec:") print int($(i+1))}' <<<"$out")
+        log "rbd bench (${conf%%:*}) $name: ${R["rbd-${conf%%:*}|$name"]} IOPS"
+    done
 done
 
 iscsi_bench() { # url, args -> IOPS
@@ -126,25 +138,27 @@ for w in "${WORKLOADS[@]}"; do
 done
 stop_a
 
-log "tgtd with --bstype rbd on 127.0.0.1:$PORT_B"
-tgtd -f --iscsi portal=127.0.0.1:$PORT_B --control-port "$CTRL" >"$TMP/tgtd.log" 2>&1 &
-PID_B=$!
-for _ in $(seq 50); do tgtadm -C "$CTRL" --mode system --op show >/dev/null 2>&1 && break; sleep 0.1; done
-tgtadm -C "$CTRL" --lld iscsi --mode target --op new --tid 1 --targetname "$IQN"
-tgtadm -C "$CTRL" --lld iscsi --mode logicalunit --op new --tid 1 --lun 1 --bstype rbd \
-    --backing-store rbd/bench --bsopts "conf=$CEPH_CONF;id=admin"
-tgtadm -C "$CTRL" --lld iscsi --mode target --op bind --tid 1 --initiator-address ALL
-# tgt's defaults (8 KiB segments, InitialR2T=Yes) cripple large writes; give it ours.
-for kv in MaxRecvDataSegmentLength=262144 MaxXmitDataSegmentLength=262144 InitialR2T=No \
-    FirstBurstLength=262144 MaxBurstLength=1048576; do
-    tgtadm -C "$CTRL" --lld iscsi --op update --mode target --tid 1 --name "${kv%=*}" --value "${kv#*=}"
+for conf in cache:"$CEPH_CONF" nocache:"$NOCACHE_CONF"; do
+    log "tgtd with --bstype rbd (librbd ${conf%%:*}) on 127.0.0.1:$PORT_B"
+    tgtd -f --iscsi portal=127.0.0.1:$PORT_B --control-port "$CTRL" >"$TMP/tgtd.log" 2>&1 &
+    PID_B=$!
+    for _ in $(seq 50); do tgtadm -C "$CTRL" --mode system --op show >/dev/null 2>&1 && break; sleep 0.1; done
+    tgtadm -C "$CTRL" --lld iscsi --mode target --op new --tid 1 --targetname "$IQN"
+    tgtadm -C "$CTRL" --lld iscsi --mode logicalunit --op new --tid 1 --lun 1 --bstype rbd \
+        --backing-store rbd/bench --bsopts "conf=${conf#*:};id=admin"
+    tgtadm -C "$CTRL" --lld iscsi --mode target --op bind --tid 1 --initiator-address ALL
+    # tgt's defaults (8 KiB segments, InitialR2T=Yes) cripple large writes; give it ours.
+    for kv in MaxRecvDataSegmentLength=262144 MaxXmitDataSegmentLength=262144 InitialR2T=No \
+        FirstBurstLength=262144 MaxBurstLength=1048576; do
+        tgtadm -C "$CTRL" --lld iscsi --op update --mode target --tid 1 --name "${kv%=*}" --value "${kv#*=}"
+    done
+    for w in "${WORKLOADS[@]}"; do
+        IFS='|' read -r name _ iargs <<<"$w"
+        R["b-${conf%%:*}|$name"]=$(iscsi_bench "iscsi://127.0.0.1:$PORT_B/$IQN/1" "$iargs")
+        log "tgt-rbd (${conf%%:*}) $name: ${R["b-${conf%%:*}|$name"]} IOPS"
+    done
+    stop_b
 done
-for w in "${WORKLOADS[@]}"; do
-    IFS='|' read -r name _ iargs <<<"$w"
-    R["b|$name"]=$(iscsi_bench "iscsi://127.0.0.1:$PORT_B/$IQN/1" "$iargs")
-    log "tgt-rbd $name: ${R["b|$name"]} IOPS"
-done
-stop_b
 
 fmt() { # name, iops -> "IOPS" or "MB/s" for 128k rows
     if [[ $1 == 128k* ]]; then echo "$(( ${2:-0} * 128 / 1024 )) MB/s"; else echo "${2:-0} IOPS"; fi
@@ -152,9 +166,11 @@ fmt() { # name, iops -> "IOPS" or "MB/s" for 128k rows
 echo
 echo "RBD LU, 1 GiB image, single-node Ceph 16.2 ($OBJECTSTORE, 1 OSD) on 127.0.0.1, $(nproc) cores; ${DUR}s runs of \`iscsi bench\`"
 echo
-echo "| workload | rbd bench (librbd, no iSCSI) | iscsitd (RBD backend) | tgtd (tgt-rbd, tuned segments) |"
-echo "|---|---:|---:|---:|"
+echo "| workload | rbd bench, librbd cache on | rbd bench, cache off | iscsitd (cache off) | tgt-rbd, cache on | tgt-rbd, cache off | iscsitd / tgt-rbd, both cache off |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
 for w in "${WORKLOADS[@]}"; do
     IFS='|' read -r name _ _ <<<"$w"
-    echo "| $name | $(fmt "$name" "${R["rbd|$name"]}") | $(fmt "$name" "${R["a|$name"]}") | $(fmt "$name" "${R["b|$name"]}") |"
+    a=${R["a|$name"]:-0} b=${R["b-nocache|$name"]:-0}
+    ratio=$(awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
+    echo "| $name | $(fmt "$name" "${R["rbd-cache|$name"]}") | $(fmt "$name" "${R["rbd-nocache|$name"]}") | $(fmt "$name" "$a") | $(fmt "$name" "${R["b-cache|$name"]}") | $(fmt "$name" "$b") | $ratio |"
 done
