@@ -4,7 +4,9 @@
 //!
 //! The pages are built from the LU's live state on each request, so there is
 //! one source of truth (the atomics on the LU) and no page image to keep in
-//! step with it.
+//! step with it. When several gateways serve the LU, a change is stored in
+//! its [`SharedState`] before it applies here, and the other gateways take it
+//! in before their next command ([`load_shared`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
