@@ -144,6 +144,9 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
         "logged in"
     );
     let (inbox_tx, inbox) = mpsc::unbounded_channel();
+    // The connection's clock: a tick a second through its inbox (a weak sender, so the inbox
+    // still closes when the session lets the connection go).
+    tokio::spawn(ticks(inbox_tx.downgrade()));
     let serial = registry.sessions.conn_serial();
     let cid = outcome.identity.cid;
     // One snapshot of the defaults for this connection's limits (set-up, not per command).
@@ -193,6 +196,7 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
         logout_session: false,
         info: live,
         lu_io: HashMap::new(),
+        last_lu_io: None,
         aborted_work: Vec::new(),
         admitted: Vec::new(),
     };
@@ -430,6 +434,22 @@ impl LoginAuthority for Authority {
 /// without waiting (a full socket, or a transport without `try_send`), and
 /// then holds the transport, sending, until the queue is empty; closes it at
 /// the end of the connection.
+/// Sends the connection [`ConnMsg::Tick`] every second (its NOP-In pings and
+/// their timeouts) until the connection's loop is gone: the loop then has no
+/// timer of its own to poll each time it wakes.
+async fn ticks(inbox: mpsc::WeakUnboundedSender<ConnMsg>) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        ticker.tick().await;
+        let Some(tx) = inbox.upgrade() else {
+            return;
+        };
+        if tx.send(ConnMsg::Tick).is_err() {
+            return;
+        }
+    }
+}
+
 async fn writer_loop<Tx: PduTx>(shared: Arc<Shared<Tx>>) {
     let common = shared.common.clone();
     let mut held: Option<Tx> = None;
@@ -813,6 +833,8 @@ struct Conn {
     info: Arc<ConnInfo>,
     /// The LUs' counters, by NAA id, taken once per LU.
     lu_io: HashMap<u64, Arc<IoStats>>,
+    /// The last of `lu_io` used.
+    last_lu_io: Option<(u64, Arc<IoStats>)>,
     /// Work of commands the task management function being answered has
     /// aborted, still running on I/O threads: its response waits for it.
     aborted_work: Vec<tokio::sync::watch::Receiver<()>>,
@@ -880,11 +902,21 @@ impl Conn {
     /// The counters of `lu`, cached on the connection.
     fn lu_io(&mut self, lu: &scsi_target::LogicalUnit) -> Arc<IoStats> {
         let id = lu.config().naa_id;
-        if let Some(io) = self.lu_io.get(&id) {
-            return io.clone();
+        // Most commands go to the LU of the one before.
+        if let Some((last, io)) = &self.last_lu_io {
+            if *last == id {
+                return io.clone();
+            }
         }
-        let io = self.registry.sessions.metrics.lu(id);
-        self.lu_io.insert(id, io.clone());
+        let io = match self.lu_io.get(&id) {
+            Some(io) => io.clone(),
+            None => {
+                let io = self.registry.sessions.metrics.lu(id);
+                self.lu_io.insert(id, io.clone());
+                io
+            }
+        };
+        self.last_lu_io = Some((id, io.clone()));
         io
     }
 
@@ -926,8 +958,8 @@ impl Conn {
         let defaults = self.registry.defaults();
         let idle_limit = Duration::from_secs(defaults.nop_in_interval);
         let ping_limit = Duration::from_secs(defaults.nop_in_timeout.max(1));
-        let mut last_rx = Instant::now();
-        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        // When the last PDU came, as metrics::now_ns (read per PDU: cheaper than `Instant`).
+        let mut last_rx = now_ns();
         // Requests handled in a row without a look at the other sources.
         let mut streak = 0u32;
         while !self.closing && !self.writer.writer_gone() {
@@ -958,13 +990,12 @@ impl Conn {
             streak = 0;
             // Everything received is handled: answer it before waiting.
             self.writer.flush();
+            // In order: no random start to draw on every wake-up. Requests
+            // cannot starve the inbox (it comes first) and the loop above
+            // hands requests over to here every STREAK_MAX.
             tokio::select! {
+                biased;
                 _ = self.writer.wait_for_room(), if !room => {}
-                r = rx.recv_into(Placer(&mut self.tasks)), if room => {
-                    if !self.on_recv(r, &mut last_rx).await {
-                        break;
-                    }
-                }
                 m = inbox.recv() => match m {
                     Some(ConnMsg::Deliver(pdu)) => self.dispatch(pdu).await,
                     Some(ConnMsg::RequestLogout) => {
@@ -978,31 +1009,38 @@ impl Conn {
                         Bytes::new(),
                         ))]);
                     }
+                    Some(ConnMsg::Tick) => {
+                        if let Some((_, sent)) = self.ping {
+                            if sent.elapsed() > ping_limit {
+                                tracing::info!("no answer to NOP-In: dropping the connection");
+                                break;
+                            }
+                        } else if !idle_limit.is_zero()
+                            && Duration::from_nanos(now_ns().saturating_sub(last_rx)) > idle_limit
+                        {
+                            let ttt = self.alloc_ttt();
+                            self.ping = Some((ttt, Instant::now()));
+                            self.send(vec![OutPdu {
+                                pdu: Pdu::new(
+                                    Header::NopIn(NopIn {
+                                        itt: RESERVED_TAG,
+                                        ttt,
+                                        ..Default::default()
+                                    }),
+                                    Bytes::new(),
+                                ),
+                                carries_status: false,
+                            }]);
+                        }
+                    }
                     Some(ConnMsg::Close) | None => {
                         self.transition(ConnEvent::SessionClosed);
                         break;
                     }
                 },
-                _ = ticker.tick() => {
-                    if let Some((_, sent)) = self.ping {
-                        if sent.elapsed() > ping_limit {
-                            tracing::info!("no answer to NOP-In: dropping the connection");
-                            break;
-                        }
-                    } else if !idle_limit.is_zero() && last_rx.elapsed() > idle_limit {
-                        let ttt = self.alloc_ttt();
-                        self.ping = Some((ttt, Instant::now()));
-                        self.send(vec![OutPdu {
-                            pdu: Pdu::new(
-                                Header::NopIn(NopIn {
-                                    itt: RESERVED_TAG,
-                                    ttt,
-                                    ..Default::default()
-                                }),
-                                Bytes::new(),
-                            ),
-                            carries_status: false,
-                        }]);
+                r = rx.recv_into(Placer(&mut self.tasks)), if room => {
+                    if !self.on_recv(r, &mut last_rx).await {
+                        break;
                     }
                 }
             }
@@ -1013,17 +1051,17 @@ impl Conn {
     async fn on_recv(
         &mut self,
         r: Result<Option<Received>, TransportError>,
-        last_rx: &mut Instant,
+        last_rx: &mut u64,
     ) -> bool {
         match r {
             Ok(Some(Received::Placed { bhs, len, dropped })) => {
-                *last_rx = Instant::now();
+                *last_rx = now_ns();
                 self.info.received(BHS_LEN + len);
                 self.data_placed(&bhs, len, dropped).await;
                 true
             }
             Ok(Some(Received::Pdu(raw))) => {
-                *last_rx = Instant::now();
+                *last_rx = now_ns();
                 self.info.received(BHS_LEN + raw.ahs.len() + raw.data.len());
                 self.on_raw(raw).await;
                 true
@@ -1466,13 +1504,16 @@ impl Conn {
             pdu::task_attr::ACA => TaskAttr::Aca,
             _ => TaskAttr::Untagged,
         };
-        let the_lu = target.luns.get(lun);
+        // One look at the session's LU table per command.
+        let map = target.luns.map();
+        let the_lu = map.get(lun).cloned();
         let blocking = the_lu.as_ref().is_some_and(|lu| lu.may_block());
         // SANITIZE without IMMED answers when the sanitize ends, minutes
         // later: it waits on the runtime's blocking pool, holding up neither
         // this connection nor one of the LU's I/O threads.
         let waits = the_lu.as_ref().is_some_and(|lu| lu.waits_long(&h.cdb));
-        let lu_io = the_lu.map(|lu| self.lu_io(&lu));
+        let lu_io = the_lu.as_ref().map(|lu| self.lu_io(lu));
+        let lu = the_lu.clone();
         let run = move || {
             let cdb = h.full_cdb();
             let task = ScsiTask {
@@ -1489,7 +1530,7 @@ impl Conn {
                 attr,
                 tag: u64::from(h.itt),
             };
-            let r = target.luns.execute(&task);
+            let r = target.luns.execute_in(&map, &task);
             let good = r.status == scsi_target::status::GOOD;
             let finished = Finished {
                 dir: Dir::from_flags(h.read, h.write),
@@ -1511,9 +1552,8 @@ impl Conn {
             };
             // Write residuals compare the CDB's transfer length with EDTL
             // (RFC 7143 §11.4.5); only the core knows the former.
-            let write_residual = target
-                .luns
-                .get(lun)
+            let write_residual = lu
+                .as_ref()
                 .and_then(|lu| lu.expected_data_out_len(&cdb))
                 .filter(|tl| *tl > 0 || h.write)
                 .and_then(|tl| {
@@ -1567,7 +1607,7 @@ impl Conn {
                 }
             };
             // The LU's own I/O threads, as many as its device serves at once.
-            match self.session.target.as_ref().and_then(|t| t.luns.get(lun)) {
+            match the_lu {
                 Some(lu) if !waits => lu.spawn_io(job),
                 _ => drop(tokio::task::spawn_blocking(job)),
             }

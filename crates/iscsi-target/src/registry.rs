@@ -220,10 +220,15 @@ impl Luns {
     }
 
     pub fn execute(&self, task: &ScsiTask<'_>) -> ScsiResponse {
-        let map = self.map();
+        self.execute_in(&self.map(), task)
+    }
+
+    /// [`execute`](Self::execute) in `map`, a table [`map`](Self::map) gave
+    /// (the caller has it at hand already: one lookup per command).
+    pub fn execute_in(&self, map: &Arc<LunMap>, task: &ScsiTask<'_>) -> ScsiResponse {
         {
             let mut acked = lock(&self.acked);
-            if let Some(old) = acked.as_ref().filter(|old| !Arc::ptr_eq(old, &map)) {
+            if let Some(old) = acked.as_ref().filter(|old| !Arc::ptr_eq(old, map)) {
                 if map.inventory_changed(old, task.nexus) {
                     tracing::debug!(initiator = %task.nexus.initiator_port_name,
                         target = %self.target, luns = map.len(), "LU inventory changed");

@@ -33,6 +33,8 @@ pub enum ConnMsg {
     RequestLogout,
     /// Close now (session closed, reinstated, or connection reinstated).
     Close,
+    /// A second went by: time to look at NOP-In pings and idleness.
+    Tick,
 }
 
 /// Messages to a connection's writer.
