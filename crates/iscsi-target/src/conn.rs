@@ -430,10 +430,6 @@ impl LoginAuthority for Authority {
     }
 }
 
-/// The writer task: steps in when the transport could not take queued PDUs
-/// without waiting (a full socket, or a transport without `try_send`), and
-/// then holds the transport, sending, until the queue is empty; closes it at
-/// the end of the connection.
 /// Sends the connection [`ConnMsg::Tick`] every second (its NOP-In pings and
 /// their timeouts) until the connection's loop is gone: the loop then has no
 /// timer of its own to poll each time it wakes.
@@ -450,6 +446,10 @@ async fn ticks(inbox: mpsc::WeakUnboundedSender<ConnMsg>) {
     }
 }
 
+/// The writer task: steps in when the transport could not take queued PDUs
+/// without waiting (a full socket, or a transport without `try_send`), and
+/// then holds the transport, sending, until the queue is empty; closes it at
+/// the end of the connection.
 async fn writer_loop<Tx: PduTx>(shared: Arc<Shared<Tx>>) {
     let common = shared.common.clone();
     let mut held: Option<Tx> = None;
