@@ -26,7 +26,9 @@
 //! session is reinstated — a new login with the same ISID and TSIH 0, so
 //! the target ends the old one — with backoff for up to
 //! [`SessionOptions::replacement_timeout`]; then every command that had not
-//! completed is reissued in its original CmdSN order. Each command is
+//! completed is reissued in its original CmdSN order. With other paths to
+//! the target ([`SessionOptions::other_portals`]), the attempts go round
+//! them, so the session moves to another gateway when its own is gone. Each command is
 //! reissued at most [`SessionOptions::max_reissues`] times. If no
 //! replacement comes in time, every waiter gets one clear error. Every wait
 //! has a deadline, so nothing hangs forever.
@@ -89,6 +91,13 @@ pub struct SessionOptions {
     pub nop_timeout: Duration,
     /// TCP or iSER (and over which verbs backend).
     pub link: conn::Link,
+    /// Other portals of the same target, in order of preference (another
+    /// gateway, another target portal group): the paths a multipath layer
+    /// would fail over to. A login that cannot reach the first portal, and a
+    /// recovery that cannot reinstate the session through it, go on to these
+    /// in turn; a session that moves starts anew there (a new I_T nexus)
+    /// and reissues what had not completed, as after any reinstatement.
+    pub other_portals: Vec<Portal>,
 }
 
 impl SessionOptions {
@@ -109,7 +118,13 @@ impl SessionOptions {
             nop_interval: Duration::from_secs(10),
             nop_timeout: Duration::from_secs(10),
             link: conn::Link::Tcp,
+            other_portals: Vec::new(),
         }
+    }
+
+    /// The portal named first, then [`other_portals`](Self::other_portals).
+    fn paths<'a>(&'a self, first: &'a Portal) -> impl Iterator<Item = &'a Portal> {
+        std::iter::once(first).chain(self.other_portals.iter().filter(move |p| *p != first))
     }
 }
 
@@ -419,7 +434,26 @@ impl Session {
         if opts.connections > 1 {
             cfg.policy.max_connections = u32::from(opts.connections);
         }
-        let logged = open_connections(portal, &cfg, &opts, opts.login_timeout).await?;
+        let mut first_error = None;
+        let mut logged = None;
+        for path in opts.paths(portal) {
+            match open_connections(path, &cfg, &opts, opts.login_timeout).await {
+                Ok(l) => {
+                    logged = Some(l);
+                    break;
+                }
+                Err(e) => {
+                    if !opts.other_portals.is_empty() {
+                        tracing::warn!(portal = %path, error = %e, "login failed; trying the next path");
+                    }
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        let Some(logged) = logged else {
+            return Err(first_error
+                .unwrap_or_else(|| Error::SessionClosed("no portal to log in to".into())));
+        };
         let state = State {
             cmd_sn: 1,
             exp_cmd_sn: 1,
@@ -474,6 +508,11 @@ impl Session {
 
     pub fn target(&self) -> &str {
         &self.inner.target
+    }
+
+    /// The portal the session is on now (another path after a move).
+    pub fn portal(&self) -> Portal {
+        self.inner.lock().portal.clone()
     }
 
     /// How many times the session was reinstated after a failure.
@@ -1101,7 +1140,13 @@ impl Inner {
         loop {
             attempt += 1;
             let bound = attempt_timeout(&self.opts, started);
-            match open_connections(&self.home, &self.login, &self.opts, bound).await {
+            // The portal named first, then each other path in turn.
+            let paths: Vec<&Portal> = self.opts.paths(&self.home).collect();
+            let path = paths
+                .get((attempt as usize - 1) % paths.len().max(1))
+                .copied()
+                .unwrap_or(&self.home);
+            match open_connections(path, &self.login, &self.opts, bound).await {
                 Ok(logged) => {
                     let mut st = self.lock();
                     if st.closed.is_some() {
@@ -1140,6 +1185,7 @@ impl Inner {
                     }
                     tracing::info!(
                         attempt,
+                        portal = %st.portal,
                         tsih = st.tsih,
                         reissued = st.queue.len(),
                         "session reinstated"

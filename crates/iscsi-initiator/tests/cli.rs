@@ -124,6 +124,24 @@ fn chap_from_a_secret_file_and_readable_errors() {
         !out.status.success() && err.contains("invalid iSCSI URL"),
         "{err}"
     );
+    // A path to another target is refused before any login, and a bad one is named.
+    let out = iscsi(&[
+        "--path",
+        "iscsi://127.0.0.1:1/iqn.x:other/0",
+        "inq",
+        "iscsi://127.0.0.1:1/iqn.x:none/0",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("leads to iqn.x:other, not iqn.x:none"),
+        "{err}"
+    );
+    let out = iscsi(&["--path", "nope", "inq", "iscsi://127.0.0.1:1/iqn.x:none/0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--path nope") && err.contains("invalid iSCSI URL"),
+        "{err}"
+    );
 }
 
 const SECRET: &str = "cli-secret-123";

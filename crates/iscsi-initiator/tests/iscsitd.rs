@@ -247,6 +247,69 @@ async fn daemon_restart_mid_write_reconnects_and_the_copy_completes() {
     s.logout().await.unwrap();
 }
 
+/// Two daemons serve the same file LU on two portals, as two gateways of one
+/// LU would. A session logged in through A, with B as its other path, is
+/// writing when A is killed for good: the session moves to B by itself, the
+/// write completes, and what it wrote is all there. A later login naming A
+/// first gets B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_moves_to_its_other_path_when_its_portal_dies() {
+    let Some(mut a) = start() else { return };
+    let port_b = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap();
+    let cfg_b = a.dir.join("iscsitd-b.toml");
+    let cfg = std::fs::read_to_string(&a.cfg).unwrap();
+    std::fs::write(
+        &cfg_b,
+        cfg.replace(&format!(":{}\"", a.port), &format!(":{port_b}\"")),
+    )
+    .unwrap();
+    let b = Daemon {
+        child: Daemon::spawn(&a.bin, &cfg_b),
+        port: port_b,
+        dir: a.dir.clone(),
+        bin: a.bin.clone(),
+        cfg: cfg_b,
+    };
+    b.wait_listening();
+    let (pa, pb) = (
+        Portal::new("127.0.0.1", a.port),
+        Portal::new("127.0.0.1", b.port),
+    );
+    let mut o = SessionOptions::new(INITIATOR);
+    o.replacement_timeout = Duration::from_secs(20);
+    o.command_timeout = Duration::from_secs(10);
+    o.max_io_bytes = 256 << 10;
+    o.io_depth = 4;
+    o.other_portals = vec![pb.clone()];
+    let s = Session::login(&pa, FILE, o.clone()).await.unwrap();
+    assert_eq!(s.portal(), pa);
+    let lun = s.lun(0);
+    let data = Bytes::from(random_bytes(FILE_LU_BYTES as usize, 23));
+    let writer = common::write_in_background(&lun, data.clone()).await;
+    // A goes for good, a quarter of the way through the first pass.
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    let (outcome, passes) = writer.finish().await;
+    outcome.unwrap();
+    assert!(s.reconnects() >= 1, "no reconnect happened");
+    assert_eq!(s.portal(), pb, "the session is not on the other path");
+    let back = lun.read(0, (FILE_LU_BYTES / 512) as u32).await.unwrap();
+    assert_eq!(common::checksum(&back), common::checksum(&data));
+    eprintln!("passes written: {passes}, now through {}", s.portal());
+    s.logout().await.unwrap();
+    // A is still gone: a login that names it first gets B.
+    let s = Session::login(&pa, FILE, o).await.unwrap();
+    assert_eq!(s.portal(), pb);
+    s.logout().await.unwrap();
+    // Without the other path the same login fails.
+    let mut alone = SessionOptions::new(INITIATOR);
+    alone.login_timeout = Duration::from_secs(5);
+    assert!(Session::login(&pa, FILE, alone).await.is_err());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_gives_up_with_a_clear_error_when_the_target_stays_away() {
     let Some(mut d) = start() else { return };

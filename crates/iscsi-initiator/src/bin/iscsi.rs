@@ -34,6 +34,7 @@ use clap::{Args, Parser, Subcommand};
 use iscsi_initiator::conn::Link;
 use iscsi_initiator::discovery::discover_over;
 use iscsi_initiator::login::{Auth, ChapCredentials};
+use iscsi_initiator::portal::Portal;
 use iscsi_initiator::session::default_initiator_name;
 use iscsi_initiator::url::{parse_portal, IscsiUrl};
 use iscsi_initiator::{vpd, Lun, Session, SessionOptions};
@@ -86,6 +87,12 @@ pub(crate) struct Common {
     /// its commands (0: no recovery).
     #[arg(long, global = true, default_value_t = 30)]
     replacement_timeout: u64,
+    /// Another path to the same target, as `iscsi://host[:port]/iqn[/lun]`
+    /// (another gateway's portal; the target must be the same). Repeatable. A
+    /// login that cannot reach the URL's portal, or a lost session that cannot
+    /// be reinstated there, moves to these in turn.
+    #[arg(long = "path", global = true, value_name = "URL")]
+    paths: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -209,6 +216,27 @@ impl Common {
         Ok(Auth::Chap(creds))
     }
 
+    /// The portals of `--path`, checked against the main URL.
+    fn other_portals(&self, url: &IscsiUrl) -> Result<Vec<Portal>> {
+        self.paths
+            .iter()
+            .map(|p| {
+                let other = IscsiUrl::parse(p).with_context(|| format!("--path {p}"))?;
+                if other.target != url.target {
+                    bail!(
+                        "--path {p} leads to {}, not {}: a path is another way to the same target",
+                        other.target,
+                        url.target
+                    );
+                }
+                if other.iser != url.iser {
+                    bail!("--path {p}: every path uses the main URL's transport");
+                }
+                Ok(other.portal)
+            })
+            .collect()
+    }
+
     fn initiator_name(&self) -> String {
         self.initiator_name
             .clone()
@@ -237,6 +265,7 @@ pub(crate) async fn open_lun(common: &Common, url: &str) -> Result<(Session, Lun
     if url.iser {
         opts.link = Link::rdma();
     }
+    opts.other_portals = common.other_portals(&url)?;
     let session = Session::login(&url.portal, &url.target, opts)
         .await
         .with_context(|| format!("logging in to {} at {}", url.target, url.portal))?;
