@@ -22,10 +22,12 @@
 //!    the new A frees Y on B and reaches it there as RESERVATIONS PREEMPTED; then mode
 //!    parameters: SWP set by MODE SELECT through A makes writes through B fail with
 //!    SOFTWARE WRITE PROTECTED, after MODE PARAMETERS CHANGED on B's nexus, and back;
-//! 6. failover: a verified stream of writes through our initiator (`iscsi write`) to
-//!    gateway A, A killed with SIGKILL while a write is in flight, the stream finished
-//!    through gateway B (the in-flight chunk rewritten with new data, so a late write from
-//!    dead A would show); the whole range read back through B and `rbd export` must match.
+//! 6. failover: a verified stream of writes through our initiator (`iscsi write` with both
+//!    paths configured: A's URL, and B's as `--path`) to gateway A, A killed with SIGKILL
+//!    while a write is in flight; that write completes through B by itself and the rest of
+//!    the stream logs in through B (the in-flight chunk is then rewritten with new data, so
+//!    a late write from dead A would show); the whole range read back through B and
+//!    `rbd export` must match.
 //!    The exclusive lock moves to B once the OSD drops dead A's watch (the test cluster
 //!    sets `osd client watch timeout` to 10 s) and librbd blocklists A.
 //!
@@ -891,6 +893,10 @@ fn iscsi_cli() -> PathBuf {
 const CHUNK: usize = 512 * 1024;
 const CHUNKS: usize = 48;
 const KILL_AT: usize = 16;
+/// Where the write gateway A dies under starts (in chunks: 32 MiB into the 80 MiB LU), and
+/// its length.
+const BIG_AT: usize = 64;
+const BIG_CHUNKS: usize = 64;
 
 fn chunk_data(i: usize, version: u8) -> Vec<u8> {
     let mut x = (i as u32).wrapping_mul(2_654_435_761) ^ u32::from(version).wrapping_mul(40_503);
@@ -904,12 +910,22 @@ fn chunk_data(i: usize, version: u8) -> Vec<u8> {
         .collect()
 }
 
-fn write_cmd(g_url: &str, i: usize, file: &Path) -> Command {
+/// `iscsi write` of chunk `i` with both paths configured: gateway A's URL first, B's as
+/// `--path`, so the initiator itself goes to B when A is gone.
+fn write_cmd(a_url: &str, b_url: &str, i: usize, file: &Path) -> Command {
     let mut c = Command::new(iscsi_cli());
-    c.args(["--timeout", "120", "--replacement-timeout", "0", "write"])
-        .arg(g_url)
-        .args(["--lba", &(i * CHUNK / 512).to_string(), "-i"])
-        .arg(file);
+    c.args([
+        "--timeout",
+        "120",
+        "--replacement-timeout",
+        "90",
+        "--path",
+        b_url,
+        "write",
+    ])
+    .arg(a_url)
+    .args(["--lba", &(i * CHUNK / 512).to_string(), "-i"])
+    .arg(file);
     c
 }
 
@@ -917,56 +933,81 @@ fn failover(cluster: &Cluster, mut a: Gateway, b: &Gateway) {
     let dir = cluster.path().join("stream");
     fs::create_dir_all(&dir).unwrap();
     let mut expected = Vec::with_capacity(CHUNK * CHUNKS);
-    let mut through_b = false;
+    let (a_url, b_url) = (a.url(0), b.url(0));
+    // The write A dies under: 32 MiB from chunk BIG_AT on, long enough to be under way.
+    let big_file = dir.join("big");
+    let mut big: Vec<u8> = (0..BIG_CHUNKS)
+        .flat_map(|j| chunk_data(BIG_AT + j, 1))
+        .collect();
+    fs::write(&big_file, &big).unwrap();
     for i in 0..CHUNKS {
         let file = dir.join(format!("c{i}"));
-        let mut data = chunk_data(i, 1);
+        let data = chunk_data(i, 1);
         fs::write(&file, &data).unwrap();
         if i == KILL_AT {
-            // Started through A, which dies under it.
-            let mut child = write_cmd(&a.url(0), i, &file)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
+            // Started through A, which dies under it: the initiator finishes it through B.
+            let child = write_cmd(&a_url, &b_url, BIG_AT, &big_file)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
                 .spawn()
                 .expect("iscsi write");
             thread::sleep(Duration::from_millis(30));
+            let t0 = Instant::now();
             let _ = a.child.kill();
             let _ = a.child.wait();
-            let _ = child.wait();
-            println!("gateway A killed during chunk {i}");
-            through_b = true;
-            // Whatever A did with it, B writes new data there.
-            data = chunk_data(i, 2);
-            fs::write(&file, &data).unwrap();
+            let o = child.wait_with_output().expect("iscsi write");
+            let log = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                o.status.success(),
+                "the write under way when A died did not complete through B:\n{log}"
+            );
+            println!(
+                "gateway A killed during a 32 MiB write; that write {} {:.1?} after the kill",
+                if log.contains("reinstating the session") {
+                    "moved to B by itself and completed"
+                } else {
+                    "had completed through A"
+                },
+                t0.elapsed()
+            );
+            // Whatever dead A might still do with it, new data goes there through B.
+            let head = dir.join("big-head");
+            let v2 = chunk_data(BIG_AT, 2);
+            fs::write(&head, &v2).unwrap();
+            run(&mut write_cmd(&a_url, &b_url, BIG_AT, &head), T).assert_success();
+            big[..CHUNK].copy_from_slice(&v2);
         }
-        let url = if through_b { b.url(0) } else { a.url(0) };
-        let t0 = Instant::now();
-        run(&mut write_cmd(&url, i, &file), T).assert_success();
-        if i == KILL_AT {
-            println!("first write through B took {:.1?}", t0.elapsed());
-        }
+        // After the kill, every login names A first and goes on to B.
+        run(&mut write_cmd(&a_url, &b_url, i, &file), T).assert_success();
         expected.extend_from_slice(&data);
     }
     drop(a);
-    let back = dir.join("back.img");
-    run(
-        Command::new(iscsi_cli())
-            .args(["--timeout", "120", "read"])
-            .arg(b.url(0))
-            .args([
-                "--lba",
-                "0",
-                "--blocks",
-                &(CHUNK * CHUNKS / 512).to_string(),
-                "-o",
-            ])
-            .arg(&back),
-        T,
-    )
-    .assert_success();
+    let read_through_b = |chunk: usize, bytes: usize, name: &str| {
+        let out = dir.join(name);
+        run(
+            Command::new(iscsi_cli())
+                .args(["--timeout", "120", "read"])
+                .arg(b.url(0))
+                .args([
+                    "--lba",
+                    &(chunk * CHUNK / 512).to_string(),
+                    "--blocks",
+                    &(bytes / 512).to_string(),
+                    "-o",
+                ])
+                .arg(&out),
+            T,
+        )
+        .assert_success();
+        fs::read(&out).unwrap()
+    };
     assert!(
-        fs::read(&back).unwrap() == expected,
+        read_through_b(0, CHUNK * CHUNKS, "back.img") == expected,
         "read back through B differs from the acknowledged writes"
+    );
+    assert!(
+        read_through_b(BIG_AT, big.len(), "back-big.img") == big,
+        "the write A died under reads back wrong through B"
     );
     let exported = dir.join("export.img");
     cluster
@@ -976,5 +1017,9 @@ fn failover(cluster: &Cluster, mut a: Gateway, b: &Gateway) {
     assert!(
         img.get(..expected.len()) == Some(&expected[..]),
         "rbd export differs from the acknowledged writes"
+    );
+    assert!(
+        img.get(BIG_AT * CHUNK..BIG_AT * CHUNK + big.len()) == Some(&big[..]),
+        "rbd export differs from the write A died under"
     );
 }
