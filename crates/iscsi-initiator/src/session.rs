@@ -434,26 +434,16 @@ impl Session {
         if opts.connections > 1 {
             cfg.policy.max_connections = u32::from(opts.connections);
         }
-        let mut first_error = None;
-        let mut logged = None;
-        for path in opts.paths(portal) {
-            match open_connections(path, &cfg, &opts, opts.login_timeout).await {
-                Ok(l) => {
-                    logged = Some(l);
-                    break;
-                }
-                Err(e) => {
-                    if !opts.other_portals.is_empty() {
-                        tracing::warn!(portal = %path, error = %e, "login failed; trying the next path");
-                    }
-                    first_error.get_or_insert(e);
-                }
+        let mut logged = open_connections(portal, &cfg, &opts, opts.login_timeout).await;
+        // The other paths in turn; the first portal's error if none answers.
+        for path in opts.paths(portal).skip(1) {
+            let Err(e) = &logged else { break };
+            tracing::warn!(error = %e, next = %path, "login failed; trying the next path");
+            if let Ok(l) = open_connections(path, &cfg, &opts, opts.login_timeout).await {
+                logged = Ok(l);
             }
         }
-        let Some(logged) = logged else {
-            return Err(first_error
-                .unwrap_or_else(|| Error::SessionClosed("no portal to log in to".into())));
-        };
+        let logged = logged?;
         let state = State {
             cmd_sn: 1,
             exp_cmd_sn: 1,
