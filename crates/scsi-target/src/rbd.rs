@@ -613,6 +613,9 @@ const PR_XATTR: &str = "ironstar.pr";
 /// The state with nothing registered, as the core encodes it.
 pub(crate) const EMPTY_PR_STATE: &[u8] = b"ironstar-pr 1\ngen 0\n";
 const PR_NOTIFY_TIMEOUT_MS: u64 = 3000;
+/// The largest reservation state read back (the core's encoding of every
+/// registration stays far below it).
+const PR_STATE_MAX: usize = 64 * 1024;
 
 /// Tells this process's watches apart from other gateways' (pid, time).
 fn instance_id() -> u64 {
@@ -726,9 +729,10 @@ impl PrObject {
         c"ironstar.pr"
     }
 
-    /// One xattr of the object; `None` when it was never set.
-    fn getxattr(&self, name: &std::ffi::CStr) -> io::Result<Option<Vec<u8>>> {
-        let mut buf = vec![0u8; 64 * 1024];
+    /// One xattr of the object, of at most `max` bytes (a longer one is an
+    /// error, ERANGE); `None` when it was never set.
+    fn getxattr(&self, name: &std::ffi::CStr, max: usize) -> io::Result<Option<Vec<u8>>> {
+        let mut buf = vec![0u8; max];
         // SAFETY: `buf` is valid for writes of its length.
         let rc = unsafe {
             (self.api.rados_getxattr)(
@@ -781,7 +785,7 @@ impl PrObject {
 impl SharedState for PrObject {
     fn load(&self) -> io::Result<Vec<u8>> {
         Ok(self
-            .getxattr(Self::xattr_name())?
+            .getxattr(Self::xattr_name(), PR_STATE_MAX)?
             .unwrap_or_else(|| EMPTY_PR_STATE.to_vec()))
     }
 
@@ -832,7 +836,8 @@ impl SharedState for PrObject {
     }
 
     fn load_mode_param(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
-        self.getxattr(&mode_xattr(name)?)
+        // "0" or "1": a few bytes, read before a command when the watch broke.
+        self.getxattr(&mode_xattr(name)?, 16)
     }
 
     fn store_mode_params(&self, params: &[(&str, &[u8])]) -> io::Result<()> {
