@@ -36,7 +36,7 @@
 //! under CI=true / IRONSTAR_REQUIRE_PEERS=1.
 
 use std::fs;
-use std::io::{self, Read};
+use std::io::{self, BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -946,33 +946,48 @@ fn failover(cluster: &Cluster, mut a: Gateway, b: &Gateway) {
         fs::write(&file, &data).unwrap();
         if i == KILL_AT {
             // Started through A, which dies under it: the initiator finishes it through B.
-            let child = write_cmd(&a_url, &b_url, BIG_AT, &big_file)
+            let mut child = write_cmd(&a_url, &b_url, BIG_AT, &big_file)
                 .env("ISCSI_LOG", "info")
-                .stdout(Stdio::piped())
+                .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
                 .expect("iscsi write");
+            // Its log says when the session is up through A; 30 ms later the 32 MiB write is
+            // under way, and A dies.
+            let mut stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
+            let mut log = String::new();
+            while !log.contains("session up") {
+                let mut line = String::new();
+                if stderr.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                log.push_str(&line);
+            }
+            assert!(
+                log.contains(&format!("portal={}", a.addr)),
+                "the write did not log in through A:\n{log}"
+            );
             thread::sleep(Duration::from_millis(30));
             let t0 = Instant::now();
             let _ = a.child.kill();
             let _ = a.child.wait();
-            let o = child.wait_with_output().expect("iscsi write");
-            let log = String::from_utf8_lossy(&o.stderr);
+            let _ = stderr.read_to_string(&mut log);
+            let status = child.wait().expect("iscsi write");
             assert!(
-                o.status.success(),
+                status.success(),
                 "the write under way when A died did not complete through B:\n{log}"
             );
             let moved = log
                 .lines()
                 .find(|l| l.contains("session reinstated"))
-                .filter(|l| l.contains(&b.addr.port().to_string()));
+                .filter(|l| l.contains(&format!("portal={}", b.addr)));
             println!(
                 "gateway A killed during a 32 MiB write; that write completed {:.1?} after the \
                  kill, {}",
                 t0.elapsed(),
                 match moved {
                     Some(line) => format!("moved to B by itself: {}", line.trim()),
-                    None => format!("without a move; its log:\n{log}"),
+                    None => format!("without a move (it had ended through A); its log:\n{log}"),
                 }
             );
             // Whatever dead A might still do with it, new data goes there through B.
