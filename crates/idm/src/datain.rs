@@ -53,19 +53,20 @@ fn residual_of(len: usize, edtl: u32) -> Option<Residual> {
     }
 }
 
-/// Builds the Data-In PDUs and, when needed, the SCSI Response of a command.
+/// Appends the Data-In PDUs and, when needed, the SCSI Response of a
+/// command to `out` (the connection's send queue: no allocation of its own).
 ///
 /// `edtl` is the initiator's Expected Data Transfer Length for the read
 /// direction; data beyond it is not sent and reported as overflow.
 pub fn build_response(
+    out: &mut Vec<OutPdu>,
     itt: u32,
     lun: u64,
     edtl: u32,
     completion: &Completion,
     limits: DataInLimits,
     is_read: bool,
-) -> Vec<OutPdu> {
-    let mut out = Vec::new();
+) {
     let send_len = completion.data_in.len().min(edtl as usize);
     let data = completion.data_in.slice(..send_len);
     let residual = if is_read {
@@ -147,12 +148,24 @@ pub fn build_response(
             carries_status: true,
         });
     }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn built(
+        itt: u32,
+        lun: u64,
+        edtl: u32,
+        c: &Completion,
+        limits: DataInLimits,
+        is_read: bool,
+    ) -> Vec<OutPdu> {
+        let mut out = Vec::new();
+        build_response(&mut out, itt, lun, edtl, c, limits, is_read);
+        out
+    }
 
     fn done(len: usize, sense: Option<&'static [u8]>) -> Completion {
         Completion {
@@ -178,7 +191,7 @@ mod tests {
             max_segment: 8192,
             max_burst: 16384,
         };
-        let pdus = build_response(5, 0, 40960, &done(40960, None), limits, true);
+        let pdus = built(5, 0, 40960, &done(40960, None), limits, true);
         let d = data_ins(&pdus);
         assert_eq!(pdus.len(), 5, "status rides on the last Data-In");
         assert_eq!(
@@ -203,7 +216,7 @@ mod tests {
             max_segment: 65536,
             max_burst: 262144,
         };
-        let pdus = build_response(1, 0, 4096, &done(36, None), limits, true);
+        let pdus = built(1, 0, 4096, &done(36, None), limits, true);
         let d = data_ins(&pdus);
         assert_eq!(d.len(), 1);
         assert!(d[0].underflow && d[0].status_present);
@@ -217,7 +230,7 @@ mod tests {
             max_segment: 65536,
             max_burst: 262144,
         };
-        let pdus = build_response(1, 0, 512, &done(1024, None), limits, true);
+        let pdus = built(1, 0, 512, &done(1024, None), limits, true);
         let d = data_ins(&pdus);
         assert_eq!(pdus[0].pdu.data.len(), 512);
         assert!(d[0].overflow);
@@ -230,7 +243,7 @@ mod tests {
             max_segment: 8192,
             max_burst: 262144,
         };
-        let pdus = build_response(9, 0, 0, &done(0, Some(&[0x70, 0, 5])), limits, false);
+        let pdus = built(9, 0, 0, &done(0, Some(&[0x70, 0, 5])), limits, false);
         assert_eq!(pdus.len(), 1);
         let Header::ScsiResponse(r) = &pdus[0].pdu.header else {
             panic!("expected a SCSI Response")
@@ -245,7 +258,7 @@ mod tests {
             max_segment: 8192,
             max_burst: 262144,
         };
-        let pdus = build_response(9, 0, 0, &done(0, None), limits, false);
+        let pdus = built(9, 0, 0, &done(0, None), limits, false);
         assert!(matches!(pdus[0].pdu.header, Header::ScsiResponse(_)));
         assert!(pdus[0].pdu.data.is_empty());
     }

@@ -12,6 +12,7 @@
 
 use bytes::{Bytes, BytesMut};
 use iscsi_proto::pdu::{DataOut, R2t, RESERVED_TAG};
+use smallvec::SmallVec;
 use thiserror::Error;
 
 /// Negotiated parameters that shape the write data flow.
@@ -76,7 +77,8 @@ pub struct WriteCollector {
     whole: Option<Bytes>,
     received: u32,
     unsolicited: Option<Sequence>,
-    solicited: Vec<Sequence>,
+    /// Outstanding R2Ts (MaxOutstandingR2T, most often 1): inline.
+    solicited: SmallVec<[Sequence; 4]>,
     next_request_offset: u32,
     r2t_sn: u32,
 }
@@ -126,7 +128,7 @@ impl WriteCollector {
             whole: None,
             received: imm_len,
             unsolicited: None,
-            solicited: Vec::new(),
+            solicited: SmallVec::new(),
             next_request_offset: imm_len,
             r2t_sn: 0,
         };
@@ -310,11 +312,11 @@ impl WriteCollector {
         }
     }
 
-    /// R2Ts to send now, each with a fresh TTT from `alloc_ttt`.
-    pub fn next_r2ts(&mut self, mut alloc_ttt: impl FnMut() -> u32) -> Vec<R2t> {
-        let mut out = Vec::new();
+    /// Gives `emit` the R2Ts to send now, each with a fresh TTT from
+    /// `alloc_ttt`.
+    pub fn next_r2ts(&mut self, mut alloc_ttt: impl FnMut() -> u32, mut emit: impl FnMut(R2t)) {
         if self.unsolicited.is_some() {
-            return out;
+            return;
         }
         while self.next_request_offset < self.edtl
             && (self.solicited.len() as u32) < self.limits.max_outstanding_r2t.max(1)
@@ -330,7 +332,7 @@ impl WriteCollector {
                 next_data_sn: 0,
                 received: 0,
             });
-            out.push(R2t {
+            emit(R2t {
                 lun: self.lun,
                 itt: self.itt,
                 ttt,
@@ -342,7 +344,6 @@ impl WriteCollector {
             self.r2t_sn += 1;
             self.next_request_offset += len;
         }
-        out
     }
 
     /// The collected data (call when complete).
@@ -361,6 +362,12 @@ impl WriteCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn r2ts(c: &mut WriteCollector, alloc_ttt: impl FnMut() -> u32) -> Vec<R2t> {
+        let mut out = Vec::new();
+        c.next_r2ts(alloc_ttt, |r| out.push(r));
+        out
+    }
 
     fn limits(initial_r2t: bool) -> WriteLimits {
         WriteLimits {
@@ -389,7 +396,7 @@ mod tests {
         let data = Bytes::from(vec![3u8; 4096]);
         let mut c = WriteCollector::new(1, 0, 4096, data.clone(), true, limits(true)).unwrap();
         assert!(c.is_complete());
-        assert!(c.next_r2ts(|| 1).is_empty());
+        assert!(r2ts(&mut c, || 1).is_empty());
         assert_eq!(c.into_data(), data);
     }
 
@@ -400,7 +407,7 @@ mod tests {
         lim.max_outstanding_r2t = 2;
         let mut c = WriteCollector::new(1, 0, 32768, Bytes::new(), true, lim).unwrap();
         let mut ttt = 100;
-        let r = c.next_r2ts(|| {
+        let r = r2ts(&mut c, || {
             ttt += 1;
             ttt
         });
@@ -410,10 +417,10 @@ mod tests {
             (0, 8192)
         );
         assert_eq!((r[1].buffer_offset, r[1].r2t_sn), (8192, 1));
-        assert!(c.next_r2ts(|| 0).is_empty(), "two already outstanding");
+        assert!(r2ts(&mut c, || 0).is_empty(), "two already outstanding");
         c.handle_data_out(&dout(101, 0, 0, true), &[1; 8192])
             .unwrap();
-        let r = c.next_r2ts(|| 200);
+        let r = r2ts(&mut c, || 200);
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].buffer_offset, 16384);
         assert!(!c.is_complete());
@@ -431,14 +438,14 @@ mod tests {
         )
         .unwrap();
         assert!(
-            c.next_r2ts(|| 5).is_empty(),
+            r2ts(&mut c, || 5).is_empty(),
             "wait for the unsolicited burst"
         );
         c.handle_data_out(&dout(RESERVED_TAG, 0, 8192, false), &[2; 8192])
             .unwrap();
         c.handle_data_out(&dout(RESERVED_TAG, 1, 16384, true), &[2; 49152])
             .unwrap();
-        let r = c.next_r2ts(|| 5);
+        let r = r2ts(&mut c, || 5);
         assert_eq!(r.len(), 1);
         assert_eq!(
             (r[0].buffer_offset, r[0].desired_data_transfer_length),
@@ -463,7 +470,7 @@ mod tests {
     #[test]
     fn data_out_checks_ttt_range_datasn_and_order() {
         let mut c = WriteCollector::new(1, 0, 16384, Bytes::new(), true, limits(true)).unwrap();
-        let _ = c.next_r2ts(|| 7);
+        let _ = r2ts(&mut c, || 7);
         assert_eq!(
             c.handle_data_out(&dout(8, 0, 0, true), &[0; 512]),
             Err(DataOutError::UnknownTtt(8))
@@ -492,7 +499,7 @@ mod tests {
         let mut lim = limits(true);
         lim.data_pdu_in_order = false;
         let mut c = WriteCollector::new(1, 0, 3072, Bytes::new(), true, lim).unwrap();
-        let _ = c.next_r2ts(|| 7);
+        let _ = r2ts(&mut c, || 7);
         c.handle_data_out(&dout(7, 0, 2048, false), &[3; 1024])
             .unwrap();
         c.handle_data_out(&dout(7, 1, 0, false), &[1; 1024])
@@ -533,7 +540,7 @@ mod tests {
             limits(true),
         )
         .unwrap();
-        let r = c.next_r2ts(|| 9);
+        let r = r2ts(&mut c, || 9);
         assert_eq!(
             (r[0].buffer_offset, r[0].desired_data_transfer_length),
             (4096, 12288)
@@ -569,7 +576,7 @@ mod tests {
     #[test]
     fn data_placed_without_the_data_in_the_buffer_is_refused() {
         let mut c = WriteCollector::new(1, 0, 8192, Bytes::new(), true, limits(true)).unwrap();
-        let _ = c.next_r2ts(|| 4);
+        let _ = r2ts(&mut c, || 4);
         assert!(c.data_placed(&dout(4, 0, 0, true), 8192).is_err());
         assert!(!c.is_complete());
     }
@@ -582,7 +589,7 @@ mod tests {
         lim.data_pdu_in_order = false;
         let mut c =
             WriteCollector::with_buffer(1, 0, 8192, Bytes::new(), true, lim, Some(spare)).unwrap();
-        let _ = c.next_r2ts(|| 3);
+        let _ = r2ts(&mut c, || 3);
         // Only the second half arrives: the first reads as zeros, not 0xee.
         c.handle_data_out(&dout(3, 0, 4096, true), &[1; 4096])
             .unwrap();
@@ -593,7 +600,7 @@ mod tests {
     #[test]
     fn a_data_out_carrying_the_whole_transfer_is_kept_not_copied() {
         let mut c = WriteCollector::new(1, 0, 8192, Bytes::new(), true, limits(true)).unwrap();
-        let _ = c.next_r2ts(|| 6);
+        let _ = r2ts(&mut c, || 6);
         let data = Bytes::from(vec![4u8; 8192]);
         // Checked all the same.
         assert!(c

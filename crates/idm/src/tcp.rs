@@ -201,11 +201,7 @@ impl TcpRx {
         if !digest_ok {
             return Err(iscsi_proto::codec::DecodeError::DataDigest { bhs: Box::new(bhs) }.into());
         }
-        Ok(Some(Received::Placed {
-            bhs: Box::new(bhs),
-            len,
-            dropped,
-        }))
+        Ok(Some(Received::Placed { bhs, len, dropped }))
     }
 }
 

@@ -112,7 +112,7 @@ pub enum Received {
     /// A Data-Out whose `len` data bytes went into the buffer the sink gave
     /// (all of them unless `dropped`: the sink gave none for the rest).
     Placed {
-        bhs: Box<[u8; BHS_LEN]>,
+        bhs: [u8; BHS_LEN],
         len: usize,
         dropped: bool,
     },

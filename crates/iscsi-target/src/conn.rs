@@ -533,7 +533,8 @@ struct Common {
 
 /// What [`Outbox`] needs of [`Shared`] without knowing the transport's type.
 trait SendQueue: Send + Sync {
-    fn push(&self, pdus: Vec<OutPdu>);
+    /// Runs `append` on the queue, under its lock.
+    fn push_with(&self, append: &mut dyn FnMut(&mut Vec<OutPdu>));
     fn flush(&self);
     fn close(&self);
 }
@@ -611,13 +612,9 @@ impl<Tx: PduTx> Shared<Tx> {
 }
 
 impl<Tx: PduTx> SendQueue for Shared<Tx> {
-    fn push(&self, pdus: Vec<OutPdu>) {
+    fn push_with(&self, append: &mut dyn FnMut(&mut Vec<OutPdu>)) {
         if let Ok(mut s) = self.slot.lock() {
-            if s.queue.is_empty() {
-                s.queue = pdus;
-            } else {
-                s.queue.extend(pdus);
-            }
+            append(&mut s.queue);
         }
     }
 
@@ -737,12 +734,25 @@ impl Outbox {
     /// returns the connection's running total of queued bytes (they are on
     /// the wire once the sent total reaches it).
     fn send(&self, pdus: Vec<OutPdu>) -> u64 {
-        let len = wire_len(&pdus);
-        self.common
-            .bytes
-            .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
-        let mark = self.info.queued(pdus.len(), len);
-        self.queue.push(pdus);
+        let mut pdus = Some(pdus);
+        self.send_with(|queue| queue.extend(pdus.take().into_iter().flatten()))
+    }
+
+    /// [`send`](Self::send) for PDUs that `append` puts straight into the
+    /// queue: a command's response costs no allocation of its own.
+    fn send_with(&self, mut append: impl FnMut(&mut Vec<OutPdu>)) -> u64 {
+        let mut mark = 0;
+        self.queue.push_with(&mut |queue| {
+            let before = queue.len();
+            append(queue);
+            let added = queue.get(before..).unwrap_or_default();
+            let len = wire_len(added);
+            // Counted under the queue's lock, before any flush can subtract it.
+            self.common
+                .bytes
+                .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+            mark = self.info.queued(added.len(), len);
+        });
         mark
     }
 
@@ -849,10 +859,10 @@ fn finish(
     lu_io: Option<&IoStats>,
     slot: TaskSlot,
     start_ns: u64,
-    pdus: Vec<OutPdu>,
+    answer: &Answer,
     f: Finished,
 ) {
-    queue_finished(writer, lu_io, slot, start_ns, pdus, f);
+    queue_finished(writer, lu_io, slot, start_ns, answer, f);
     writer.flush();
 }
 
@@ -863,7 +873,7 @@ fn queue_finished(
     lu_io: Option<&IoStats>,
     slot: TaskSlot,
     start_ns: u64,
-    pdus: Vec<OutPdu>,
+    answer: &Answer,
     mut f: Finished,
 ) {
     f.latency_ns = now_ns().saturating_sub(start_ns);
@@ -872,9 +882,53 @@ fn queue_finished(
     if let Some(l) = lu_io {
         l.record(&f);
     }
-    let mark = writer.send(pdus);
+    let mark = writer.send_with(|queue| answer.append_to(queue));
     info.tasks
         .sending(slot, f.bytes_read.max(f.bytes_written), mark);
+}
+
+/// What becomes of a command's Data-Out buffer once the LU is done with it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reclaim {
+    /// A pooled write buffer: back to the pool.
+    WriteBuffer,
+    /// Part of a received PDU: just dropped.
+    Nothing,
+}
+
+/// What a command's response is made of; its PDUs are built straight into
+/// the send queue.
+struct Answer {
+    itt: u32,
+    lun: u64,
+    edtl_in: u32,
+    completion: Completion,
+    limits: DataInLimits,
+    read: bool,
+}
+
+impl Answer {
+    fn append_to(&self, queue: &mut Vec<OutPdu>) {
+        build_response(
+            queue,
+            self.itt,
+            self.lun,
+            self.edtl_in,
+            &self.completion,
+            self.limits,
+            self.read,
+        );
+    }
+}
+
+/// The next Target Transfer Tag from `next`, never the reserved one.
+fn take_ttt(next: &mut u32) -> u32 {
+    let t = *next;
+    *next = next.wrapping_add(1);
+    if *next == RESERVED_TAG {
+        *next = 1;
+    }
+    t
 }
 
 fn status_pdu(pdu: Pdu) -> OutPdu {
@@ -934,12 +988,7 @@ impl Conn {
     }
 
     fn alloc_ttt(&mut self) -> u32 {
-        let t = self.next_ttt;
-        self.next_ttt = self.next_ttt.wrapping_add(1);
-        if self.next_ttt == RESERVED_TAG {
-            self.next_ttt = 1;
-        }
-        t
+        take_ttt(&mut self.next_ttt)
     }
 
     fn reject(&self, reason: u8, bhs: &[u8; BHS_LEN]) {
@@ -1322,7 +1371,8 @@ impl Conn {
                 start_ns,
             })
         };
-        self.execute(h, data, slot, start_ns).await;
+        self.execute(h, data, slot, start_ns, Reclaim::Nothing)
+            .await;
     }
 
     fn reject_command(&self, h: &ScsiCommand) {
@@ -1338,14 +1388,15 @@ impl Conn {
             data_in: Bytes::new(),
             write_residual: None,
         };
-        self.send(build_response(
-            h.itt,
-            h.lun,
-            h.expected_data_transfer_length,
-            &completion,
-            self.data_in_limits(),
-            h.read,
-        ));
+        let answer = Answer {
+            itt: h.itt,
+            lun: h.lun,
+            edtl_in: h.expected_data_transfer_length,
+            completion,
+            limits: self.data_in_limits(),
+            read: h.read,
+        };
+        self.writer.send_with(|queue| answer.append_to(queue));
     }
 
     fn complete_with_status(&self, h: &ScsiCommand, status: u8) {
@@ -1355,14 +1406,15 @@ impl Conn {
             data_in: Bytes::new(),
             write_residual: None,
         };
-        self.send(build_response(
-            h.itt,
-            h.lun,
-            0,
-            &completion,
-            self.data_in_limits(),
-            false,
-        ));
+        let answer = Answer {
+            itt: h.itt,
+            lun: h.lun,
+            edtl_in: 0,
+            completion,
+            limits: self.data_in_limits(),
+            read: false,
+        };
+        self.writer.send_with(|queue| answer.append_to(queue));
     }
 
     /// Forgets a write that was waiting for data.
@@ -1405,7 +1457,6 @@ impl Conn {
 
     /// Sends the R2Ts a write needs, or executes it once all data is here.
     async fn pump_write(&mut self, itt: u32) {
-        let mut ttts = Vec::new();
         let complete = match self.tasks.get(&itt) {
             Some(t) if t.delivered => t.collector.is_complete(),
             _ => return,
@@ -1413,36 +1464,27 @@ impl Conn {
         if complete {
             if let Some(t) = self.drop_write(itt) {
                 let data = t.collector.into_data();
-                let spare = data.clone();
                 self.info.tasks.set_state(t.slot, TaskState::InBackend);
-                self.execute(t.cmd, data, t.slot, t.start_ns).await;
-                // Unless an LU that may block still holds it (then it just goes).
-                if let Ok(b) = spare.try_into_mut() {
-                    keep_write_spare(b);
-                }
+                self.execute(t.cmd, data, t.slot, t.start_ns, Reclaim::WriteBuffer)
+                    .await;
             }
             return;
-        }
-        for _ in 0..self.params.max_outstanding_r2t.max(1) {
-            ttts.push(self.alloc_ttt());
         }
         let Some(t) = self.tasks.get_mut(&itt) else {
             return;
         };
-        let mut it = ttts.into_iter();
-        let r2ts = t
-            .collector
-            .next_r2ts(|| it.next().unwrap_or(RESERVED_TAG - 1));
-        if !r2ts.is_empty() {
-            self.send(
-                r2ts.into_iter()
-                    .map(|r| OutPdu {
+        let (collector, next_ttt) = (&mut t.collector, &mut self.next_ttt);
+        self.writer.send_with(|queue| {
+            collector.next_r2ts(
+                || take_ttt(next_ttt),
+                |r| {
+                    queue.push(OutPdu {
                         pdu: Pdu::new(Header::R2t(r), Bytes::new()),
                         carries_status: false,
                     })
-                    .collect(),
-            );
-        }
+                },
+            )
+        });
     }
 
     async fn data_out(&mut self, pdu: Pdu, bhs: &[u8; BHS_LEN]) {
@@ -1488,7 +1530,14 @@ impl Conn {
         self.pump_write(h.itt).await;
     }
 
-    async fn execute(&mut self, h: ScsiCommand, data_out: Bytes, slot: TaskSlot, start_ns: u64) {
+    async fn execute(
+        &mut self,
+        h: ScsiCommand,
+        data_out: Bytes,
+        slot: TaskSlot,
+        start_ns: u64,
+        reclaim: Reclaim,
+    ) {
         let Some(target) = self.session.target.clone() else {
             self.info.tasks.release(slot);
             return;
@@ -1531,6 +1580,13 @@ impl Conn {
                 tag: u64::from(h.itt),
             };
             let r = target.luns.execute_in(&map, &task);
+            let bytes_out = data_out.len() as u64;
+            // The buffer goes back to the pool unless the LU kept it.
+            if reclaim == Reclaim::WriteBuffer {
+                if let Ok(b) = data_out.try_into_mut() {
+                    keep_write_spare(b);
+                }
+            }
             let good = r.status == scsi_target::status::GOOD;
             let finished = Finished {
                 dir: Dir::from_flags(h.read, h.write),
@@ -1542,11 +1598,7 @@ impl Conn {
                 } else {
                     0
                 },
-                bytes_written: if h.write && good {
-                    data_out.len() as u64
-                } else {
-                    0
-                },
+                bytes_written: if h.write && good { bytes_out } else { 0 },
                 status: r.status,
                 latency_ns: 0,
             };
@@ -1581,10 +1633,15 @@ impl Conn {
             } else {
                 0
             };
-            (
-                build_response(h.itt, h.lun, edtl_in, &completion, limits, h.read),
-                finished,
-            )
+            let answer = Answer {
+                itt: h.itt,
+                lun: h.lun,
+                edtl_in,
+                completion,
+                limits,
+                read: h.read,
+            };
+            (answer, finished)
         };
         if blocking || waits {
             let writer = self.writer.clone();
@@ -1598,9 +1655,9 @@ impl Conn {
             let job = move || {
                 let _done = done_tx;
                 let _rt = rt.enter();
-                let (pdus, f) = run();
+                let (answer, f) = run();
                 if session.running_finished(itt, token) {
-                    finish(&writer, lu_io.as_deref(), slot, start_ns, pdus, f);
+                    finish(&writer, lu_io.as_deref(), slot, start_ns, &answer, f);
                 } else {
                     // Aborted while it ran: no response (RFC 7143 §11.5.1).
                     writer.info.tasks.release(slot);
@@ -1612,8 +1669,8 @@ impl Conn {
                 _ => drop(tokio::task::spawn_blocking(job)),
             }
         } else {
-            let (pdus, f) = run();
-            queue_finished(&self.writer, lu_io.as_deref(), slot, start_ns, pdus, f);
+            let (answer, f) = run();
+            queue_finished(&self.writer, lu_io.as_deref(), slot, start_ns, &answer, f);
         }
     }
 
