@@ -348,12 +348,19 @@ impl WriteCollector {
 
     /// The collected data (call when complete).
     pub fn into_data(self) -> Bytes {
+        self.into_collected().0
+    }
+
+    /// [`into_data`](Self::into_data), and whether the data is in the
+    /// collector's own buffer (true) or is the data segment of the one PDU
+    /// that brought all of it.
+    pub fn into_collected(self) -> (Bytes, bool) {
         match self.whole {
-            Some(b) => b,
+            Some(b) => (b, false),
             None => {
                 let mut buf = self.buf;
                 buf.resize(self.edtl as usize, 0);
-                buf.freeze()
+                (buf.freeze(), true)
             }
         }
     }

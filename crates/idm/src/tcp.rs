@@ -25,6 +25,9 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Data-Out data segments at least this long are received straight into
 /// their write's buffer (below it, the copy costs less than the extra read).
 const PLACE_MIN: usize = 4096;
+/// The same for a SCSI Command's immediate data: only large ones, since
+/// small writes come many to one read and placing one costs reads.
+const PLACE_IMMEDIATE_MIN: usize = 64 * 1024;
 
 pub struct TcpTransport {
     stream: TcpStream,
@@ -109,18 +112,24 @@ impl TcpRx {
         Ok(n > 0)
     }
 
-    /// The BHS, header length and data length of a Data-Out whose header
-    /// (checked, as the decoder would) is at the front of `buf` and whose
-    /// data is worth receiving straight into its write's buffer.
+    /// The BHS, header length and data length of a Data-Out (or a SCSI
+    /// Command with immediate data) whose header (checked, as the decoder
+    /// would) is at the front of `buf` and whose data is worth receiving
+    /// straight into a buffer of its own.
     fn data_out_header(&self) -> Option<([u8; BHS_LEN], usize, usize)> {
         let head = self.buf.get(..BHS_LEN)?;
         let mut bhs = [0u8; BHS_LEN];
         bhs.copy_from_slice(head);
-        if Opcode::from_u8(bhs[0]) != Some(Opcode::DataOut) || pdu::total_ahs_length(&bhs) != 0 {
+        let min = match Opcode::from_u8(bhs[0]) {
+            Some(Opcode::DataOut) => PLACE_MIN,
+            Some(Opcode::ScsiCommand) => PLACE_IMMEDIATE_MIN,
+            _ => return None,
+        };
+        if pdu::total_ahs_length(&bhs) != 0 {
             return None;
         }
         let len = pdu::data_segment_length(&bhs);
-        if (len as usize) < PLACE_MIN || len > self.decoder.max_data_segment_length {
+        if (len as usize) < min || len > self.decoder.max_data_segment_length {
             return None;
         }
         let mut header_len = BHS_LEN;

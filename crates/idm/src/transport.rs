@@ -96,12 +96,14 @@ pub trait Transport: Send + 'static {
 }
 
 /// Where a Data-Out's data may be received straight into: the buffer of the
-/// write it belongs to (see [`crate::r2t::WriteCollector::placement`]).
+/// write it belongs to (see [`crate::r2t::WriteCollector::placement`]); also
+/// asked for a write command's large immediate data.
 pub trait DataOutSink: Send {
-    /// For the Data-Out whose BHS is `bhs`, with `len` data bytes of which
-    /// `done` are already received into it: the buffer the rest is appended
-    /// to, or `None` to receive the PDU as usual (or, once begun, to drop
-    /// the rest of its data: the write went away meanwhile).
+    /// For the Data-Out (or the SCSI Command with immediate data) whose BHS
+    /// is `bhs`, with `len` data bytes of which `done` are already received
+    /// into it: the buffer the rest is appended to, or `None` to receive the
+    /// PDU as usual (or, once begun, to drop the rest of its data: the write
+    /// went away meanwhile).
     fn sink_for(&mut self, bhs: &[u8; BHS_LEN], len: usize, done: usize) -> Option<&mut BytesMut>;
 }
 
@@ -109,7 +111,7 @@ pub trait DataOutSink: Send {
 #[derive(Debug)]
 pub enum Received {
     Pdu(RawPdu),
-    /// A Data-Out whose `len` data bytes went into the buffer the sink gave
+    /// A Data-Out or SCSI Command whose `len` data bytes went into the buffer the sink gave
     /// (all of them unless `dropped`: the sink gave none for the rest).
     Placed {
         bhs: [u8; BHS_LEN],

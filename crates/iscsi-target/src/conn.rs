@@ -46,31 +46,6 @@ use crate::session::{ConnHandle, ConnMsg, NewSession, Session};
 /// before it sends their answers and looks at its other sources (session
 /// messages, timers).
 const STREAK_MAX: u32 = 64;
-/// Buffers of finished R2T'd writes, for the next ones to collect into: a
-/// fresh buffer costs a page fault per page every time (the allocator
-/// gives freed large blocks back to the system). Process-wide and small:
-/// at most [`WRITE_SPARES`] buffers of up to [`WRITE_SPARE_MAX`] bytes.
-static WRITE_SPARE_POOL: Mutex<Vec<BytesMut>> = Mutex::new(Vec::new());
-const WRITE_SPARES: usize = 16;
-const WRITE_SPARE_MAX: usize = 1 << 20;
-
-/// A kept buffer that holds `len` bytes, if there is one.
-fn take_write_spare(len: u64) -> Option<BytesMut> {
-    let mut pool = WRITE_SPARE_POOL.lock().ok()?;
-    let i = pool.iter().position(|b| b.capacity() as u64 >= len)?;
-    Some(pool.swap_remove(i))
-}
-
-fn keep_write_spare(b: BytesMut) {
-    if b.capacity() > WRITE_SPARE_MAX {
-        return;
-    }
-    if let Ok(mut pool) = WRITE_SPARE_POOL.lock() {
-        if pool.len() < WRITE_SPARES {
-            pool.push(b);
-        }
-    }
-}
 /// Largest write we collect for one command.
 const MAX_WRITE: u32 = 64 << 20;
 /// Write data one connection may hold while collecting it; beyond this,
@@ -199,6 +174,8 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
         last_lu_io: None,
         aborted_work: Vec::new(),
         admitted: Vec::new(),
+        placed_immediate: None,
+        own_immediate: HashMap::new(),
     };
     conn.run(rx, inbox).await;
     // Leave the session table before the socket closes, so an initiator
@@ -786,17 +763,41 @@ impl Outbox {
 }
 
 /// Tells the transport where a Data-Out's data goes: straight into the
-/// buffer of the write it belongs to, when it passes the write's checks.
-struct Placer<'a>(&'a mut HashMap<u32, PendingWrite>);
+/// buffer of the write it belongs to, when it passes the write's checks;
+/// and a write command's large immediate data: into a pooled buffer of its
+/// own (which a memory LU may keep as a page: no copy).
+struct Placer<'a> {
+    tasks: &'a mut HashMap<u32, PendingWrite>,
+    immediate: &'a mut Option<BytesMut>,
+}
 
 impl DataOutSink for Placer<'_> {
     fn sink_for(&mut self, bhs: &[u8; BHS_LEN], len: usize, done: usize) -> Option<&mut BytesMut> {
-        let Ok(Header::DataOut(h)) = Header::parse(bhs, &[]) else {
-            return None;
-        };
-        let len = u32::try_from(len).ok()?;
-        let done = u32::try_from(done).ok()?;
-        self.0.get_mut(&h.itt)?.collector.placement(&h, len, done)
+        match Header::parse(bhs, &[]) {
+            Ok(Header::DataOut(h)) => {
+                let len = u32::try_from(len).ok()?;
+                let done = u32::try_from(done).ok()?;
+                self.tasks
+                    .get_mut(&h.itt)?
+                    .collector
+                    .placement(&h, len, done)
+            }
+            // Only a write that brings all its data: that buffer is the
+            // write's whole data-out, as the LU needs it to keep it.
+            Ok(Header::ScsiCommand(h))
+                if h.write && h.final_ && len == h.expected_data_transfer_length as usize =>
+            {
+                let fresh = self
+                    .immediate
+                    .as_ref()
+                    .is_some_and(|b| b.is_empty() && b.capacity() >= len);
+                if done == 0 && !fresh {
+                    *self.immediate = Some(scsi_target::bufpool::take_write_buffer(len));
+                }
+                self.immediate.as_mut().filter(|b| b.len() == done)
+            }
+            _ => None,
+        }
     }
 }
 
@@ -850,6 +851,11 @@ struct Conn {
     aborted_work: Vec<tokio::sync::watch::Receiver<()>>,
     /// [`Session::admit_into`]'s output, kept for its allocation.
     admitted: Vec<(u16, Pdu)>,
+    /// The immediate data being received into a buffer of its own (see [`Placer`]).
+    placed_immediate: Option<BytesMut>,
+    /// Commands whose immediate data is such a buffer: ITT → its address
+    /// (checked again at execution, so a stale entry is harmless).
+    own_immediate: HashMap<u32, usize>,
 }
 
 /// [`queue_finished`] off the reader's task, which flushes only once it
@@ -890,7 +896,8 @@ fn queue_finished(
 /// What becomes of a command's Data-Out buffer once the LU is done with it.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Reclaim {
-    /// A pooled write buffer: back to the pool.
+    /// A pooled write buffer of its own: the LU may keep it, else it goes
+    /// back to the pool.
     WriteBuffer,
     /// Part of a received PDU: just dropped.
     Nothing,
@@ -1019,7 +1026,10 @@ impl Conn {
                 // answers the whole batch. Dropping the pending receive loses
                 // nothing (receiving is cancel-safe, as `select!` needs).
                 let ready = {
-                    let mut next = std::pin::pin!(rx.recv_into(Placer(&mut self.tasks)));
+                    let mut next = std::pin::pin!(rx.recv_into(Placer {
+                        tasks: &mut self.tasks,
+                        immediate: &mut self.placed_immediate,
+                    }));
                     std::future::poll_fn(|cx| {
                         std::task::Poll::Ready(match std::future::Future::poll(next.as_mut(), cx) {
                             std::task::Poll::Ready(r) => Some(r),
@@ -1087,7 +1097,10 @@ impl Conn {
                         break;
                     }
                 },
-                r = rx.recv_into(Placer(&mut self.tasks)), if room => {
+                r = rx.recv_into(Placer {
+                        tasks: &mut self.tasks,
+                        immediate: &mut self.placed_immediate,
+                    }), if room => {
                     if !self.on_recv(r, &mut last_rx).await {
                         break;
                     }
@@ -1106,7 +1119,11 @@ impl Conn {
             Ok(Some(Received::Placed { bhs, len, dropped })) => {
                 *last_rx = now_ns();
                 self.info.received(BHS_LEN + len);
-                self.data_placed(&bhs, len, dropped).await;
+                if pdu::Opcode::from_u8(bhs[0]) == Some(pdu::Opcode::ScsiCommand) {
+                    self.immediate_placed(bhs, len, dropped).await;
+                } else {
+                    self.data_placed(&bhs, len, dropped).await;
+                }
                 true
             }
             Ok(Some(Received::Pdu(raw))) => {
@@ -1216,6 +1233,33 @@ impl Conn {
         self.admitted = admitted;
     }
 
+    /// A SCSI command whose immediate data the transport received into a
+    /// buffer of its own (see [`Placer`]): handled as any command, the
+    /// buffer remembered as the command's own.
+    async fn immediate_placed(&mut self, bhs: [u8; BHS_LEN], len: usize, dropped: bool) {
+        let Some(data) = self
+            .placed_immediate
+            .take()
+            .filter(|b| !dropped && b.len() == len)
+        else {
+            self.reject(reject_reason::PROTOCOL_ERROR, &bhs);
+            return;
+        };
+        let data = data.freeze();
+        if self.own_immediate.len() >= 4096 {
+            // Entries of commands that never ran (refused, or outside the window).
+            self.own_immediate.clear();
+        }
+        let itt = u32::from_be_bytes([bhs[16], bhs[17], bhs[18], bhs[19]]);
+        self.own_immediate.insert(itt, data.as_ptr() as usize);
+        self.on_raw(RawPdu {
+            bhs,
+            ahs: Bytes::new(),
+            data,
+        })
+        .await;
+    }
+
     /// A SCSI command arrived: writes needing more data start collecting now,
     /// because unsolicited Data-Out may follow before the command's turn.
     fn receive_command(&mut self, h: &ScsiCommand, imm: &Bytes) {
@@ -1242,7 +1286,9 @@ impl Conn {
             return;
         };
         let limits = self.write_limits();
-        let spare = take_write_spare(edtl);
+        // Pooled: a fresh buffer costs a page fault per page every time (the
+        // allocator gives freed large blocks back to the system).
+        let spare = Some(scsi_target::bufpool::take_write_buffer(edtl as usize));
         match WriteCollector::with_buffer(
             h.itt,
             h.lun,
@@ -1320,6 +1366,10 @@ impl Conn {
     }
 
     async fn scsi_command(&mut self, h: ScsiCommand, imm: Bytes) {
+        let own_buffer = self
+            .own_immediate
+            .remove(&h.itt)
+            .is_some_and(|at| h.write && at == imm.as_ptr() as usize);
         let needs_data = h.write && h.expected_data_transfer_length as usize > imm.len();
         if needs_data {
             let too_big = h.expected_data_transfer_length > MAX_WRITE;
@@ -1371,8 +1421,12 @@ impl Conn {
                 start_ns,
             })
         };
-        self.execute(h, data, slot, start_ns, Reclaim::Nothing)
-            .await;
+        let reclaim = if own_buffer {
+            Reclaim::WriteBuffer
+        } else {
+            Reclaim::Nothing
+        };
+        self.execute(h, data, slot, start_ns, reclaim).await;
     }
 
     fn reject_command(&self, h: &ScsiCommand) {
@@ -1463,10 +1517,14 @@ impl Conn {
         };
         if complete {
             if let Some(t) = self.drop_write(itt) {
-                let data = t.collector.into_data();
+                let (data, own_buffer) = t.collector.into_collected();
                 self.info.tasks.set_state(t.slot, TaskState::InBackend);
-                self.execute(t.cmd, data, t.slot, t.start_ns, Reclaim::WriteBuffer)
-                    .await;
+                let reclaim = if own_buffer {
+                    Reclaim::WriteBuffer
+                } else {
+                    Reclaim::Nothing
+                };
+                self.execute(t.cmd, data, t.slot, t.start_ns, reclaim).await;
             }
             return;
         }
@@ -1570,6 +1628,7 @@ impl Conn {
                 lun,
                 cdb: &cdb,
                 data_out: &data_out,
+                data_out_buffer: (reclaim == Reclaim::WriteBuffer).then_some(&data_out),
                 expected_in_len: if h.read {
                     h.bidi_read_length
                         .unwrap_or(h.expected_data_transfer_length)
@@ -1584,7 +1643,7 @@ impl Conn {
             // The buffer goes back to the pool unless the LU kept it.
             if reclaim == Reclaim::WriteBuffer {
                 if let Ok(b) = data_out.try_into_mut() {
-                    keep_write_spare(b);
+                    scsi_target::bufpool::recycle(b);
                 }
             }
             let good = r.status == scsi_target::status::GOOD;

@@ -685,6 +685,7 @@ lun = 5
             lun,
             cdb: &[0; 6],
             data_out: &[],
+            data_out_buffer: None,
             expected_in_len: 0,
             attr: scsi_target::TaskAttr::Simple,
             tag: 1,

@@ -1,7 +1,9 @@
 //! The steady data path allocates nothing per command (issue 8): once a
 //! connection is warm, reads and writes of a memory LU reuse the
-//! connection's buffers, queues and task slots. The target runs on a thread
-//! of its own whose heap allocations are counted; the client's are not.
+//! connection's buffers, queues and task slots. The one exception is a
+//! write that a memory LU keeps as its page instead of copying it (one
+//! small header; see the end). The target runs on a thread of its own
+//! whose heap allocations are counted; the client's are not.
 
 mod common;
 
@@ -151,10 +153,36 @@ async fn warm_reads_and_writes_allocate_nothing_per_command() {
         }
     })
     .await;
+    // 128 KiB page-aligned writes with all their data immediate (as fio's
+    // libiscsi engine sends them): received into a pooled buffer that the
+    // memory LU keeps as the page, whose old page goes back to the pool.
+    let mut d = Client::login_to(
+        addr,
+        LoginOpts::normal(2)
+            .key("InitialR2T", "No")
+            .key("FirstBurstLength", "262144")
+            .key("MaxRecvDataSegmentLength", "262144"),
+    )
+    .await;
+    d.clear_ua().await;
+    let page = vec![0x3cu8; 131072];
+    for i in 0..16 {
+        assert_eq!(d.write10(i * 256, &page).await.status, 0);
+    }
+    let page_writes = allocations_during(async {
+        for i in 0..COMMANDS as u32 {
+            let r = d.write10((i % 16) * 256, &page).await;
+            assert_eq!(r.status, 0);
+            assert!(r.r2ts.is_empty(), "the write's data was not all immediate");
+        }
+    })
+    .await;
+    assert_eq!(d.read10(15 * 256, 256).await.data, page);
     println!(
         "target allocations per {COMMANDS} commands: 4 KiB reads {reads}, 4 KiB writes \
          {writes}, 4 KiB reads 8 at a time {queued_reads}, 256 KiB writes by R2T \
-         {big_writes}, 128 KiB reads {big_reads}"
+         {big_writes}, 128 KiB reads {big_reads}, 128 KiB immediate page writes \
+         {page_writes}"
     );
     // A few may come from a structure growing once; none per command.
     for (what, n) in [
@@ -169,4 +197,11 @@ async fn warm_reads_and_writes_allocate_nothing_per_command() {
             "{what}: {n} allocations in {COMMANDS} commands"
         );
     }
+    // Each such write is one small allocation, not a 128 KiB copy: the
+    // header `bytes` gives a buffer once two hold it (the LU's page table
+    // and the connection, until the command ends).
+    assert!(
+        page_writes <= COMMANDS + COMMANDS / 100,
+        "128 KiB page writes: {page_writes} allocations in {COMMANDS} commands"
+    );
 }

@@ -291,3 +291,56 @@ async fn data_segment_beyond_our_max_recv_gets_reject_and_close() {
     });
     assert!(rejected, "expected a Reject before the close: {seen:?}");
 }
+
+/// A write that brings all its data immediately is received into a buffer
+/// of its own (which a memory LU keeps as a page): digests are checked on
+/// that path too, and a bad one costs only that command.
+#[tokio::test]
+async fn large_immediate_writes_are_placed_with_digests_checked() {
+    let t = start("").await;
+    let opts = LoginOpts::normal(9)
+        .key("HeaderDigest", "CRC32C,None")
+        .key("DataDigest", "CRC32C,None")
+        .key("InitialR2T", "No")
+        .key("FirstBurstLength", "262144")
+        .key("MaxRecvDataSegmentLength", "262144");
+    let mut c = Client::login_to(t.addr, opts).await;
+    assert!(c.data_digest);
+    c.clear_ua().await;
+    // A whole page (kept as is), then part of one (copied), then two pages.
+    for (lba, len, seed) in [
+        (256u32, 128 * KIB, 1u32),
+        (40, 96 * KIB, 2),
+        (512, 256 * KIB, 3),
+    ] {
+        let data = pattern(len as usize, seed);
+        let r = c.write10(lba, &data).await;
+        assert_eq!((r.status, r.r2ts.len()), (0, 0), "{r:?}");
+        let back = c.read10(lba, (len / 512) as u16).await;
+        assert!(back.data == data, "read back differs at LBA {lba}");
+    }
+    // Its data digest broken: rejected, the medium unchanged, the connection on.
+    let before = c.read10(256, 256).await.data;
+    let (_, pdu) = c.command(
+        &write10_cdb(256, 256),
+        128 * KIB,
+        false,
+        true,
+        true,
+        Bytes::from(pattern(128 * KIB as usize, 9)),
+    );
+    let mut wire = BytesMut::new();
+    pdu.encode(true, true, &mut wire);
+    let last = wire.len() - 1;
+    wire[last] ^= 0xff;
+    c.send_bytes(&wire).await;
+    let p = c.recv().await;
+    let Header::Reject(h) = p.header else {
+        panic!("expected a Reject, got {:?}", p.header);
+    };
+    assert_eq!(h.reason, reject_reason::DATA_DIGEST_ERROR);
+    // The rejected command was never received: its CmdSN is used again.
+    c.cmd_sn = c.cmd_sn.wrapping_sub(1);
+    c.ping().await;
+    assert!(c.read10(256, 256).await.data == before);
+}

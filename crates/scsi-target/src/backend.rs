@@ -13,7 +13,7 @@ use std::sync::RwLock;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::bufpool::PooledBuf;
+use crate::bufpool::{self, PooledBuf};
 
 /// What a backend can do, as the SCSI core needs to know it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -39,6 +39,12 @@ pub trait Backend: Send + Sync {
         Ok(buf.into_bytes())
     }
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// [`write_at`](Self::write_at) of the whole of `data`, a buffer of its
+    /// own: a store that keeps its data in memory may keep the buffer
+    /// instead of copying it. The default copies.
+    fn write_buffer(&self, offset: u64, data: &Bytes) -> io::Result<()> {
+        self.write_at(offset, data)
+    }
     /// Make every completed write durable.
     fn flush(&self) -> io::Result<()>;
     /// Afterwards the range reads as zeros.
@@ -451,6 +457,35 @@ impl Backend for MemoryBackend {
             });
             res
         })
+    }
+
+    /// A write of exactly one page, on its boundary, keeps the buffer as
+    /// the page (no copy); the page it replaces goes back to the write
+    /// buffer pool unless a read still holds it. Anything else is copied.
+    fn write_buffer(&self, offset: u64, data: &Bytes) -> io::Result<()> {
+        let csize = self.chunk_size();
+        if data.len() as u64 != csize || offset & (csize - 1) != 0 {
+            return self.write_at(offset, data);
+        }
+        let chunks = self.chunks.read().unwrap_or_else(poisoned);
+        check_range(offset, csize, self.size_bytes())?;
+        let idx = usize::try_from(offset >> self.chunk_shift)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let mut page = chunks
+            .get(idx)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?
+            .write()
+            .unwrap_or_else(poisoned);
+        // Writing zeros into a hole keeps it a hole.
+        if page.is_empty() && is_zero(data) {
+            return Ok(());
+        }
+        let old = std::mem::replace(&mut *page, data.clone());
+        drop(page);
+        if let Ok(old) = old.try_into_mut() {
+            bufpool::recycle(old);
+        }
+        Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -1090,6 +1125,56 @@ mod tests {
             }
             let _ = std::fs::remove_file(&p);
         }
+    }
+
+    #[test]
+    fn a_whole_page_write_buffer_becomes_the_page_and_the_old_page_is_recycled() {
+        let m = MemoryBackend::new(1 << 20);
+        let page = m.chunk_size() as usize;
+        let mut first = crate::bufpool::take_write_buffer(page);
+        first.extend_from_slice(&vec![1u8; page]);
+        let first = first.freeze();
+        let first_at = first.as_ptr();
+        m.write_buffer(page as u64, &first).unwrap();
+        drop(first);
+        // No copy: reads are served from the very buffer that was written.
+        let read = m.read_bytes(page as u64, 4096).unwrap();
+        assert_eq!(read.as_ptr(), first_at);
+        assert!(read.iter().all(|&x| x == 1));
+        drop(read);
+        // The next whole-page write replaces it; the old page's memory goes
+        // back to the pool for the next write to be received into.
+        let mut second = crate::bufpool::take_write_buffer(page);
+        second.extend_from_slice(&vec![2u8; page]);
+        m.write_buffer(page as u64, &second.freeze()).unwrap();
+        assert_eq!(crate::bufpool::take_write_buffer(page).as_ptr(), first_at);
+        assert!(m
+            .read_bytes(page as u64, page)
+            .unwrap()
+            .iter()
+            .all(|&x| x == 2));
+        // A read still holding the page keeps it: a copy is not needed then,
+        // and the reader sees the data it read.
+        let held = m.read_bytes(page as u64, 512).unwrap();
+        let mut third = crate::bufpool::take_write_buffer(page);
+        third.extend_from_slice(&vec![3u8; page]);
+        m.write_buffer(page as u64, &third.freeze()).unwrap();
+        assert!(held.iter().all(|&x| x == 2));
+        assert!(m
+            .read_bytes(page as u64, 512)
+            .unwrap()
+            .iter()
+            .all(|&x| x == 3));
+        // Not one whole aligned page: copied as before.
+        let part = Bytes::from(vec![4u8; 8192]);
+        m.write_buffer(page as u64 + 4096, &part).unwrap();
+        let got = m.read_bytes(page as u64, 16384).unwrap();
+        assert_eq!((got[4095], got[4096], got[12287], got[12288]), (3, 4, 4, 3));
+        assert_ne!(got.as_ptr(), part.as_ptr());
+        // Zeros into a hole keep it a hole.
+        let zeros = Bytes::from(vec![0u8; page]);
+        m.write_buffer(0, &zeros).unwrap();
+        assert_eq!(m.map_status(0, page as u64), Some((false, page as u64)));
     }
 
     #[test]

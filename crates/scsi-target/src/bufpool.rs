@@ -1,7 +1,12 @@
-//! Recycled read buffers. A READ fills a buffer that travels to the port as
+//! Recycled data buffers. A READ fills a buffer that travels to the port as
 //! `Bytes` and is dropped after the socket took it; allocating a fresh one
 //! each time costs page faults and zeroing on every large read (seen as the
 //! top item of a 128 KiB read profile). Dropped buffers come back here.
+//!
+//! The port receives write data into buffers from here too
+//! ([`take_write_buffer`]): a memory LU keeps a whole-page one as the page
+//! and gives the page it replaces back ([`recycle`]), so large writes cycle
+//! through the same memory without a copy or an allocation.
 //!
 //! Buffers are kept per power-of-two size class, a few per class, so the
 //! pool stays small (at most [`MAX_PER_CLASS`] × class size per class).
@@ -13,7 +18,7 @@
 
 use std::sync::Mutex;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 /// Smallest class: 4 KiB.
 const MIN_SHIFT: u32 = 12;
@@ -86,6 +91,45 @@ impl PooledBuf {
 
     pub(crate) fn into_bytes(self) -> Bytes {
         Bytes::from_owner(self)
+    }
+}
+
+/// Write buffers, per class as [`POOL`]; kept apart from the read buffers,
+/// which are handed out full length (an empty write buffer would cost them
+/// a zeroing).
+static WRITE_POOL: [Mutex<Vec<BytesMut>>; CLASSES] = [const { Mutex::new(Vec::new()) }; CLASSES];
+
+/// An empty buffer with room for `len` bytes, from the pool when one is
+/// there: its capacity is `len` rounded up to a power of two (at least
+/// 4 KiB), or exactly `len` beyond the largest class.
+pub fn take_write_buffer(len: usize) -> BytesMut {
+    let class = class_of(len);
+    let recycled = class
+        .and_then(|c| WRITE_POOL.get(c))
+        .and_then(|slot| slot.lock().ok().and_then(|mut v| v.pop()));
+    recycled.unwrap_or_else(|| {
+        BytesMut::with_capacity(class.map_or(len, |c| 1usize << (c as u32 + MIN_SHIFT)))
+    })
+}
+
+/// Gives a buffer back to the write pool when its capacity is one of the
+/// pool's classes (else it is just freed). Pass only a buffer that nothing
+/// else shares (`Bytes::try_into_mut` gives such).
+pub fn recycle(mut buf: BytesMut) {
+    let cap = buf.capacity();
+    let Some(slot) = class_of(cap)
+        .filter(|c| 1usize << (*c as u32 + MIN_SHIFT) == cap)
+        .and_then(|c| WRITE_POOL.get(c))
+    else {
+        return;
+    };
+    buf.clear();
+    // At most 64 MiB kept per class.
+    let keep = MAX_PER_CLASS.min((64 << 20) / cap).max(1);
+    if let Ok(mut v) = slot.lock() {
+        if v.len() < keep {
+            v.push(buf);
+        }
     }
 }
 

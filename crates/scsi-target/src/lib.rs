@@ -38,7 +38,7 @@
 
 pub mod alua;
 pub mod backend;
-mod bufpool;
+pub mod bufpool;
 pub mod cdb;
 mod iopool;
 mod lu;
@@ -101,6 +101,10 @@ pub struct ScsiTask<'a> {
     pub cdb: &'a [u8],
     /// All write data the initiator sent (may be shorter or longer than the CDB implies).
     pub data_out: &'a [u8],
+    /// The buffer `data_out` is, when it is a buffer of its own that a
+    /// backend may keep (a memory LU takes a whole page of it as the page
+    /// instead of copying it). `None`: `data_out` is only borrowed.
+    pub data_out_buffer: Option<&'a bytes::Bytes>,
     /// The initiator's allocation for data-in; we may return more, the port truncates.
     pub expected_in_len: u32,
     pub attr: TaskAttr,

@@ -157,6 +157,7 @@ mod tests {
             lun,
             cdb,
             data_out: &[],
+            data_out_buffer: None,
             expected_in_len: 4096,
             attr: TaskAttr::Simple,
             tag: 7,

@@ -167,12 +167,27 @@ pub(crate) fn read(lu: &LogicalUnit, cdb: Cdb<'_>) -> CmdResult {
 /// Writes `data` (whole blocks) at `lba`, then flushes if FUA was asked or
 /// the write cache is off.
 fn write_blocks(lu: &LogicalUnit, lba: u64, data: &[u8], fua: bool) -> Result<(), Fail> {
+    write_blocks_from(lu, lba, data, None, fua)
+}
+
+/// [`write_blocks`]; `buffer`, when given, is `data` as a buffer of its own
+/// (see [`ScsiTask::data_out_buffer`]) that the backend may keep.
+fn write_blocks_from(
+    lu: &LogicalUnit,
+    lba: u64,
+    data: &[u8],
+    buffer: Option<&Bytes>,
+    fua: bool,
+) -> Result<(), Fail> {
     if data.is_empty() {
         return Ok(());
     }
-    lu.backend
-        .write_at(lu.offset_of(lba), data)
-        .map_err(write_error)?;
+    let offset = lu.offset_of(lba);
+    match buffer {
+        Some(b) => lu.backend.write_buffer(offset, b),
+        None => lu.backend.write_at(offset, data),
+    }
+    .map_err(write_error)?;
     let c = &lu.counters;
     c.write_commands.fetch_add(1, Ordering::Relaxed);
     c.write_bytes
@@ -211,12 +226,16 @@ pub(crate) fn write(lu: &LogicalUnit, t: &ScsiTask<'_>, cdb: Cdb<'_>) -> CmdResu
         op::WRITE_VERIFY_10 | op::WRITE_VERIFY_12 | op::WRITE_VERIFY_16
     ) || cdb.bit(1, 3);
     let data = whole_blocks(lu, t.data_out, r.blocks);
+    // The data-out's own buffer, when all of it is what gets written.
+    let buffer = t
+        .data_out_buffer
+        .filter(|b| b.len() == data.len() && b.as_ptr() == data.as_ptr());
     if opcode == op::WRITE_ATOMIC_16 {
         let _x = lu.write_order.write().unwrap_or_else(|e| e.into_inner());
-        write_blocks(lu, r.lba, data, fua)?;
+        write_blocks_from(lu, r.lba, data, buffer, fua)?;
     } else {
         let _s = lu.write_order.read().unwrap_or_else(|e| e.into_inner());
-        write_blocks(lu, r.lba, data, fua)?;
+        write_blocks_from(lu, r.lba, data, buffer, fua)?;
     }
     Ok(ScsiResponse::good_empty())
 }

@@ -39,6 +39,7 @@ pub fn exec(lu: &LogicalUnit, n: &Nexus, cdb: &[u8], data_out: &[u8]) -> ScsiRes
         lun: 0,
         cdb,
         data_out,
+        data_out_buffer: None,
         expected_in_len: 1 << 20,
         attr: TaskAttr::Simple,
         tag: 1,
