@@ -70,6 +70,7 @@ impl Transport for TcpTransport {
                 decoder: PduDecoder::default(),
                 placing: None,
                 header_first: false,
+                low_water: 1,
             },
             TcpTx {
                 sock: w,
@@ -92,6 +93,36 @@ pub struct TcpRx {
     /// The last PDU was a placed Data-Out: read the next header alone, so
     /// the data of a Data-Out behind it is not read ahead into `buf`.
     header_first: bool,
+    /// The socket's SO_RCVLOWAT as we last set it (1, the default, between
+    /// placed data segments).
+    low_water: usize,
+}
+
+/// Largest SO_RCVLOWAT asked for: the kernel grows the receive buffer to
+/// fit it, so it stays modest.
+const LOW_WATER_MAX: usize = 256 * 1024;
+
+/// Sets SO_RCVLOWAT: the socket reads as ready once `bytes` are queued (or
+/// at its end).
+fn set_receive_low_water(sock: &OwnedReadHalf, bytes: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the descriptor is the live socket `sock` borrows, and the
+    // option value is a c_int of the length passed.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_ref().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 struct Placing {
@@ -178,12 +209,28 @@ impl TcpRx {
                 p.done += have;
                 return Ok(None);
             }
-            let n = self.sock.read_buf(&mut (&mut *dst).limit(rest)).await?;
-            if n == 0 {
-                return Err(TransportError::TruncatedPdu);
+            match self.sock.try_read_buf(&mut (&mut *dst).limit(rest)) {
+                Ok(0) => return Err(TransportError::TruncatedPdu),
+                Ok(n) => p.done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // Wake once the rest is here rather than for every piece
+                    // of it (each wake-up costs a sleep, a poll and a read).
+                    // Never above what this PDU still needs: more might
+                    // never come.
+                    let want = rest.min(LOW_WATER_MAX);
+                    if self.low_water != want {
+                        set_receive_low_water(&self.sock, want)?;
+                        self.low_water = want;
+                    }
+                    self.sock.readable().await?;
+                }
+                Err(e) => return Err(e.into()),
             }
-            p.done += n;
             return Ok(None);
+        }
+        if self.low_water != 1 {
+            set_receive_low_water(&self.sock, 1)?;
+            self.low_water = 1;
         }
         let pad = digest::pad_len(p.len);
         let trailer = pad + if self.decoder.data_digest { 4 } else { 0 };
