@@ -132,13 +132,14 @@ echo "  - 48-byte request, 48-byte response, both on CPU 0: p50 ${PPS_P50} µs, 
 # The sessions rows' shape without iSCSI: bench/mconn.c's single-threaded epoll server and its
 # threaded client, S connections x Q in flight (48-byte requests, 4144-byte answers).
 log "reference limits: bare epoll server, 1 x 64 and 64 x 1 connections"
-mconn() { # mconn S Q: prints "round-trips/s server-µs/rt client-µs/rt"
-    local port=$((ECHO_PORT + 1)) srv t0 t1 rate
-    "$TMP/mconn" server "$port" 48 4144 &
+mconn() { # mconn S Q [SERVER_CPU CLIENT_CPU]: prints "round-trips/s server-µs/rt client-µs/rt"
+    local port=$((ECHO_PORT + 1)) srv t0 t1 rate spin=() cpin=()
+    if [[ $# -ge 4 ]]; then spin=(taskset -c "$3"); cpin=(taskset -c "$4"); fi
+    "${spin[@]}" "$TMP/mconn" server "$port" 48 4144 &
     srv=$!
     sleep 0.2
     t0=$(awk '{print $14 + $15}' "/proc/$srv/stat")
-    rate=$(/usr/bin/time -f "%U %S" -o "$TMP/mconn.time" "$TMP/mconn" client "$port" 48 4144 "$1" "$2" "$DUR")
+    rate=$(/usr/bin/time -f "%U %S" -o "$TMP/mconn.time" "${cpin[@]}" "$TMP/mconn" client "$port" 48 4144 "$1" "$2" "$DUR")
     t1=$(awk '{print $14 + $15}' "/proc/$srv/stat")
     kill "$srv"
     wait "$srv" 2>/dev/null || true
@@ -146,9 +147,12 @@ mconn() { # mconn S Q: prints "round-trips/s server-µs/rt client-µs/rt"
 }
 read -r MC1_RATE MC1_SRV MC1_CLI < <(mconn 1 64)
 read -r MC64_RATE MC64_SRV MC64_CLI < <(mconn 64 1)
+# QD1's shape, pinned as the QD1 latency runs: what one request and answer cost the kernel alone.
+read -r MCQ1_RATE MCQ1_SRV MCQ1_CLI < <(mconn 1 1 0 "$CLIENT_CPU")
 echo "- Bare epoll server, no iSCSI (bench/mconn.c: one thread, 48-byte requests, 4144-byte answers, a threaded client), ${DUR} s each:"
 echo "  - 1 connection x 64 in flight: ${MC1_RATE} round trips/s, server ${MC1_SRV} µs CPU per round trip, client ${MC1_CLI}"
 echo "  - 64 connections x 1 in flight: ${MC64_RATE} round trips/s, server ${MC64_SRV} µs CPU per round trip, client ${MC64_CLI}"
+echo "  - 1 connection x 1 in flight, server on CPU 0, client on CPU $CLIENT_CPU: ${MCQ1_RATE} round trips/s, server ${MCQ1_SRV} µs CPU per round trip, client ${MCQ1_CLI}"
 echo
 
 # ---------------------------------------------------------------- targets
@@ -381,13 +385,13 @@ if [[ -z $ONLY || "fio pinned" =~ $ONLY ]]; then
     for _ in $(seq "$REPS"); do
         for t in A B; do
             run_one "$t" fio --rw=randread --bs=4k --iodepth=1
-            echo "$t ${R_LAT/\// }" >>"$TMP/pinned.txt"
+            echo "$t ${R_LAT/\// } $R_CPU" >>"$TMP/pinned.txt"
         done
     done
     PIN=0
     for t in A B; do
-        awk -v t="$t" -v rt="$PP_P50" -v rt4="$PP4_P50" '$1 == t && $2 != "-" { n++; p += $2; q += $3 }
-            END { if (n) printf "%s %.0f %.0f %.2f %.2f\n", t, p / n, q / n, p / n / rt, p / n / rt4 }' "$TMP/pinned.txt" >>"$LAT_ROWS"
+        awk -v t="$t" -v rt="$PP_P50" -v rt4="$PP4_P50" '$1 == t && $2 != "-" { n++; p += $2; q += $3; c += $4 }
+            END { if (n) printf "%s %.0f %.0f %.2f %.2f %.1f\n", t, p / n, q / n, p / n / rt, p / n / rt4, c / n }' "$TMP/pinned.txt" >>"$LAT_ROWS"
     done
 fi
 
@@ -453,12 +457,16 @@ fi
 
 if [[ -s $LAT_ROWS ]]; then
     echo "# QD1 latency against the bare TCP round trip (fio 4k random read QD1, client on CPU $CLIENT_CPU, target on CPU 0, as the ping-pong)"
-    echo "| target | clat p50 µs | clat p99 µs | p50 / 48-byte round trip (${PP_P50} µs) | p50 / 4 KiB-shaped round trip (${PP4_P50} µs) |"
-    echo "|---|---|---|---|---|"
-    while read -r t p50 p99 r1 r4; do
-        echo "| ${NAME[$t]} | $p50 | $p99 | $r1 | $r4 |"
+    echo "| target | clat p50 µs | clat p99 µs | p50 / 48-byte round trip (${PP_P50} µs) | p50 / 4 KiB-shaped round trip (${PP4_P50} µs) | target CPU µs/IO |"
+    echo "|---|---|---|---|---|---|"
+    while read -r t p50 p99 r1 r4 cpu; do
+        echo "| ${NAME[$t]} | $p50 | $p99 | $r1 | $r4 | $cpu |"
     done <"$LAT_ROWS"
+    echo "| bare epoll server (bench/mconn.c, same pinning, no iSCSI) | - | - | - | - | ${MCQ1_SRV} |"
     echo "Goal (issue 8): iscsitd's QD1 latency within 1.5× of the bare round trip."
+    awk -v bare="$MCQ1_SRV" '{ cpu[$1] = $6 } END { if (cpu["A"] > 0 && cpu["B"] > 0)
+        printf "QD1 CPU per I/O, pinned: iscsitd / tgtd = %.2f; the bare server / tgtd = %.2f (what the kernel alone costs per round trip here); iscsitd − bare server = %.1f µs.\n",
+            cpu["A"] / cpu["B"], bare / cpu["B"], cpu["A"] - bare }' "$LAT_ROWS"
     echo
 fi
 
