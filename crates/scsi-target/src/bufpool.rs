@@ -124,8 +124,8 @@ pub fn recycle(mut buf: BytesMut) {
         return;
     };
     buf.clear();
-    // At most 64 MiB kept per class.
-    let keep = MAX_PER_CLASS.min((64 << 20) / cap).max(1);
+    // At most 16 MiB kept per class (and one buffer of a larger class).
+    let keep = MAX_PER_CLASS.min((16 << 20) / cap).max(1);
     if let Ok(mut v) = slot.lock() {
         if v.len() < keep {
             v.push(buf);
