@@ -73,6 +73,7 @@ pub fn run(data: &[u8]) {
             lun: rec.lun,
             cdb: rec.cdb,
             data_out: rec.data,
+            data_out_buffer: None,
             expected_in_len: rec.expected_in_len,
             attr: if rec.ordered {
                 TaskAttr::Ordered

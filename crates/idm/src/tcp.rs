@@ -196,6 +196,12 @@ impl TcpRx {
                 let have = rest.min(self.buf.len());
                 p.done += have;
                 self.buf.advance(have);
+                // The rest is read and dropped piece by piece: a low-water
+                // mark set for it earlier may be above what is still to come.
+                if self.low_water != 1 {
+                    set_receive_low_water(&self.sock, 1)?;
+                    self.low_water = 1;
+                }
                 if have == 0 && !self.fill(rest).await? {
                     return Err(TransportError::TruncatedPdu);
                 }

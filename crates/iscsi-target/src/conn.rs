@@ -854,8 +854,9 @@ struct Conn {
     /// The immediate data being received into a buffer of its own (see [`Placer`]).
     placed_immediate: Option<BytesMut>,
     /// Commands whose immediate data is such a buffer: ITT → its address
-    /// (checked again at execution, so a stale entry is harmless).
-    own_immediate: HashMap<u32, usize>,
+    /// and length (checked again at execution: an entry left by a command
+    /// that never ran matches nothing else).
+    own_immediate: HashMap<u32, (usize, usize)>,
 }
 
 /// [`queue_finished`] off the reader's task, which flushes only once it
@@ -1120,11 +1121,11 @@ impl Conn {
                 *last_rx = now_ns();
                 self.info.received(BHS_LEN + len);
                 if pdu::Opcode::from_u8(bhs[0]) == Some(pdu::Opcode::ScsiCommand) {
-                    self.immediate_placed(bhs, len, dropped).await;
+                    self.immediate_placed(bhs, len, dropped).await
                 } else {
                     self.data_placed(&bhs, len, dropped).await;
+                    true
                 }
-                true
             }
             Ok(Some(Received::Pdu(raw))) => {
                 *last_rx = now_ns();
@@ -1236,14 +1237,17 @@ impl Conn {
     /// A SCSI command whose immediate data the transport received into a
     /// buffer of its own (see [`Placer`]): handled as any command, the
     /// buffer remembered as the command's own.
-    async fn immediate_placed(&mut self, bhs: [u8; BHS_LEN], len: usize, dropped: bool) {
+    /// False when the connection must end.
+    async fn immediate_placed(&mut self, bhs: [u8; BHS_LEN], len: usize, dropped: bool) -> bool {
         let Some(data) = self
             .placed_immediate
             .take()
             .filter(|b| !dropped && b.len() == len)
         else {
-            self.reject(reject_reason::PROTOCOL_ERROR, &bhs);
-            return;
+            // Cannot happen (nothing else takes the buffer while a PDU is
+            // placed); a reject would leave a CmdSN hole, so the connection ends.
+            tracing::warn!("placed immediate data went missing: closing the connection");
+            return false;
         };
         let data = data.freeze();
         if self.own_immediate.len() >= 4096 {
@@ -1251,13 +1255,15 @@ impl Conn {
             self.own_immediate.clear();
         }
         let itt = u32::from_be_bytes([bhs[16], bhs[17], bhs[18], bhs[19]]);
-        self.own_immediate.insert(itt, data.as_ptr() as usize);
+        self.own_immediate
+            .insert(itt, (data.as_ptr() as usize, data.len()));
         self.on_raw(RawPdu {
             bhs,
             ahs: Bytes::new(),
             data,
         })
         .await;
+        true
     }
 
     /// A SCSI command arrived: writes needing more data start collecting now,
@@ -1369,7 +1375,7 @@ impl Conn {
         let own_buffer = self
             .own_immediate
             .remove(&h.itt)
-            .is_some_and(|at| h.write && at == imm.as_ptr() as usize);
+            .is_some_and(|at| h.write && at == (imm.as_ptr() as usize, imm.len()));
         let needs_data = h.write && h.expected_data_transfer_length as usize > imm.len();
         if needs_data {
             let too_big = h.expected_data_transfer_length > MAX_WRITE;
@@ -1403,6 +1409,16 @@ impl Conn {
             };
             task.delivered = true;
             self.pump_write(h.itt).await;
+            return;
+        }
+        // Data with the command that the session did not allow (RFC 7143
+        // §13.11, §13.14): a protocol error, as the collector says for writes
+        // that need more data.
+        if h.write
+            && !imm.is_empty()
+            && (!self.params.immediate_data || imm.len() > self.params.first_burst_length as usize)
+        {
+            self.reject_command(&h);
             return;
         }
         let data = if h.write { imm } else { Bytes::new() };

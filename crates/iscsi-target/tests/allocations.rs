@@ -199,9 +199,10 @@ async fn warm_reads_and_writes_allocate_nothing_per_command() {
     }
     // Each such write is one small allocation, not a 128 KiB copy: the
     // header `bytes` gives a buffer once two hold it (the LU's page table
-    // and the connection, until the command ends).
+    // and the connection, until the command ends). Copying into the page
+    // would allocate nothing, so the lower bound shows the pages were kept.
     assert!(
-        page_writes <= COMMANDS + COMMANDS / 100,
+        (COMMANDS..=COMMANDS + COMMANDS / 100).contains(&page_writes),
         "128 KiB page writes: {page_writes} allocations in {COMMANDS} commands"
     );
 }

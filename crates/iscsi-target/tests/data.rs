@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use common::*;
-use iscsi_proto::pdu::{reject_reason, Header, NopOut, Pdu, R2t, RESERVED_TAG};
+use iscsi_proto::pdu::{reject_reason, Header, NopOut, Pdu, R2t, BHS_LEN, RESERVED_TAG};
 
 const KIB: u32 = 1024;
 
@@ -333,7 +333,11 @@ async fn large_immediate_writes_are_placed_with_digests_checked() {
     pdu.encode(true, true, &mut wire);
     let last = wire.len() - 1;
     wire[last] ^= 0xff;
-    c.send_bytes(&wire).await;
+    // The header first and the data a moment later: the data is received
+    // into a buffer of its own, not read ahead with the header.
+    c.send_bytes(&wire[..BHS_LEN + 4 + 1000]).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.send_bytes(&wire[BHS_LEN + 4 + 1000..]).await;
     let p = c.recv().await;
     let Header::Reject(h) = p.header else {
         panic!("expected a Reject, got {:?}", p.header);
@@ -343,4 +347,37 @@ async fn large_immediate_writes_are_placed_with_digests_checked() {
     c.cmd_sn = c.cmd_sn.wrapping_sub(1);
     c.ping().await;
     assert!(c.read10(256, 256).await.data == before);
+}
+
+/// Immediate data the session did not allow is a protocol error (RFC 7143
+/// §13.11): the write is rejected, not executed, and the session goes on.
+#[tokio::test]
+async fn immediate_data_when_immediate_data_is_no_gets_reject() {
+    let t = start("").await;
+    let opts = LoginOpts::normal(10)
+        .key("ImmediateData", "No")
+        .key("InitialR2T", "No");
+    let mut c = Client::login_to(t.addr, opts).await;
+    assert_eq!(c.param("ImmediateData", "?"), "No");
+    c.clear_ua().await;
+    let before = c.read10(64, 8).await.data;
+    let (_, pdu) = c.command(
+        &write10_cdb(64, 8),
+        4096,
+        false,
+        true,
+        true,
+        Bytes::from(vec![0x77u8; 4096]),
+    );
+    c.send(&pdu).await;
+    let p = c.recv().await;
+    let Header::Reject(h) = p.header else {
+        panic!("expected a Reject, got {:?}", p.header);
+    };
+    assert_eq!(h.reason, reject_reason::PROTOCOL_ERROR);
+    c.ping().await;
+    assert!(
+        c.read10(64, 8).await.data == before,
+        "the rejected write was executed"
+    );
 }

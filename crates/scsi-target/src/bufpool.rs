@@ -16,6 +16,7 @@
 //! slightly larger pooled buffer that starts on such a boundary, so the
 //! alignment costs no `unsafe` allocator call.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use bytes::{Bytes, BytesMut};
@@ -98,6 +99,10 @@ impl PooledBuf {
 /// which are handed out full length (an empty write buffer would cost them
 /// a zeroing).
 static WRITE_POOL: [Mutex<Vec<BytesMut>>; CLASSES] = [const { Mutex::new(Vec::new()) }; CLASSES];
+/// Bytes held by [`WRITE_POOL`], all classes together.
+static WRITE_POOL_BYTES: AtomicUsize = AtomicUsize::new(0);
+/// At most this much memory waits in the write pool.
+const WRITE_POOL_MAX_BYTES: usize = 32 << 20;
 
 /// An empty buffer with room for `len` bytes, from the pool when one is
 /// there: its capacity is `len` rounded up to a power of two (at least
@@ -107,9 +112,13 @@ pub fn take_write_buffer(len: usize) -> BytesMut {
     let recycled = class
         .and_then(|c| WRITE_POOL.get(c))
         .and_then(|slot| slot.lock().ok().and_then(|mut v| v.pop()));
-    recycled.unwrap_or_else(|| {
-        BytesMut::with_capacity(class.map_or(len, |c| 1usize << (c as u32 + MIN_SHIFT)))
-    })
+    match recycled {
+        Some(b) => {
+            WRITE_POOL_BYTES.fetch_sub(b.capacity(), Ordering::Relaxed);
+            b
+        }
+        None => BytesMut::with_capacity(class.map_or(len, |c| 1usize << (c as u32 + MIN_SHIFT))),
+    }
 }
 
 /// Gives a buffer back to the write pool when its capacity is one of the
@@ -124,10 +133,11 @@ pub fn recycle(mut buf: BytesMut) {
         return;
     };
     buf.clear();
-    // At most 16 MiB kept per class (and one buffer of a larger class).
-    let keep = MAX_PER_CLASS.min((16 << 20) / cap).max(1);
     if let Ok(mut v) = slot.lock() {
-        if v.len() < keep {
+        if v.len() < MAX_PER_CLASS
+            && WRITE_POOL_BYTES.load(Ordering::Relaxed) + cap <= WRITE_POOL_MAX_BYTES
+        {
+            WRITE_POOL_BYTES.fetch_add(cap, Ordering::Relaxed);
             v.push(buf);
         }
     }
