@@ -1403,7 +1403,7 @@ impl Conn {
                     self.complete_with_status(&h, scsi_target::status::TASK_SET_FULL);
                 } else {
                     // The collector refused the command's own data layout.
-                    self.reject_command(&h);
+                    self.reject_command(&h, imm.len());
                 }
                 return;
             };
@@ -1418,7 +1418,7 @@ impl Conn {
             && !imm.is_empty()
             && (!self.params.immediate_data || imm.len() > self.params.first_burst_length as usize)
         {
-            self.reject_command(&h);
+            self.reject_command(&h, imm.len());
             return;
         }
         let data = if h.write { imm } else { Bytes::new() };
@@ -1445,9 +1445,16 @@ impl Conn {
         self.execute(h, data, slot, start_ns, reclaim).await;
     }
 
-    fn reject_command(&self, h: &ScsiCommand) {
+    /// Rejects a command whose header (with its `data_len` bytes of data)
+    /// is rebuilt for the Reject.
+    fn reject_command(&self, h: &ScsiCommand, data_len: usize) {
         let mut bhs = [0u8; BHS_LEN];
         Header::ScsiCommand(h.clone()).write_bhs(&mut bhs);
+        let len = u32::try_from(data_len).unwrap_or(u32::MAX).min(0x00FF_FFFF);
+        let [_, l0, l1, l2] = len.to_be_bytes();
+        bhs[5] = l0;
+        bhs[6] = l1;
+        bhs[7] = l2;
         self.reject(reject_reason::PROTOCOL_ERROR, &bhs);
     }
 

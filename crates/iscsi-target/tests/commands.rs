@@ -155,16 +155,13 @@ async fn target_pings_idle_connection_and_drops_it_when_unanswered() {
 
 /// Expects a Reject carrying `bhs` and returns its reason.
 async fn expect_reject(c: &mut Client, bhs: &[u8; BHS_LEN]) -> u8 {
-    let p = c.recv().await;
-    let Header::Reject(h) = p.header else {
-        panic!("expected a Reject, got {:?}", p.header);
-    };
+    let (reason, rejected) = c.recv_reject().await;
     assert_eq!(
-        &p.data[..],
+        &rejected[..],
         &bhs[..],
         "the Reject carries the rejected header"
     );
-    h.reason
+    reason
 }
 
 #[tokio::test]
@@ -458,11 +455,8 @@ async fn malformed_text_request_is_rejected_and_the_connection_goes_on() {
         Bytes::from_static(b"no-equals-sign-here\0"),
     );
     c.send(&pdu).await;
-    let p = c.recv().await;
-    let Header::Reject(h) = p.header else {
-        panic!("expected a Reject, got {:?}", p.header);
-    };
-    assert_eq!(h.reason, reject_reason::PROTOCOL_ERROR);
+    let (reason, _) = c.recv_reject().await;
+    assert_eq!(reason, reject_reason::PROTOCOL_ERROR);
     c.ping().await;
 }
 

@@ -221,12 +221,9 @@ async fn data_digest_error_gets_reject_and_connection_goes_on() {
     let last = wire.len() - 1;
     wire[last] ^= 0xff;
     c.send_bytes(&wire).await;
-    let p = c.recv().await;
-    let Header::Reject(h) = p.header else {
-        panic!("expected a Reject, got {:?}", p.header);
-    };
-    assert_eq!(h.reason, reject_reason::DATA_DIGEST_ERROR);
-    assert_eq!(&p.data[..], &bhs_of(&pdu)[..]);
+    let (reason, rejected) = c.recv_reject().await;
+    assert_eq!(reason, reject_reason::DATA_DIGEST_ERROR);
+    assert_eq!(&rejected[..], &bhs_of(&pdu)[..]);
     c.ping().await;
     c.clear_ua().await;
 }
@@ -338,11 +335,9 @@ async fn large_immediate_writes_are_placed_with_digests_checked() {
     c.send_bytes(&wire[..BHS_LEN + 4 + 1000]).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     c.send_bytes(&wire[BHS_LEN + 4 + 1000..]).await;
-    let p = c.recv().await;
-    let Header::Reject(h) = p.header else {
-        panic!("expected a Reject, got {:?}", p.header);
-    };
-    assert_eq!(h.reason, reject_reason::DATA_DIGEST_ERROR);
+    let (reason, rejected) = c.recv_reject().await;
+    assert_eq!(reason, reject_reason::DATA_DIGEST_ERROR);
+    assert_eq!(&rejected[..], &bhs_of(&pdu)[..]);
     // The rejected command was never received: its CmdSN is used again.
     c.cmd_sn = c.cmd_sn.wrapping_sub(1);
     c.ping().await;
@@ -370,11 +365,9 @@ async fn immediate_data_when_immediate_data_is_no_gets_reject() {
         Bytes::from(vec![0x77u8; 4096]),
     );
     c.send(&pdu).await;
-    let p = c.recv().await;
-    let Header::Reject(h) = p.header else {
-        panic!("expected a Reject, got {:?}", p.header);
-    };
-    assert_eq!(h.reason, reject_reason::PROTOCOL_ERROR);
+    let (reason, rejected) = c.recv_reject().await;
+    assert_eq!(reason, reject_reason::PROTOCOL_ERROR);
+    assert_eq!(&rejected[..], &bhs_of(&pdu)[..]);
     c.ping().await;
     assert!(
         c.read10(64, 8).await.data == before,

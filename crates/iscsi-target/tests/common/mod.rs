@@ -703,6 +703,16 @@ impl Client {
         (itt, pdu)
     }
 
+    /// The next PDU, which must be a Reject: its reason and data (the
+    /// rejected PDU's header).
+    pub async fn recv_reject(&mut self) -> (u8, Bytes) {
+        let p = self.recv().await;
+        let Header::Reject(h) = p.header else {
+            panic!("expected a Reject, got {:?}", p.header);
+        };
+        (h.reason, p.data)
+    }
+
     /// Pings and checks the echo.
     pub async fn ping(&mut self) {
         let (itt, pdu) = self.nop_out(b"ping");
