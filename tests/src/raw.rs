@@ -110,7 +110,11 @@ impl RawConn {
                     return Recv::Timeout
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return Recv::Closed,
+                Err(e) => {
+                    // A reset reads as a close; say which, for the failure that follows.
+                    eprintln!("reading from the target failed: {e}");
+                    return Recv::Closed;
+                }
             }
         }
     }

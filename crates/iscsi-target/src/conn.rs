@@ -73,9 +73,20 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
     )
     .await
     {
-        Ok(Some(o)) => o,
-        Ok(None) | Err(_) => {
-            tracing::debug!(peer = %info.peer_addr, "login did not complete");
+        Ok(Ok(o)) => o,
+        // A probe or port scan: connect, then close before a word.
+        Ok(Err(LoginEnd::ClosedBeforeLogin)) => {
+            tracing::debug!(peer = %info.peer_addr, "closed before a Login Request");
+            tx.shutdown().await;
+            return;
+        }
+        Ok(Err(end)) => {
+            tracing::info!(peer = %info.peer_addr, reason = %end, "login did not complete");
+            tx.shutdown().await;
+            return;
+        }
+        Err(_) => {
+            tracing::info!(peer = %info.peer_addr, "login did not complete: login timeout");
             tx.shutdown().await;
             return;
         }
@@ -208,37 +219,72 @@ async fn send_now<Tx: PduTx>(tx: &mut Tx, pdu: Pdu) -> bool {
     tx.send(std::slice::from_ref(&pdu)).await.is_ok()
 }
 
+/// Why a connection ended during login, for the log line that says so.
+#[derive(Debug, thiserror::Error)]
+enum LoginEnd {
+    #[error("closed before a Login Request")]
+    ClosedBeforeLogin,
+    #[error("closed by the initiator during login")]
+    Closed,
+    #[error("receive failed: {0}")]
+    Receive(#[from] TransportError),
+    #[error("unparsable PDU: {0}")]
+    Parse(String),
+    #[error("a PDU other than a Login Request before full feature phase")]
+    NotLogin,
+    #[error("the login response could not be sent")]
+    Send,
+    #[error("refused with status class {0} detail {1}")]
+    Refused(u8, u8),
+    #[error("connection state machine refused {0:?}")]
+    State(ConnEvent),
+}
+
 async fn login<Rx: PduRx, Tx: PduTx>(
     rx: &mut Rx,
     tx: &mut Tx,
     authority: &Authority,
     state: &mut StateLog<ConnState>,
-) -> Option<LoginOutcome> {
+) -> Result<LoginOutcome, LoginEnd> {
     let mut machine = TargetLogin::new(authority.portal_group_tag);
+    let mut received_any = false;
     loop {
-        let raw = rx.recv().await.ok()??;
-        let pdu = raw.parse().ok()?;
+        let Some(raw) = rx.recv().await? else {
+            return Err(if received_any {
+                LoginEnd::Closed
+            } else {
+                LoginEnd::ClosedBeforeLogin
+            });
+        };
+        received_any = true;
+        let pdu = raw.parse().map_err(|e| LoginEnd::Parse(e.to_string()))?;
         let Header::LoginRequest(req) = &pdu.header else {
             // Anything but a Login Request before full feature phase ends
             // the connection (RFC 7143 §6.1).
-            return None;
+            return Err(LoginEnd::NotLogin);
         };
         if state.state == ConnState::XptUp {
-            step(state, ConnEvent::LoginReceived)?;
+            step(state, ConnEvent::LoginReceived)
+                .ok_or(LoginEnd::State(ConnEvent::LoginReceived))?;
         }
         match machine.handle(req, &pdu.data, authority) {
             LoginStep::Continue(resp) => {
                 if !send_now(tx, resp).await {
-                    return None;
+                    return Err(LoginEnd::Send);
                 }
             }
             LoginStep::Complete(resp, outcome) => {
-                return send_now(tx, resp).await.then_some(*outcome);
+                return if send_now(tx, resp).await {
+                    Ok(*outcome)
+                } else {
+                    Err(LoginEnd::Send)
+                };
             }
-            LoginStep::Fail(resp, _) => {
+            LoginStep::Fail(resp, status) => {
                 let _ = send_now(tx, resp).await;
-                step(state, ConnEvent::LoginFailed)?;
-                return None;
+                step(state, ConnEvent::LoginFailed)
+                    .ok_or(LoginEnd::State(ConnEvent::LoginFailed))?;
+                return Err(LoginEnd::Refused(status.0, status.1));
             }
         }
     }
