@@ -108,9 +108,9 @@ pub fn run(data: &[u8]) {
             other => panic!("unknown status {other:#x} for CDB {:02x?}", rec.cdb),
         }
         assert!(
-            resp.data_in.len() <= MAX_DATA_IN,
+            resp.data_in_len() <= MAX_DATA_IN,
             "{} bytes of data-in for CDB {:02x?}",
-            resp.data_in.len(),
+            resp.data_in_len(),
             rec.cdb
         );
         if rec.action == 3 {

@@ -4,10 +4,13 @@
 //! the status in the final Data-In when no sense data has to travel (S bit).
 //!
 //! Sans-IO: returns PDUs whose StatSN/ExpCmdSN/MaxCmdSN the connection's
-//! writer fills at send time. Data segments are zero-copy slices of the buffer.
+//! writer fills at send time. Data segments are zero-copy slices of the buffers.
 
 use bytes::Bytes;
 use iscsi_proto::pdu::{DataIn, Header, Pdu, ScsiResponse, RESERVED_TAG};
+
+/// The pieces of read data after the first: inline up to two.
+pub type MoreData = smallvec::SmallVec<[Bytes; 2]>;
 
 /// What the SCSI layer produced for one command.
 #[derive(Debug, Clone)]
@@ -15,6 +18,10 @@ pub struct Completion {
     pub status: u8,
     pub sense: Option<Bytes>,
     pub data_in: Bytes,
+    /// Where the data goes on, piece after piece (a read across a memory
+    /// LU's pages): Data-In PDUs are cut at the pieces' ends, so each
+    /// PDU's data stays a slice of one piece, never a copy.
+    pub data_in_more: MoreData,
     /// Bytes the initiator sent for a write that the command did not consume,
     /// or did not send that it needed; used for write residuals.
     pub write_residual: Option<Residual>,
@@ -67,10 +74,18 @@ pub fn build_response(
     limits: DataInLimits,
     is_read: bool,
 ) {
-    let send_len = completion.data_in.len().min(edtl as usize);
-    let data = completion.data_in.slice(..send_len);
+    let mut pieces = std::iter::once(&completion.data_in)
+        .chain(&completion.data_in_more)
+        .filter(|p| !p.is_empty());
+    let total: usize = completion.data_in.len()
+        + completion
+            .data_in_more
+            .iter()
+            .map(Bytes::len)
+            .sum::<usize>();
+    let send_len = total.min(edtl as usize);
     let residual = if is_read {
-        residual_of(completion.data_in.len(), edtl)
+        residual_of(total, edtl)
     } else {
         completion.write_residual
     };
@@ -85,9 +100,17 @@ pub fn build_response(
     let mut offset = 0usize;
     let mut data_sn = 0u32;
     let mut burst_used = 0usize;
+    let mut piece = pieces.next();
+    let mut in_piece = 0usize;
     while offset < send_len {
+        let Some(data) = piece else {
+            break; // Cannot happen: send_len is at most what the pieces hold.
+        };
         let room_in_burst = max_burst - burst_used;
-        let len = (send_len - offset).min(max_segment).min(room_in_burst);
+        let len = (send_len - offset)
+            .min(max_segment)
+            .min(room_in_burst)
+            .min(data.len() - in_piece);
         let last = offset + len == send_len;
         burst_used += len;
         let end_of_sequence = last || burst_used == max_burst;
@@ -112,12 +135,17 @@ pub fn build_response(
                     residual_count: if with_status { residual_count } else { 0 },
                     ..Default::default()
                 }),
-                data.slice(offset..offset + len),
+                data.slice(in_piece..in_piece + len),
             ),
             carries_status: with_status,
         });
         offset += len;
         data_sn += 1;
+        in_piece += len;
+        if in_piece == data.len() {
+            piece = pieces.next();
+            in_piece = 0;
+        }
     }
     if !status_in_data {
         let sense = completion
@@ -172,6 +200,22 @@ mod tests {
             status: if sense.is_some() { 2 } else { 0 },
             sense: sense.map(Bytes::from_static),
             data_in: Bytes::from(vec![0xab; len]),
+            data_in_more: MoreData::new(),
+            write_residual: None,
+        }
+    }
+
+    /// A read whose data comes as `lens.len()` pieces, piece i filled with byte i.
+    fn in_pieces(lens: &[usize]) -> Completion {
+        let mut pieces = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Bytes::from(vec![i as u8; n]));
+        Completion {
+            status: 0,
+            sense: None,
+            data_in: pieces.next().unwrap_or_default(),
+            data_in_more: pieces.collect(),
             write_residual: None,
         }
     }
@@ -208,6 +252,59 @@ mod tests {
         );
         assert!(d[4].status_present && !d[3].status_present);
         assert!(pdus[4].carries_status && !pdus[0].carries_status);
+    }
+
+    #[test]
+    fn pieces_are_sent_as_slices_of_themselves_cut_at_their_ends() {
+        let limits = DataInLimits {
+            max_segment: 8192,
+            max_burst: 16384,
+        };
+        // 12 KiB, 20 KiB, 8 KiB: 40 KiB in all, as in the contiguous test above.
+        let c = in_pieces(&[12288, 20480, 8192]);
+        let pdus = built(5, 0, 40960, &c, limits, true);
+        let d = data_ins(&pdus);
+        let lens: Vec<usize> = pdus.iter().map(|p| p.pdu.data.len()).collect();
+        assert_eq!(lens, vec![8192, 4096, 4096, 8192, 8192, 8192]);
+        assert_eq!(
+            d.iter().map(|d| d.buffer_offset).collect::<Vec<_>>(),
+            vec![0, 8192, 12288, 16384, 24576, 32768]
+        );
+        // Bursts of 16 KiB end where they would with one buffer.
+        assert_eq!(
+            d.iter().map(|d| d.final_).collect::<Vec<_>>(),
+            vec![false, false, true, false, true, true]
+        );
+        assert_eq!(
+            d.iter().map(|d| d.data_sn).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3, 4, 5]
+        );
+        assert!(d[5].status_present && pdus[5].carries_status);
+        assert!(!d[..5].iter().any(|d| d.status_present));
+        // Every PDU's data is one piece's own memory, in order.
+        let pieces: Vec<&Bytes> = std::iter::once(&c.data_in).chain(&c.data_in_more).collect();
+        let owner = [0, 0, 1, 1, 1, 2];
+        for (p, &i) in pdus.iter().zip(&owner) {
+            let piece = pieces[i].as_ptr_range();
+            let data = p.pdu.data.as_ptr_range();
+            assert!(piece.start <= data.start && data.end <= piece.end);
+            assert!(p.pdu.data.iter().all(|&b| b == i as u8));
+        }
+    }
+
+    #[test]
+    fn pieces_beyond_the_expected_length_are_not_sent_and_count_as_overflow() {
+        let limits = DataInLimits {
+            max_segment: 65536,
+            max_burst: 262144,
+        };
+        let c = in_pieces(&[0, 4096, 4096, 4096]);
+        let pdus = built(1, 0, 6144, &c, limits, true);
+        let d = data_ins(&pdus);
+        let lens: Vec<usize> = pdus.iter().map(|p| p.pdu.data.len()).collect();
+        assert_eq!(lens, vec![4096, 2048]);
+        assert!(d[1].overflow && d[1].status_present);
+        assert_eq!(d[1].residual_count, 12288 - 6144);
     }
 
     #[test]

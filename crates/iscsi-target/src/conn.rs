@@ -1509,6 +1509,7 @@ impl Conn {
             status: scsi_target::status::CHECK_CONDITION,
             sense: Some(sense),
             data_in: Bytes::new(),
+            data_in_more: Default::default(),
             write_residual: None,
         };
         let answer = Answer {
@@ -1527,6 +1528,7 @@ impl Conn {
             status,
             sense: None,
             data_in: Bytes::new(),
+            data_in_more: Default::default(),
             write_residual: None,
         };
         let answer = Answer {
@@ -1722,7 +1724,7 @@ impl Conn {
                     let edtl_in = h
                         .bidi_read_length
                         .unwrap_or(h.expected_data_transfer_length);
-                    (r.data_in.len() as u64).min(u64::from(edtl_in))
+                    (r.data_in_len() as u64).min(u64::from(edtl_in))
                 } else {
                     0
                 },
@@ -1753,6 +1755,11 @@ impl Conn {
                 status: r.status,
                 sense: r.sense,
                 data_in: if h.read { r.data_in } else { Bytes::new() },
+                data_in_more: if h.read {
+                    r.data_in_more
+                } else {
+                    Default::default()
+                },
                 write_residual,
             };
             let edtl_in = if h.read {

@@ -129,7 +129,7 @@ async fn warm_reads_and_writes_allocate_nothing_per_command() {
     .await;
     // 256 KiB writes, whose data comes by R2T; 128 KiB reads, cut into
     // Data-Ins (a read within one of the memory LU's 128 KiB pages is sent
-    // from it; one over two pages is gathered into a pooled buffer).
+    // from it).
     let big = vec![0xa5u8; 262144];
     for i in 0..8 {
         assert_eq!(c.write10(i * 512, &big).await.status, 0);
@@ -150,6 +150,15 @@ async fn warm_reads_and_writes_allocate_nothing_per_command() {
             let r = c.read10((i % 16) * 256, 256).await;
             assert_eq!((r.status, r.data.len()), (0, 131072));
             assert!(r.data_ins.len() > 1);
+        }
+    })
+    .await;
+    // 256 KiB reads from the middle of a page: three pages' own slices,
+    // Data-Ins cut at the pages' ends, no gathering buffer.
+    let across_pages = allocations_during(async {
+        for i in 0..COMMANDS as u32 {
+            let r = c.read10((i % 14) * 256 + 128, 512).await;
+            assert_eq!((r.status, r.data.len()), (0, 262144));
         }
     })
     .await;
@@ -181,8 +190,8 @@ async fn warm_reads_and_writes_allocate_nothing_per_command() {
     println!(
         "target allocations per {COMMANDS} commands: 4 KiB reads {reads}, 4 KiB writes \
          {writes}, 4 KiB reads 8 at a time {queued_reads}, 256 KiB writes by R2T \
-         {big_writes}, 128 KiB reads {big_reads}, 128 KiB immediate page writes \
-         {page_writes}"
+         {big_writes}, 128 KiB reads {big_reads}, 256 KiB reads across pages {across_pages}, \
+         128 KiB immediate page writes {page_writes}"
     );
     // A few may come from a structure growing once; none per command.
     for (what, n) in [
@@ -191,6 +200,7 @@ async fn warm_reads_and_writes_allocate_nothing_per_command() {
         ("queued reads", queued_reads),
         ("256 KiB writes", big_writes),
         ("128 KiB reads", big_reads),
+        ("256 KiB reads across pages", across_pages),
     ] {
         assert!(
             n <= COMMANDS / 100,

@@ -347,6 +347,40 @@ async fn large_immediate_writes_are_placed_with_digests_checked() {
 /// Immediate data the session did not allow is a protocol error (RFC 7143
 /// §13.11): the write is rejected, not executed, and the session goes on.
 #[tokio::test]
+async fn reads_across_pages_are_cut_at_the_pages_ends_with_digests_checked() {
+    let t = start("").await;
+    let opts = LoginOpts::normal(10)
+        .key("HeaderDigest", "CRC32C,None")
+        .key("DataDigest", "CRC32C,None")
+        .key("MaxRecvDataSegmentLength", "65536");
+    let mut c = Client::login_to(t.addr, opts).await;
+    assert!(c.data_digest);
+    c.clear_ua().await;
+    let data = pattern(384 * KIB as usize, 4);
+    assert_eq!(c.write10(0, &data).await.status, 0);
+    // 300 KiB from 50 KiB in: the ends of the 128 KiB pages fall mid-segment.
+    let r = c.read10(100, 600).await;
+    assert_eq!(r.status, 0);
+    assert!(
+        r.data[..] == data[50 * 1024..350 * 1024],
+        "read back differs"
+    );
+    let ends: Vec<u32> = r
+        .data_ins
+        .iter()
+        .zip(&r.data_in_lens)
+        .map(|(d, &n)| d.buffer_offset + n as u32)
+        .collect();
+    for page_end in [78 * 1024, 206 * 1024] {
+        assert!(
+            ends.contains(&page_end),
+            "no Data-In ends at {page_end}: {ends:?}"
+        );
+    }
+    assert!(r.data_in_lens.iter().all(|&n| n <= 65536));
+}
+
+#[tokio::test]
 async fn immediate_data_when_immediate_data_is_no_gets_reject() {
     let t = start("").await;
     let opts = LoginOpts::normal(10)

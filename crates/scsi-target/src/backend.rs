@@ -14,6 +14,7 @@ use std::sync::RwLock;
 use bytes::{Bytes, BytesMut};
 
 use crate::bufpool::{self, PooledBuf};
+use crate::MoreData;
 
 /// What a backend can do, as the SCSI core needs to know it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -37,6 +38,15 @@ pub trait Backend: Send + Sync {
         let mut buf = PooledBuf::take(len);
         self.read_at(offset, &mut buf)?;
         Ok(buf.into_bytes())
+    }
+    /// [`read_bytes`](Self::read_bytes) in pieces to be sent one after
+    /// another: the first is returned, the others are pushed to `rest`. A
+    /// store that keeps its data in pages hands out each page's own slice,
+    /// so a read across pages is not gathered into a copy either. The
+    /// default is one piece.
+    fn read_pieces(&self, offset: u64, len: usize, rest: &mut MoreData) -> io::Result<Bytes> {
+        let _ = rest;
+        self.read_bytes(offset, len)
     }
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
     /// [`write_at`](Self::write_at) of the whole of `data`, a buffer of its
@@ -260,11 +270,10 @@ impl std::fmt::Debug for MemoryBackend {
     }
 }
 
-/// Default page: 128 KiB. The trade-off: a read that lies within one page
-/// is sent from the page itself, one that crosses a boundary is copied
-/// once, so a bigger page serves bigger reads without a copy (every
-/// aligned read up to 128 KiB, the usual largest initiator I/O of
-/// sequential streams, and all 4 KiB random reads). But a write to a page
+/// Default page: 128 KiB. Reads are sent from the pages themselves, a read
+/// across pages as one slice of each ([`Backend::read_pieces`]), so the
+/// page size costs reads only Data-In PDUs cut at page boundaries. But a
+/// write smaller than a page is copied into it, and a write to a page
 /// that an unsent read still holds copies the whole page first, so a
 /// bigger page makes that copy dearer (at most 128 KiB per such write;
 /// with random I/O it is rare: about queue depth × page / LU size of the
@@ -429,6 +438,48 @@ impl Backend for MemoryBackend {
         let mut buf = PooledBuf::take(len);
         self.read_into(&chunks, offset, &mut buf)?;
         Ok(buf.into_bytes())
+    }
+
+    /// Across pages: a slice of each page (or of static zeros for a hole),
+    /// no copy; the rare piece that cannot be a slice (a hole larger than
+    /// the static zeros) makes it one gathered copy as before.
+    fn read_pieces(&self, offset: u64, len: usize, rest: &mut MoreData) -> io::Result<Bytes> {
+        let within = offset & (self.chunk_size() - 1);
+        if within.saturating_add(len as u64) <= self.chunk_size() {
+            return self.read_bytes(offset, len);
+        }
+        let chunks = self.chunks.read().unwrap_or_else(poisoned);
+        check_range(offset, len as u64, self.size_bytes())?;
+        let mut first = None;
+        let mut sliced = true;
+        self.for_each_piece(offset, len as u64, |idx, within, range| {
+            let page = chunks
+                .get(idx)
+                .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?
+                .read()
+                .unwrap_or_else(poisoned);
+            let end = within + range.len();
+            let piece = if page.is_empty() {
+                ZEROS.get(..range.len()).map(Bytes::from_static)
+            } else {
+                (end <= page.len()).then(|| page.slice(within..end))
+            };
+            match (piece, first.is_none()) {
+                (Some(p), true) => first = Some(p),
+                (Some(p), false) => rest.push(p),
+                (None, _) => sliced = false,
+            }
+            Ok(())
+        })?;
+        match first {
+            Some(first) if sliced => Ok(first),
+            _ => {
+                rest.clear();
+                let mut buf = PooledBuf::take(len);
+                self.read_into(&chunks, offset, &mut buf)?;
+                Ok(buf.into_bytes())
+            }
+        }
     }
 
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
@@ -996,6 +1047,45 @@ mod tests {
         assert_eq!(m.allocated_bytes(), 3 * 4096);
         assert!(m.read_bytes((1 << 20) - 10, 20).is_err());
         assert!(m.read_bytes(0, 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn memory_read_across_pages_is_a_view_of_each_page() {
+        let m = MemoryBackend::with_chunk_shift(1 << 20, 12);
+        let data: Vec<u8> = (0..12288u32).map(|i| (i % 253) as u8).collect();
+        m.write_at(4096, &data).unwrap();
+        // From the middle of page 1 to the middle of page 4 (a hole).
+        let mut rest = MoreData::new();
+        let first = m.read_pieces(4096 + 100, 14000, &mut rest).unwrap();
+        let lens: Vec<usize> = std::iter::once(&first)
+            .chain(&rest)
+            .map(Bytes::len)
+            .collect();
+        assert_eq!(lens, vec![3996, 4096, 4096, 1812]);
+        let page2 = m.read_bytes(8192, 4096).unwrap();
+        assert_eq!(
+            rest[0].as_ptr(),
+            page2.as_ptr(),
+            "page 2 itself, not a copy"
+        );
+        let whole: Vec<u8> = std::iter::once(&first)
+            .chain(&rest)
+            .flat_map(|b| b.to_vec())
+            .collect();
+        assert_eq!(&whole[..12188], &data[100..]);
+        assert!(whole[12188..].iter().all(|&x| x == 0));
+        // Within one page: one piece, nothing more.
+        rest.clear();
+        assert_eq!(m.read_pieces(4096, 4096, &mut rest).unwrap().len(), 4096);
+        assert!(rest.is_empty());
+        assert!(m.read_pieces((1 << 20) - 10, 20, &mut rest).is_err());
+        // A hole larger than the static zeros is gathered into one piece.
+        let big = MemoryBackend::with_chunk_shift(8 << 20, 21);
+        let mut rest = MoreData::new();
+        let one = big.read_pieces(1 << 20, 3 << 20, &mut rest).unwrap();
+        assert!(rest.is_empty());
+        assert_eq!(one.len(), 3 << 20);
+        assert!(one.iter().all(|&x| x == 0));
     }
 
     #[test]

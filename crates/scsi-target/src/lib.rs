@@ -123,13 +123,22 @@ pub mod status {
     pub const TASK_ABORTED: u8 = 0x40;
 }
 
+/// The pieces of read data after the first (see [`ScsiResponse::data_in_more`]).
+pub type MoreData = smallvec::SmallVec<[Bytes; 2]>;
+
 /// What a command produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ScsiResponse {
     pub status: u8,
     /// Fixed-format sense (70h), 18 bytes, when status is CHECK CONDITION.
     pub sense: Option<Bytes>,
+    /// The data for the initiator: this, then each of `data_in_more`.
     pub data_in: Bytes,
+    /// Where the data goes on, piece after piece: a read across a memory
+    /// LU's pages, sent from each page rather than gathered into a copy
+    /// ([`Backend::read_pieces`]). Empty for nearly every command; a read
+    /// over up to three pages keeps its pieces inline (no allocation).
+    pub data_in_more: MoreData,
 }
 
 impl ScsiResponse {
@@ -138,7 +147,27 @@ impl ScsiResponse {
             status: status::GOOD,
             sense: None,
             data_in,
+            data_in_more: MoreData::new(),
         }
+    }
+
+    /// Bytes of data for the initiator, all pieces together.
+    pub fn data_in_len(&self) -> usize {
+        self.data_in.len() + self.data_in_more.iter().map(Bytes::len).sum::<usize>()
+    }
+
+    /// All the data for the initiator in one buffer (a copy only when it
+    /// came in pieces): for callers that want it whole, such as tests.
+    pub fn data_in_whole(&self) -> Bytes {
+        if self.data_in_more.is_empty() {
+            return self.data_in.clone();
+        }
+        let mut v = Vec::with_capacity(self.data_in_len());
+        v.extend_from_slice(&self.data_in);
+        for piece in &self.data_in_more {
+            v.extend_from_slice(piece);
+        }
+        Bytes::from(v)
     }
 
     pub fn good_empty() -> Self {
@@ -150,6 +179,7 @@ impl ScsiResponse {
             status: status::CHECK_CONDITION,
             sense: Some(sense.to_bytes()),
             data_in: Bytes::new(),
+            data_in_more: MoreData::new(),
         }
     }
 
@@ -158,6 +188,7 @@ impl ScsiResponse {
             status,
             sense: None,
             data_in: Bytes::new(),
+            data_in_more: MoreData::new(),
         }
     }
 

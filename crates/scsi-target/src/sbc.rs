@@ -148,12 +148,15 @@ pub(crate) fn read(lu: &LogicalUnit, cdb: Cdb<'_>) -> CmdResult {
         .bytes_of(r.blocks)
         .and_then(|l| usize::try_from(l).ok())
         .ok_or(Fail::from(sense::LBA_OUT_OF_RANGE))?;
-    // A memory LU hands out a view of its own pages: no copy here.
+    // A memory LU hands out views of its own pages: no copy here.
+    let mut rest = crate::MoreData::new();
     let data = lu
         .backend
-        .read_bytes(lu.offset_of(r.lba), len)
+        .read_pieces(lu.offset_of(r.lba), len, &mut rest)
         .map_err(read_error)?;
-    if data.len() != len {
+    let mut response = ScsiResponse::good(data);
+    response.data_in_more = rest;
+    if response.data_in_len() != len {
         return Err(read_error(std::io::Error::from(
             std::io::ErrorKind::UnexpectedEof,
         )));
@@ -161,7 +164,7 @@ pub(crate) fn read(lu: &LogicalUnit, cdb: Cdb<'_>) -> CmdResult {
     let c = &lu.counters;
     c.read_commands.fetch_add(1, Ordering::Relaxed);
     c.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
-    Ok(ScsiResponse::good(data))
+    Ok(response)
 }
 
 /// Writes `data` (whole blocks) at `lba`, then flushes if FUA was asked or
@@ -1095,6 +1098,32 @@ mod tests {
         c[0] = 0x42;
         c[7..9].copy_from_slice(&(len as u16).to_be_bytes());
         c
+    }
+
+    #[test]
+    fn a_read_across_pages_hands_out_each_page_without_a_copy() {
+        let (lu, n) = setup();
+        // 4 KiB pages: 20 blocks from LBA 4 cross pages 0, 1 and 2.
+        let data = pattern(20, 9);
+        assert_good(&exec(&lu, &n, &cdb10(0x2A, 4, 20), &data));
+        let r = lu.execute(&crate::ScsiTask {
+            nexus: &n,
+            lun: 0,
+            cdb: &cdb10(0x28, 4, 20),
+            data_out: &[],
+            data_out_buffer: None,
+            expected_in_len: 20 * BS as u32,
+            attr: crate::TaskAttr::Simple,
+            tag: 7,
+        });
+        assert_good(&r);
+        let lens: Vec<usize> = std::iter::once(&r.data_in)
+            .chain(&r.data_in_more)
+            .map(bytes::Bytes::len)
+            .collect();
+        assert_eq!(lens, vec![4096 - 4 * BS, 4096, 4096]);
+        assert_eq!(r.data_in_len(), 20 * BS);
+        assert_eq!(&r.data_in_whole()[..], &data[..]);
     }
 
     #[test]
