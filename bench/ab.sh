@@ -17,6 +17,7 @@
 #   pin1  one session at QD1, fio on CPU 1 and every thread of the target on CPU 0 (the shape of
 #         bench/pingpong.c's reference, whose p50 is printed first)
 #   wBS   sequential writes of BS (e.g. w128k, w1m), 1 session at QD8
+#   rBS   sequential reads of BS (e.g. r512k: each one over four of a memory LU's pages), the same
 # Prints one line per run and the per-case means: the target's CPU per I/O (its /proc/PID/stat),
 # its context switches per I/O (voluntary + involuntary, all threads) and the client's own CPU per
 # I/O (user + system of all its processes). M, bench/mconn.c's bare single-threaded epoll server
@@ -26,7 +27,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-[[ $# -ge 1 ]] || { sed -n "2,25p" "$0" >&2; exit 2; }
+[[ $# -ge 1 ]] || { sed -n "2,26p" "$0" >&2; exit 2; }
 BINS=("$@")
 TGT=${TGT:-0}
 REPS=${REPS:-3}
@@ -152,6 +153,9 @@ for _ in $(seq "$REPS"); do
             elif [[ $c == w* ]]; then
                 jobs=1 qd=8
                 rw=(--rw=write --bs="${c#w}")
+            elif [[ $c == r* ]]; then
+                jobs=1 qd=8
+                rw=(--rw=read --bs="${c#r}")
             else
                 jobs=${c%x*} qd=${c#*x}
                 jobs=${jobs#b}
