@@ -375,11 +375,7 @@ impl MemoryBackend {
             let dst = buf
                 .get_mut(range)
                 .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
-            let page = chunks
-                .get(idx)
-                .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?
-                .read()
-                .unwrap_or_else(poisoned);
+            let page = page_at(chunks, idx)?.read().unwrap_or_else(poisoned);
             if page.is_empty() {
                 dst.fill(0);
             } else {
@@ -391,6 +387,13 @@ impl MemoryBackend {
             Ok(())
         })
     }
+}
+
+/// Page `idx`; one past the table is an invalid range, never a panic.
+fn page_at(chunks: &[Page], idx: usize) -> io::Result<&Page> {
+    chunks
+        .get(idx)
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
 fn poisoned<T>(e: std::sync::PoisonError<T>) -> T {
@@ -421,11 +424,7 @@ impl Backend for MemoryBackend {
         if end as u64 <= self.chunk_size() {
             let idx = usize::try_from(offset >> self.chunk_shift)
                 .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-            let page = chunks
-                .get(idx)
-                .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?
-                .read()
-                .unwrap_or_else(poisoned);
+            let page = page_at(&chunks, idx)?.read().unwrap_or_else(poisoned);
             if !page.is_empty() && end <= page.len() {
                 return Ok(page.slice(within..end));
             }
@@ -453,11 +452,7 @@ impl Backend for MemoryBackend {
         let mut first = None;
         let mut sliced = true;
         self.for_each_piece(offset, len as u64, |idx, within, range| {
-            let page = chunks
-                .get(idx)
-                .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?
-                .read()
-                .unwrap_or_else(poisoned);
+            let page = page_at(&chunks, idx)?.read().unwrap_or_else(poisoned);
             let end = within + range.len();
             let piece = if page.is_empty() {
                 ZEROS.get(..range.len()).map(Bytes::from_static)
@@ -490,11 +485,7 @@ impl Backend for MemoryBackend {
             let src = data
                 .get(range)
                 .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
-            let mut page = chunks
-                .get(idx)
-                .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?
-                .write()
-                .unwrap_or_else(poisoned);
+            let mut page = page_at(&chunks, idx)?.write().unwrap_or_else(poisoned);
             // Writing zeros into a hole keeps it a hole.
             if page.is_empty() && is_zero(src) {
                 return Ok(());
@@ -522,11 +513,7 @@ impl Backend for MemoryBackend {
         check_range(offset, csize, self.size_bytes())?;
         let idx = usize::try_from(offset >> self.chunk_shift)
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let mut page = chunks
-            .get(idx)
-            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?
-            .write()
-            .unwrap_or_else(poisoned);
+        let mut page = page_at(&chunks, idx)?.write().unwrap_or_else(poisoned);
         // Writing zeros into a hole keeps it a hole.
         if page.is_empty() && is_zero(data) {
             return Ok(());
@@ -548,11 +535,7 @@ impl Backend for MemoryBackend {
         check_range(offset, len, self.size_bytes())?;
         let csize = self.chunk_size() as usize;
         self.for_each_piece(offset, len, |idx, within, range| {
-            let mut page = chunks
-                .get(idx)
-                .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?
-                .write()
-                .unwrap_or_else(poisoned);
+            let mut page = page_at(&chunks, idx)?.write().unwrap_or_else(poisoned);
             if range.len() == csize {
                 // A read still holding the page keeps its own reference.
                 *page = Bytes::new();
