@@ -104,7 +104,9 @@ pub fn build_response(
     let mut in_piece = 0usize;
     while offset < send_len {
         let Some(data) = piece else {
-            break; // Cannot happen: send_len is at most what the pieces hold.
+            // Cannot happen: send_len is at most what the pieces hold.
+            debug_assert!(false, "read data ran out at {offset} of {send_len}");
+            break;
         };
         let room_in_burst = max_burst - burst_used;
         let len = (send_len - offset)

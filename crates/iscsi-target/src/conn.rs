@@ -74,9 +74,10 @@ pub async fn serve<T: Transport>(transport: T, registry: Arc<Registry>, portal_g
     .await
     {
         Ok(Ok(o)) => o,
-        // A probe or port scan: connect, then close before a word.
-        Ok(Err(LoginEnd::ClosedBeforeLogin)) => {
-            tracing::debug!(peer = %info.peer_addr, "closed before a Login Request");
+        // A probe, health check or port scan: connect, then close or reset
+        // before a word (not worth a line each at info).
+        Ok(Err(end @ (LoginEnd::ClosedBeforeLogin | LoginEnd::ResetBeforeLogin(_)))) => {
+            tracing::debug!(peer = %info.peer_addr, reason = %end, "login did not complete");
             tx.shutdown().await;
             return;
         }
@@ -224,6 +225,8 @@ async fn send_now<Tx: PduTx>(tx: &mut Tx, pdu: Pdu) -> bool {
 enum LoginEnd {
     #[error("closed before a Login Request")]
     ClosedBeforeLogin,
+    #[error("reset before a Login Request: {0}")]
+    ResetBeforeLogin(TransportError),
     #[error("closed by the initiator during login")]
     Closed,
     #[error("receive failed: {0}")]
@@ -249,7 +252,11 @@ async fn login<Rx: PduRx, Tx: PduTx>(
     let mut machine = TargetLogin::new(authority.portal_group_tag);
     let mut received_any = false;
     loop {
-        let Some(raw) = rx.recv().await? else {
+        let received = match rx.recv().await {
+            Err(e) if !received_any => return Err(LoginEnd::ResetBeforeLogin(e)),
+            other => other?,
+        };
+        let Some(raw) = received else {
             return Err(if received_any {
                 LoginEnd::Closed
             } else {

@@ -344,8 +344,8 @@ async fn large_immediate_writes_are_placed_with_digests_checked() {
     assert!(c.read10(256, 256).await.data == before);
 }
 
-/// Immediate data the session did not allow is a protocol error (RFC 7143
-/// §13.11): the write is rejected, not executed, and the session goes on.
+/// A read over several of the memory LU's pages is sent from each page: its
+/// Data-Ins end at the pages' ends as well as at MaxRecvDataSegmentLength.
 #[tokio::test]
 async fn reads_across_pages_are_cut_at_the_pages_ends_with_digests_checked() {
     let t = start("").await;
@@ -380,6 +380,8 @@ async fn reads_across_pages_are_cut_at_the_pages_ends_with_digests_checked() {
     assert!(r.data_in_lens.iter().all(|&n| n <= 65536));
 }
 
+/// Immediate data the session did not allow is a protocol error (RFC 7143
+/// §13.11): the write is rejected, not executed, and the session goes on.
 #[tokio::test]
 async fn immediate_data_when_immediate_data_is_no_gets_reject() {
     let t = start("").await;

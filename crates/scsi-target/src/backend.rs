@@ -43,7 +43,7 @@ pub trait Backend: Send + Sync {
     /// another: the first is returned, the others are pushed to `rest`. A
     /// store that keeps its data in pages hands out each page's own slice,
     /// so a read across pages is not gathered into a copy either. The
-    /// default is one piece.
+    /// default is one piece. On an error nothing is left pushed.
     fn read_pieces(&self, offset: u64, len: usize, rest: &mut MoreData) -> io::Result<Bytes> {
         let _ = rest;
         self.read_bytes(offset, len)
@@ -449,9 +449,10 @@ impl Backend for MemoryBackend {
         }
         let chunks = self.chunks.read().unwrap_or_else(poisoned);
         check_range(offset, len as u64, self.size_bytes())?;
+        let ours = rest.len();
         let mut first = None;
         let mut sliced = true;
-        self.for_each_piece(offset, len as u64, |idx, within, range| {
+        let walked = self.for_each_piece(offset, len as u64, |idx, within, range| {
             let page = page_at(&chunks, idx)?.read().unwrap_or_else(poisoned);
             let end = within + range.len();
             let piece = if page.is_empty() {
@@ -465,11 +466,15 @@ impl Backend for MemoryBackend {
                 (None, _) => sliced = false,
             }
             Ok(())
-        })?;
+        });
+        if walked.is_err() || !sliced || first.is_none() {
+            // Only what this call pushed goes.
+            rest.truncate(ours);
+        }
+        walked?;
         match first {
             Some(first) if sliced => Ok(first),
             _ => {
-                rest.clear();
                 let mut buf = PooledBuf::take(len);
                 self.read_into(&chunks, offset, &mut buf)?;
                 Ok(buf.into_bytes())
@@ -1061,12 +1066,17 @@ mod tests {
         rest.clear();
         assert_eq!(m.read_pieces(4096, 4096, &mut rest).unwrap().len(), 4096);
         assert!(rest.is_empty());
+        // What the caller had pushed stays; nothing is left from a failed call.
+        rest.push(Bytes::from_static(b"caller's"));
         assert!(m.read_pieces((1 << 20) - 10, 20, &mut rest).is_err());
+        assert!(m.read_pieces((1 << 20) - 4096 - 10, 4106 + 1, &mut rest).is_err());
+        assert_eq!(rest.len(), 1);
         // A hole larger than the static zeros is gathered into one piece.
         let big = MemoryBackend::with_chunk_shift(8 << 20, 21);
         let mut rest = MoreData::new();
+        rest.push(Bytes::from_static(b"caller's"));
         let one = big.read_pieces(1 << 20, 3 << 20, &mut rest).unwrap();
-        assert!(rest.is_empty());
+        assert_eq!(rest.len(), 1);
         assert_eq!(one.len(), 3 << 20);
         assert!(one.iter().all(|&x| x == 0));
     }
