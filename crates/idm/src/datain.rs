@@ -9,8 +9,8 @@
 use bytes::Bytes;
 use iscsi_proto::pdu::{DataIn, Header, Pdu, ScsiResponse, RESERVED_TAG};
 
-/// The pieces of read data after the first: inline up to two.
-pub type MoreData = smallvec::SmallVec<[Bytes; 2]>;
+/// The pieces of read data after the first: inline up to four.
+pub type MoreData = smallvec::SmallVec<[Bytes; 4]>;
 
 /// What the SCSI layer produced for one command.
 #[derive(Debug, Clone)]

@@ -355,9 +355,6 @@ enum Piece {
     Data(Bytes),
 }
 
-/// At most this many buffers per `writev` (Linux's IOV_MAX is 1024).
-const MAX_IOVECS: usize = 1024;
-
 impl TcpTx {
     /// Encodes `pdus` and appends the wire image to `out`: headers, small
     /// data and trailers are packed into one scratch buffer (frozen, so the
@@ -401,23 +398,29 @@ impl TcpTx {
 
 /// Buffers per `writev` gathered on the stack (a batch of responses rarely has more).
 const STACK_IOVECS: usize = 64;
+/// The same for a long queue (8 KiB of stack, below Linux's IOV_MAX of 1024): a
+/// 512 KiB read cut into 8 KiB Data-Ins is about 130 buffers. A longer queue
+/// goes out in more calls.
+const LONG_STACK_IOVECS: usize = 512;
 
 /// Calls `f` with the next `writev`'s buffers (the front of `q`), without
-/// allocating when there are few.
+/// allocating.
 fn with_iovecs<R>(q: &VecDeque<Bytes>, f: impl FnOnce(&[IoSlice<'_>]) -> R) -> R {
     if q.len() > STACK_IOVECS {
-        return f(&iovecs(q));
+        return with_iovecs_in::<LONG_STACK_IOVECS, R>(q, f);
     }
-    let mut slices = [IoSlice::new(&[]); STACK_IOVECS];
+    with_iovecs_in::<STACK_IOVECS, R>(q, f)
+}
+
+fn with_iovecs_in<const N: usize, R>(
+    q: &VecDeque<Bytes>,
+    f: impl FnOnce(&[IoSlice<'_>]) -> R,
+) -> R {
+    let mut slices = [IoSlice::new(&[]); N];
     for (s, b) in slices.iter_mut().zip(q) {
         *s = IoSlice::new(b);
     }
-    f(slices.get(..q.len()).unwrap_or(&[]))
-}
-
-/// The next `writev`'s buffers: the front of `q`.
-fn iovecs(q: &VecDeque<Bytes>) -> Vec<IoSlice<'_>> {
-    q.iter().take(MAX_IOVECS).map(|b| IoSlice::new(b)).collect()
+    f(slices.get(..q.len().min(N)).unwrap_or(&[]))
 }
 
 /// Drops the first `n` bytes of `q` (they were written).
@@ -441,9 +444,15 @@ impl PduTx for TcpTx {
         let mut q = std::mem::take(&mut self.unsent);
         self.encode(pdus, &mut q);
         while !q.is_empty() {
-            let n = {
-                let slices = iovecs(&q);
-                self.sock.write_vectored(&slices).await?
+            // The buffers are gathered on the stack for each try, never held
+            // across the wait (they would grow the future by kilobytes).
+            let n = match with_iovecs(&q, |slices| self.sock.try_write_vectored(slices)) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.sock.writable().await?;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
             };
             if n == 0 {
                 return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());

@@ -1069,7 +1069,9 @@ mod tests {
         // What the caller had pushed stays; nothing is left from a failed call.
         rest.push(Bytes::from_static(b"caller's"));
         assert!(m.read_pieces((1 << 20) - 10, 20, &mut rest).is_err());
-        assert!(m.read_pieces((1 << 20) - 4096 - 10, 4106 + 1, &mut rest).is_err());
+        assert!(m
+            .read_pieces((1 << 20) - 4096 - 10, 4106 + 1, &mut rest)
+            .is_err());
         assert_eq!(rest.len(), 1);
         // A hole larger than the static zeros is gathered into one piece.
         let big = MemoryBackend::with_chunk_shift(8 << 20, 21);

@@ -124,7 +124,7 @@ pub mod status {
 }
 
 /// The pieces of read data after the first (see [`ScsiResponse::data_in_more`]).
-pub type MoreData = smallvec::SmallVec<[Bytes; 2]>;
+pub type MoreData = smallvec::SmallVec<[Bytes; 4]>;
 
 /// What a command produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -137,7 +137,7 @@ pub struct ScsiResponse {
     /// Where the data goes on, piece after piece: a read across a memory
     /// LU's pages, sent from each page rather than gathered into a copy
     /// ([`Backend::read_pieces`]). Empty for nearly every command; a read
-    /// over up to three pages keeps its pieces inline (no allocation).
+    /// over up to five pages (any 512 KiB read) keeps its pieces inline (no allocation).
     pub data_in_more: MoreData,
 }
 
